@@ -1,0 +1,33 @@
+# The two commands of the README. Each one sets itself up from nothing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+PYTEST_ARGS ?= -n 2 --durations=15
+
+.PHONY: demo test install bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[test]'
+	# tinysoundfont declares pyaudio (no Linux wheel, playback only); we only render offline.
+	$(PY) -m pip install -q --no-deps 'tinysoundfont>=0.3.6'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m musicjax.demo --workdir runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(VENV)/bin/musicjax bench codec --config configs/codec/base.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,165 @@
+"""Encode and decode whole files of any length, in fixed-size chunks.
+
+Each chunk is a window of `chunk + 2 * context` frames placed inside the file
+(clamped at the ends, never padded with fake data), and only its middle
+`chunk` frames are kept. With `context` at least the model's receptive field,
+the result equals processing the whole file at once, while every call has the
+same shape, so it compiles once and memory stays flat however long the file.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from musicjax import __version__
+from musicjax.errors import UserError
+
+CODES_FORMAT = 'musicjax-codes-v1'
+
+
+def _windows(total: int, chunk: int, context: int) -> list[tuple[int, int, int]]:
+  """(window_start, keep_from, keep_to) in units; window length chunk + 2*context."""
+  length = chunk + 2 * context
+  plan = []
+  for start in range(0, total, chunk):
+    stop = min(start + chunk, total)
+    w0 = min(max(start - context, 0), total - length)
+    plan.append((w0, start - w0, stop - w0))
+  return plan
+
+
+def _run_chunked(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, unit: int,
+                 chunk: int, context: int, out_per_unit: int, batch: int,
+                 desc: str) -> np.ndarray:
+  """Applies `fn` ([n, L*unit, ...] -> [n, L*out_per_unit, ...]) over windows of x."""
+  total = x.shape[0] // unit
+  length = chunk + 2 * context
+  if total <= length:  # short input: one exact call
+    return np.asarray(fn(x[None]))[0]
+  plan = _windows(total, chunk, context)
+  outs = []
+  for g in tqdm(range(0, len(plan), batch), desc=desc, unit='batch',
+                disable=len(plan) <= batch):
+    group = plan[g:g + batch]
+    wins = [x[w0 * unit:(w0 + length) * unit] for w0, _, _ in group]
+    wins += [wins[-1]] * (batch - len(wins))  # fixed shape: one compile
+    y = np.asarray(fn(np.stack(wins)))
+    for (_, a, b), yi in zip(group, y):
+      outs.append(yi[a * out_per_unit:b * out_per_unit])
+  return np.concatenate(outs, axis=0)
+
+
+def make_codec_fns(graphdef, model_state, n_q: int | None):
+  """Jitted encode/decode closures over a split codec model."""
+  @jax.jit
+  def encode(state, audio):
+    return nnx.merge(graphdef, state).encode(audio, n_q=n_q)
+
+  @jax.jit
+  def decode(state, codes):
+    return nnx.merge(graphdef, state).decode(codes)
+
+  return (lambda a: encode(model_state, jnp.asarray(a)),
+          lambda c: decode(model_state, jnp.asarray(c)))
+
+
+def encode_array(model, audio: np.ndarray, *, n_q: int | None = None,
+                 chunk_seconds: float = 10.0, context_seconds: float = 1.0,
+                 batch: int = 1) -> np.ndarray:
+  """audio [T, C] at the codec's rate -> codes [F, K']; F = ceil(T / hop)."""
+  hop = model.hop_length
+  frames = math.ceil(audio.shape[0] / hop)
+  audio = np.pad(audio, ((0, frames * hop - audio.shape[0]), (0, 0)))
+  graphdef, state = nnx.split(model)
+  enc, _ = make_codec_fns(graphdef, state, n_q)
+  chunk = max(1, round(chunk_seconds * model.frame_rate))
+  context = math.ceil(context_seconds * model.frame_rate)
+  return _run_chunked(enc, audio.astype(np.float32), hop, chunk, context, 1,
+                      batch, 'encode')
+
+
+def decode_array(model, codes: np.ndarray, *, chunk_seconds: float = 10.0,
+                 context_seconds: float = 1.0, batch: int = 1) -> np.ndarray:
+  """codes [F, K'] -> audio [F * hop, C]."""
+  graphdef, state = nnx.split(model)
+  _, dec = make_codec_fns(graphdef, state, None)
+  chunk = max(1, round(chunk_seconds * model.frame_rate))
+  context = math.ceil(context_seconds * model.frame_rate)
+  return _run_chunked(dec, codes.astype(np.int32), 1, chunk, context,
+                      model.hop_length, batch, 'decode')
+
+
+def _load_model(config, workdir):
+  from musicjax.train import trainer
+  task, _, state = trainer.restore_for_inference(config, workdir)
+  return task.inference_model(state), task
+
+
+def encode_file(config, workdir: str, in_path: str, out_path: str, *,
+                n_q: int | None = None, chunk_seconds: float = 10.0,
+                context_seconds: float = 1.0) -> dict:
+  """Any audio file (any rate/channels) -> .npz with codes and metadata."""
+  from musicjax.data import audio as audio_io
+  if not os.path.isfile(in_path):
+    raise UserError(f'input audio not found: {in_path}')
+  model, _ = _load_model(config, workdir)
+  k = model.num_codebooks
+  if n_q is not None and not 1 <= n_q <= k:
+    raise UserError(f'--n-q must be between 1 and {k} (the codec has {k} codebooks), got {n_q}')
+  sr = int(config.data.sample_rate)
+  try:
+    audio = audio_io.load_audio(in_path, sr, int(config.data.channels))
+  except audio_io.BadAudio as e:
+    raise UserError(str(e)) from None
+  codes = encode_array(model, audio, n_q=n_q, chunk_seconds=chunk_seconds,
+                       context_seconds=context_seconds)
+  dtype = np.int16 if model.codebook_size <= np.iinfo(np.int16).max else np.int32
+  meta = dict(format=CODES_FORMAT, sample_rate=sr, channels=audio.shape[1],
+              num_samples=audio.shape[0], hop_length=model.hop_length,
+              frame_rate=float(model.frame_rate), n_q=codes.shape[1],
+              codebook_size=model.codebook_size, source=os.path.basename(in_path),
+              musicjax_version=__version__)
+  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+  np.savez_compressed(out_path, codes=codes.astype(dtype), **meta)
+  return meta
+
+
+def decode_file(config, workdir: str, in_path: str, out_path: str, *,
+                chunk_seconds: float = 10.0, context_seconds: float = 1.0) -> dict:
+  """.npz from encode_file -> audio file at the codec's sample rate."""
+  import soundfile as sf
+  if not os.path.isfile(in_path):
+    raise UserError(f'codes file not found: {in_path}')
+  try:
+    with np.load(in_path, allow_pickle=False) as z:
+      data = {k: z[k] for k in z.files}
+  except Exception as e:  # zip/npy errors come in many types
+    raise UserError(f'{in_path} is not a readable .npz codes file: {e}') from None
+  if str(data.get('format', '')) != CODES_FORMAT or 'codes' not in data:
+    raise UserError(f'{in_path} was not written by `musicjax encode` '
+                    f'(missing format={CODES_FORMAT!r})')
+  model, _ = _load_model(config, workdir)
+  codes = data['codes']
+  if codes.ndim != 2 or codes.shape[1] > model.num_codebooks:
+    raise UserError(f'{in_path}: codes have shape {codes.shape}, this codec takes '
+                    f'[frames, <= {model.num_codebooks}]')
+  if int(data['hop_length']) != model.hop_length or int(
+      data['codebook_size']) != model.codebook_size:
+    raise UserError(f'{in_path} was encoded by a different codec (hop '
+                    f'{int(data["hop_length"])}, codebook size '
+                    f'{int(data["codebook_size"])}) than the one in {workdir}')
+  if codes.min() < 0 or codes.max() >= model.codebook_size:
+    raise UserError(f'{in_path}: codes outside [0, {model.codebook_size})')
+  audio = decode_array(model, codes, chunk_seconds=chunk_seconds,
+                       context_seconds=context_seconds)
+  audio = audio[:int(data['num_samples'])]
+  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+  sf.write(out_path, np.clip(audio, -1.0, 1.0), int(data['sample_rate']))
+  return {'num_samples': int(audio.shape[0]), 'sample_rate': int(data['sample_rate'])}

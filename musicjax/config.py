@@ -1,0 +1,276 @@
+"""Loading, overriding and validating ml_collections configs.
+
+A config file is a Python file with `get_config()` returning a ConfigDict built
+on `base_config()`. Every key a run may read exists in the file (the schema is
+base_config() plus the task's `default_config()`), so a typo in a file or in a
+`--config.a.b=value` override fails before anything compiles, naming the key.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+from typing import Any, Iterable
+
+import ml_collections
+
+from musicjax.errors import UserError
+
+ConfigDict = ml_collections.ConfigDict
+
+
+class ConfigError(UserError, ValueError):
+  """A config problem, with the offending key in the message."""
+
+
+def base_config() -> ConfigDict:
+  """Keys every training config has. Their names are stable (README)."""
+  c = ConfigDict()
+  c.task = 'codec'
+
+  c.data = ConfigDict()
+  c.data.kind = 'chorales'          # chorales | folder | array_record | tfds
+  c.data.path = ''                  # folder / array_record glob / tfds data_dir
+  c.data.cache_dir = '~/.cache/musicjax'
+  c.data.max_pieces = 0             # chorales: use at most this many pieces (0 = all)
+  c.data.eval_every_nth_bwv = 10    # chorales: BWV numbers divisible by this go to eval
+  c.data.eval_fraction = 0.1        # folder / array_record: share of files for eval (by path hash)
+  c.data.sample_rate = 24000
+  c.data.channels = 1
+  c.data.segment_seconds = 1.0
+  c.data.batch_size = 8             # global batch, over all processes
+  c.data.eval_batch_size = 8
+  c.data.num_workers = 0            # Grain worker processes (0 = in-process)
+  c.data.max_file_seconds = 1200.0  # longer files are reported and skipped
+  c.data.render_tempo_bpm = 80.0    # chorales: quarter-note tempo for rendering
+  c.data.shuffle_seed = 0
+  c.data.records_per_shard = 256    # `musicjax prepare`: audio records per ArrayRecord shard
+
+  c.mesh = ConfigDict()
+  c.mesh.data = -1                  # -1 fills the rest of the devices
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  # auto: XLA's partitioner places gathers for sharded weights by itself. explicit
+  # (jax.sharding.AxisType.Explicit) makes shardings part of types; model code
+  # must then reshard weights itself (musicjax.parallel.rules.shard_activation).
+  c.mesh.axis_type = 'auto'
+
+  # Ordered logical-axis -> mesh-axis rules (MaxText style). First free match wins.
+  c.sharding = ConfigDict()
+  c.sharding.rules = (
+      ('batch', ('data', 'fsdp')),
+      ('embed', 'fsdp'),
+      ('conv_in', 'fsdp'),
+      ('conv_out', 'tensor'),
+      ('mlp', 'tensor'),
+      ('heads', 'tensor'),
+      ('kv_heads', 'tensor'),
+      ('vocab', 'tensor'),
+      ('codebook', None),
+      ('time', None),
+  )
+
+  c.train = ConfigDict()
+  c.train.steps = 1000
+  c.train.seed = 0
+  c.train.log_every = 50
+  c.train.eval_every = 500
+  c.train.eval_steps = 4
+  c.train.checkpoint_every = 500
+  c.train.max_nonfinite = 10
+  c.train.summary_every = 0         # audio / image summaries (0 = at eval only)
+
+  c.checkpoint = ConfigDict()
+  c.checkpoint.keep = 3
+  c.checkpoint.async_save = True
+
+  c.model = ConfigDict()
+  c.optim = ConfigDict()
+  c.loss = ConfigDict()
+  return c
+
+
+def _load_file(path: str) -> ConfigDict:
+  if not os.path.isfile(path):
+    raise ConfigError(f'config file not found: {path}')
+  spec = importlib.util.spec_from_file_location('_musicjax_config', path)
+  mod = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(mod)
+  except SyntaxError as e:
+    raise ConfigError(f'{path}: syntax error in the config file: {e}') from e
+  if not hasattr(mod, 'get_config'):
+    raise ConfigError(f'{path} has no get_config() function')
+  try:
+    return mod.get_config()
+  except (TypeError, AttributeError, KeyError) as e:
+    # ConfigDict type-checks assignments; its message names the field.
+    raise ConfigError(f'{path}: get_config() failed: {e}') from e
+
+
+def _flatten(c: Any, prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for k, v in c.items():
+    key = f'{prefix}{k}'
+    if isinstance(v, (ConfigDict, dict)) and not (isinstance(v, dict) and not v):
+      out.update(_flatten(v, key + '.'))
+    else:
+      out[key] = v
+  return out
+
+
+def _parse_value(key: str, text: str, current: Any) -> Any:
+  if isinstance(current, bool):
+    low = text.lower()
+    if low in ('1', 'true', 'yes'):
+      return True
+    if low in ('0', 'false', 'no'):
+      return False
+    raise ConfigError(f'config.{key}: expected a bool, got {text!r}')
+  if isinstance(current, str):
+    return text
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    raise ConfigError(
+        f'config.{key}: cannot parse {text!r} as {type(current).__name__}') from None
+  return value
+
+
+def _check_type(key: str, value: Any, current: Any) -> Any:
+  if current is None or value is None:
+    return value
+  if isinstance(current, bool) != isinstance(value, bool):
+    raise ConfigError(f'config.{key}: expected {type(current).__name__}, '
+                      f'got {type(value).__name__} ({value!r})')
+  if isinstance(current, float) and isinstance(value, int):
+    return float(value)
+  if isinstance(current, (list, tuple)) and isinstance(value, (list, tuple)):
+    return type(current)(value)
+  if not isinstance(value, type(current)):
+    raise ConfigError(f'config.{key}: expected {type(current).__name__}, '
+                      f'got {type(value).__name__} ({value!r})')
+  return value
+
+
+def apply_overrides(config: ConfigDict, overrides: Iterable[str]) -> ConfigDict:
+  """Applies `a.b=value` strings (the `--config.` prefix already removed)."""
+  flat = _flatten(config)
+  for item in overrides:
+    if '=' not in item:
+      raise ConfigError(f'override {item!r} must look like --config.a.b=value')
+    key, text = item.split('=', 1)
+    key = key.removeprefix('--').removeprefix('config.')
+    if key not in flat:
+      close = [k for k in flat if k.split('.')[-1] == key.split('.')[-1]]
+      hint = f' (did you mean {", ".join(close)}?)' if close else ''
+      raise ConfigError(f'unknown config key config.{key}{hint}')
+    value = _check_type(key, _parse_value(key, text, flat[key]), flat[key])
+    node = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    with node.unlocked() if hasattr(node, 'unlocked') else _null():
+      node[leaf] = value
+    flat[key] = value
+  return config
+
+
+class _null:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *a):
+    return False
+
+
+def validate(config: ConfigDict, schema: ConfigDict) -> None:
+  """Every key in `config` exists in `schema` with a compatible type."""
+  flat_s = _flatten(schema)
+  flat_c = _flatten(config)
+  for key, value in flat_c.items():
+    if key not in flat_s:
+      raise ConfigError(f'unknown config key config.{key} (not in the schema of '
+                        f'task {config.get("task")!r})')
+    _check_type(key, value, flat_s[key])
+  for key in flat_s:
+    if key not in flat_c:
+      raise ConfigError(f'config.{key} is missing')
+  positive = ['data.sample_rate', 'data.batch_size', 'data.eval_batch_size',
+              'train.steps', 'train.log_every', 'train.checkpoint_every',
+              'train.eval_every', 'train.max_nonfinite', 'checkpoint.keep']
+  for key in positive:
+    if key in flat_c and not flat_c[key] > 0:
+      raise ConfigError(f'config.{key} must be > 0, got {flat_c[key]!r}')
+  if flat_c.get('data.segment_seconds', 1.0) <= 0:
+    raise ConfigError('config.data.segment_seconds must be > 0')
+  if config.mesh.axis_type not in ('explicit', 'auto'):
+    raise ConfigError(f"config.mesh.axis_type must be 'explicit' or 'auto', "
+                      f'got {config.mesh.axis_type!r}')
+  for axis in ('data', 'fsdp', 'tensor'):
+    v = config.mesh[axis]
+    if v != -1 and v < 1:
+      raise ConfigError(f'config.mesh.{axis} must be -1 or >= 1, got {v}')
+
+
+def schema_for(config: ConfigDict) -> ConfigDict:
+  from musicjax import tasks  # late import: tasks import models
+  schema = base_config()
+  task_defaults = tasks.get(config.task).default_config()
+  for section, sub in task_defaults.items():
+    with schema.unlocked():
+      if isinstance(sub, ConfigDict) and section in schema and isinstance(
+          schema[section], ConfigDict):
+        schema[section].update(sub)
+      else:
+        schema[section] = sub
+  return schema
+
+
+def load(path: str, overrides: Iterable[str] = ()) -> ConfigDict:
+  """Loads a config file, applies overrides, validates it against its schema."""
+  config = _load_file(path)
+  config = apply_overrides(config, overrides)
+  validate(config, schema_for(config))
+  return config
+
+
+def save(config: ConfigDict, workdir: str) -> str:
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, 'config.json')
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.write(config.to_json(indent=2))
+  os.replace(tmp, path)
+  return path
+
+
+def load_saved(workdir: str, overrides: Iterable[str] = ()) -> ConfigDict:
+  """The config a run in `workdir` was trained with."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    raise ConfigError(f'{path} not found: is {workdir} a musicjax training '
+                      'workdir? Train first with `musicjax train`.')
+  with open(path) as f:
+    raw = json.load(f)
+  schema = schema_for(ConfigDict({'task': raw.get('task', 'codec')}))
+  # JSON has no tuples; restore them before ConfigDict fixes each field's type.
+  for key, value in _flatten(schema).items():
+    if isinstance(value, tuple):
+      node = raw
+      *parents, leaf = key.split('.')
+      for p in parents:
+        node = node.get(p, {})
+      if isinstance(node.get(leaf), list):
+        node[leaf] = _to_tuple(node[leaf])
+  config = ConfigDict(raw)
+  config = apply_overrides(config, overrides)
+  validate(config, schema)
+  return config
+
+
+def _to_tuple(v: Any) -> Any:
+  if isinstance(v, list):
+    return tuple(_to_tuple(x) for x in v)
+  return v

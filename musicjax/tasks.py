@@ -1,0 +1,18 @@
+"""Registry of model families: config `task` name -> Task class."""
+from __future__ import annotations
+
+import importlib
+
+from musicjax.errors import UserError
+
+_TASKS = {
+    'codec': 'musicjax.codec.task:CodecTask',
+    'toy': 'musicjax.train.toy_task:ToyTask',
+}
+
+
+def get(name: str):
+  if name not in _TASKS:
+    raise UserError(f'config.task: unknown task {name!r}; known: {sorted(_TASKS)}')
+  module, cls = _TASKS[name].split(':')
+  return getattr(importlib.import_module(module), cls)

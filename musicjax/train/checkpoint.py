@@ -1,0 +1,87 @@
+"""Orbax checkpoints under WORKDIR/checkpoints: train state + Grain iterator state.
+
+The state is stored as a plain nested dict of arrays (`nnx.to_pure_dict`), so
+the on-disk layout doesn't depend on NNX Variable classes. Restore always goes
+against the *current* abstract state with its target shardings: a checkpoint
+written on one mesh / device count / process count restores onto any other.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from musicjax.config import ConfigError
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+
+
+def make_manager(workdir: str, keep: int, async_save: bool) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+  return ocp.CheckpointManager(checkpoint_dir(workdir),
+                               item_names=('state', 'data', 'meta'), options=options)
+
+
+def abstract_target(abstract_state: nnx.State, shardings: Any) -> dict:
+  """Pure-dict tree of ShapeDtypeStructs carrying the target shardings."""
+  def one(var, sharding):
+    v = var.get_value() if isinstance(var, nnx.Variable) else var
+    return jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
+  tree = jax.tree.map(one, abstract_state, shardings,
+                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return nnx.to_pure_dict(tree)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: nnx.State,
+         data_iter: Any | None, meta: dict | None = None,
+         force: bool = False) -> bool:
+  """Starts an (async) save of state, iterator state and small JSON `meta`."""
+  items = {'state': ocp.args.StandardSave(nnx.to_pure_dict(state))}
+  if meta is not None:
+    items['meta'] = ocp.args.JsonSave(meta)
+  if data_iter is not None:
+    items['data'] = grain.checkpoint.CheckpointSave(data_iter)
+  return manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state: nnx.State,
+            shardings: Any, data_iter: Any | None = None) -> nnx.State:
+  """Restores `step` onto `shardings`; also rewinds `data_iter` when given."""
+  items = {'state': ocp.args.StandardRestore(
+      abstract_target(abstract_state, shardings))}
+  if data_iter is not None:
+    items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  state = jax.tree.map(lambda x: x, abstract_state,
+                       is_leaf=lambda x: isinstance(x, nnx.Variable))
+  nnx.replace_by_pure_dict(state, restored['state'])
+  return state
+
+
+def restore_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+  """The JSON `meta` saved with `step` ({} when the checkpoint has none)."""
+  if 'meta' not in manager.item_metadata(step):
+    return {}
+  return dict(manager.restore(
+      step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta'])
+
+
+def latest_step_or_raise(manager: ocp.CheckpointManager, workdir: str,
+                         step: int | None = None) -> int:
+  steps = manager.all_steps()
+  if not steps:
+    raise ConfigError(f'no checkpoint in {checkpoint_dir(workdir)}: train first '
+                      '(`musicjax train --workdir ...`)')
+  if step is None:
+    return max(steps)
+  if step not in steps:
+    raise ConfigError(f'checkpoint step {step} not in {checkpoint_dir(workdir)}; '
+                      f'available: {sorted(steps)}')
+  return step

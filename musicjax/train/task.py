@@ -1,0 +1,90 @@
+"""The contract between the generic trainer and a model family.
+
+The trainer owns the mesh, sharding, jit, checkpoints, metrics, data iteration,
+preemption and the non-finite guard. A task owns everything model-specific:
+
+  * `default_config()`: the task's own config keys (model/optim/loss/...), merged
+    into the schema that validates every config file.
+  * `create_state(rngs)`: builds the whole train state as one `nnx.Module`
+    (models, optimizers, counters). Parameters carry logical axis names via
+    `nnx.Param(..., out_sharding=(...))`; the trainer evaluates it abstractly
+    first and turns those names into shardings with the config's rule table.
+  * `train_step(state, batch, rng) -> metrics`: mutates `state` in place (NNX
+    style) and returns a flat dict of scalar metrics. A GAN does its two
+    optimizer updates inside; the trainer never knows.
+  * `eval_step(state, batch, rng) -> metrics`: must not mutate state.
+  * `batch_spec(batch_size)`: name -> (shape, dtype, logical axes) of a global
+    batch, so the trainer can shard it before any data arrives.
+  * `summaries(state, batch, rng) -> dict`: optional host-side audio/images.
+  * `dataset(split, shard_index, shard_count)`: a Grain IterDataset of this
+    process's share of each global batch, as numpy dicts matching
+    `batch_spec`. The default reads audio with `musicjax.data.pipeline`.
+
+Every function given to the trainer is traced once under `jax.jit`; no Python
+runs per step inside it.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+import ml_collections
+
+
+@dataclasses.dataclass(frozen=True)
+class ArraySpec:
+  shape: tuple[int, ...]
+  dtype: Any
+  logical_axes: tuple[str | None, ...]
+
+
+class Task(abc.ABC):
+  """A model family as the trainer sees it."""
+
+  name: str = ''
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+
+  @classmethod
+  @abc.abstractmethod
+  def default_config(cls) -> ml_collections.ConfigDict:
+    """Task keys (sections model/optim/loss/...) with their defaults."""
+
+  @abc.abstractmethod
+  def create_state(self, rngs: nnx.Rngs) -> nnx.Module:
+    """The full train state. Called under `nnx.eval_shape` and under `jax.jit`."""
+
+  @abc.abstractmethod
+  def batch_spec(self, batch_size: int) -> Mapping[str, ArraySpec]:
+    """Shapes, dtypes and logical axes of one global batch."""
+
+  @abc.abstractmethod
+  def train_step(self, state: nnx.Module, batch: Mapping[str, jax.Array],
+                 rng: jax.Array) -> dict[str, jax.Array]:
+    """One optimisation step: update `state` in place, return scalar metrics."""
+
+  @abc.abstractmethod
+  def eval_step(self, state: nnx.Module, batch: Mapping[str, jax.Array],
+                rng: jax.Array) -> dict[str, jax.Array]:
+    """Scalar metrics on one eval batch; `state` is not modified."""
+
+  def dataset(self, split: str, shard_index: int, shard_count: int):
+    """Host-local batches for `split` ('train' repeats forever; 'eval' is
+    deterministic). Its iterator state is saved in every checkpoint."""
+    from musicjax.data import pipeline  # data is a sibling layer, loaded lazily
+    return pipeline.audio_dataset(self.config, split, shard_index, shard_count)
+
+  def inference_model(self, state: nnx.Module) -> nnx.Module:
+    """The module that encode/decode/generate commands run (e.g. the generator)."""
+    raise NotImplementedError(f'task {self.name!r} has no inference model')
+
+  def summaries(self, state: nnx.Module, batch: Mapping[str, np.ndarray],
+                rng: jax.Array) -> dict[str, Any]:
+    """Optional host-side summaries: {'audio/x': (wave [T], sr), 'image/y': HxWx3}."""
+    del state, batch, rng
+    return {}

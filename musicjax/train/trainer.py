@@ -1,0 +1,411 @@
+"""The one generic training loop for every task (see musicjax/train/task.py).
+
+The trainer owns the mesh, sharding, jit, data iteration, checkpoints, metrics,
+preemption and the non-finite guard; it never looks inside a task.
+
+* State: `task.create_state` is evaluated abstractly, split once into
+  (graphdef, state), and the state's shardings come from the logical-axis rules.
+  The jitted step merges, calls `task.train_step`, and returns the new state.
+* Resume is exact: the step rng is `fold_in(key(seed), step)`, the Grain
+  iterator state is checkpointed with the model, and so are the non-finite
+  counters; metrics.jsonl lines past the restored step are dropped.
+* Device->host syncs happen only at log / checkpoint / eval steps; per-step
+  metrics stay on device until then.
+* Preemption: SIGTERM sets a flag; the current step finishes, a checkpoint is
+  saved at that step, and `train` returns normally (exit 0). With several
+  processes the flag is all-gathered every step, so all agree on the stop step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import signal
+import sys
+import time
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from musicjax import config as config_lib
+from musicjax import tasks
+from musicjax.config import ConfigError
+from musicjax.errors import UserError
+from musicjax.parallel import distributed
+from musicjax.parallel import mesh as mesh_lib
+from musicjax.parallel import rules as rules_lib
+from musicjax.train import checkpoint as ckpt_lib
+from musicjax.train import metrics as metrics_lib
+from musicjax.train import progress
+
+
+class NonFiniteError(UserError, RuntimeError):
+  """Too many consecutive non-finite steps; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything derived from a config before any real array exists."""
+  config: ml_collections.ConfigDict
+  task: Any
+  mesh: Mesh
+  rules: rules_lib.Rules
+  graphdef: Any
+  abstract_state: nnx.State
+  state_shardings: Any
+  batch_shardings: dict[str, NamedSharding]
+  eval_batch_shardings: dict[str, NamedSharding]
+
+
+def _log(msg: str) -> None:
+  if distributed.is_primary():
+    print(msg, file=sys.stderr, flush=True)
+
+
+def validate_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+  """Batch sizes must split evenly over data-parallel devices and processes."""
+  dp = mesh_lib.data_parallel_size(mesh)
+  pc = jax.process_count()
+  if dp % pc:
+    raise ConfigError(
+        f'config.mesh: data x fsdp = {dp} must be a multiple of the {pc} '
+        'processes, so that each process loads a distinct part of the batch')
+  for key in ('batch_size', 'eval_batch_size'):
+    b = int(config.data[key])
+    if b % dp:
+      raise ConfigError(
+          f'config.data.{key}={b} is not divisible by the data-parallel size '
+          f'{dp} (config.mesh.data x config.mesh.fsdp = '
+          f'{mesh.shape["data"]} x {mesh.shape["fsdp"]})')
+    if b % pc:
+      raise ConfigError(f'config.data.{key}={b} is not divisible by the '
+                        f'{pc} processes')
+
+
+def _create_state_fn(task, seed: int):
+  def create():
+    # Placement comes from out_shardings; no eager sharding inside creation.
+    with nnx.use_eager_sharding(False):
+      return nnx.state(task.create_state(nnx.Rngs(seed)))
+  return create
+
+
+def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
+  """Builds task, mesh and all shardings; every config error surfaces here.
+
+  `devices` (default: all) is for tests comparing meshes in one process.
+  """
+  task = tasks.get(config.task)(config)
+  rules = rules_lib.normalize_rules(config.sharding.rules)
+  mesh = mesh_lib.make_mesh(config.mesh, devices)
+  validate_batch(config, mesh)
+  with nnx.use_eager_sharding(False):
+    abstract = nnx.eval_shape(
+        lambda: task.create_state(nnx.Rngs(config.train.seed)))
+  graphdef, abstract_state = nnx.split(abstract)
+  state_sh = rules_lib.state_shardings(abstract_state, mesh, rules)
+  batch_sh = rules_lib.batch_shardings(
+      task.batch_spec(config.data.batch_size), mesh, rules)
+  eval_sh = rules_lib.batch_shardings(
+      task.batch_spec(config.data.eval_batch_size), mesh, rules)
+  return Setup(config, task, mesh, rules, graphdef, abstract_state, state_sh,
+               batch_sh, eval_sh)
+
+
+def _select_tree(ok: jax.Array, new: Any, old: Any) -> Any:
+  def sel(n, o):
+    if jnp.issubdtype(n.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(
+          jnp.where(ok, jax.random.key_data(n), jax.random.key_data(o)),
+          impl=jax.random.key_impl(n))
+    return jnp.where(ok, n, o)
+  return jax.tree.map(sel, new, old)
+
+
+def _all_finite(metrics: Mapping[str, jax.Array]) -> jax.Array:
+  ok = jnp.array(True)
+  for v in metrics.values():
+    ok = ok & jnp.all(jnp.isfinite(v))
+  return ok
+
+
+def make_train_step(s: Setup):
+  """jit(state, batch, step) -> (state, metrics, skipped); donates the state."""
+  task, graphdef, seed = s.task, s.graphdef, s.config.train.seed
+  repl = rules_lib.replicated(s.mesh)
+
+  def step_fn(state, batch, step):
+    old = jax.tree.map(lambda x: x, state)  # independent of in-place updates
+    module = nnx.merge(graphdef, state)
+    rng = jax.random.fold_in(jax.random.key(seed), step)
+    metrics = task.train_step(module, batch, rng)
+    ok = _all_finite(metrics)
+    # Non-finite guard: keep the old state; the host counts the skip.
+    new = _select_tree(ok, nnx.state(module), old)
+    return new, metrics, ~ok
+
+  return jax.jit(step_fn, in_shardings=(s.state_shardings, s.batch_shardings,
+                                        repl),
+                 out_shardings=(s.state_shardings, repl, repl),
+                 donate_argnums=0)
+
+
+def make_eval_step(s: Setup):
+  task, graphdef = s.task, s.graphdef
+  repl = rules_lib.replicated(s.mesh)
+
+  def eval_fn(state, batch, rng):
+    return task.eval_step(nnx.merge(graphdef, state), batch, rng)
+
+  return jax.jit(eval_fn, in_shardings=(s.state_shardings,
+                                        s.eval_batch_shardings, repl),
+                 out_shardings=repl)
+
+
+def global_batch(local: Mapping[str, np.ndarray], spec: Mapping[str, Any],
+                 shardings: Mapping[str, NamedSharding]) -> dict[str, jax.Array]:
+  """Host-local numpy batch -> global jax.Arrays laid out by `shardings`."""
+  pc = jax.process_count()
+  out = {}
+  for k, sp in spec.items():
+    if k not in local:
+      raise ValueError(f'dataset batch lacks {k!r} (batch_spec has '
+                       f'{sorted(spec)}; got {sorted(local)})')
+    x = np.asarray(local[k])
+    want = (sp.shape[0] // pc,) + tuple(sp.shape[1:])
+    if x.shape != want:
+      raise ValueError(f'dataset batch[{k!r}] has shape {x.shape}, expected '
+                       f'{want} (global {tuple(sp.shape)} over {pc} processes)')
+    out[k] = jax.make_array_from_process_local_data(
+        shardings[k], x.astype(sp.dtype, copy=False), tuple(sp.shape))
+  return out
+
+
+def _eval(s: Setup, eval_fn, state, num_batches: int) -> dict[str, float]:
+  """Averages eval metrics over `num_batches` batches of a fresh eval iterator."""
+  spec = s.task.batch_spec(s.config.data.eval_batch_size)
+  it = iter(s.task.dataset('eval', jax.process_index(), jax.process_count()))
+  key = jax.random.key(s.config.train.seed + 1)
+  outs = [eval_fn(state, global_batch(next(it), spec, s.eval_batch_shardings),
+                  jax.random.fold_in(key, i)) for i in range(num_batches)]
+  return metrics_lib.average(jax.device_get(outs))
+
+
+class _Preemption:
+  """SIGTERM -> a flag checked once per step (the handler does nothing else)."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __enter__(self):
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handler)
+    except ValueError:  # not the main thread (e.g. a notebook worker)
+      self._old = None
+    return self
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+    return False
+
+  def agreed(self) -> bool:
+    """True on every process if any process got SIGTERM (one tiny all-gather)."""
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils
+    flags = multihost_utils.process_allgather(
+        np.array([int(self.requested)], np.int32))
+    return bool(np.max(flags))
+
+
+@dataclasses.dataclass
+class _Counters:
+  nonfinite_skipped: int = 0
+  nonfinite_consecutive: int = 0
+
+
+def init_state(s: Setup) -> nnx.State:
+  """Fresh sharded train state (run under `jax.set_mesh(s.mesh)`)."""
+  init = jax.jit(_create_state_fn(s.task, s.config.train.seed),
+                 out_shardings=s.state_shardings)
+  return init()
+
+
+def _initial_state(s: Setup, manager, data_iter) -> tuple[Any, int, _Counters]:
+  latest = manager.latest_step()
+  if latest is None:
+    return init_state(s), 0, _Counters()
+  state = ckpt_lib.restore(manager, latest, s.abstract_state,
+                           s.state_shardings, data_iter)
+  meta = ckpt_lib.restore_meta(manager, latest)
+  _log(f'resumed from checkpoint at step {latest}')
+  return state, latest, _Counters(**meta)
+
+
+def _drain(pending: list, window: list, counters: _Counters,
+           max_nonfinite: int, workdir: str) -> None:
+  """Fetches pending per-step outputs (one device->host transfer) and applies
+  the non-finite policy: count and warn per skipped step, stop after
+  `max_nonfinite` in a row. Finite steps' metrics go to the log `window`."""
+  fetched = jax.device_get([(m, bad) for _, m, bad in pending])
+  for (step, _, _), (m, bad) in zip(pending, fetched):
+    if not bool(bad):
+      counters.nonfinite_consecutive = 0
+      window.append(m)
+      continue
+    counters.nonfinite_skipped += 1
+    counters.nonfinite_consecutive += 1
+    bad_keys = [k for k, v in m.items() if not np.all(np.isfinite(v))]
+    _log(f'WARNING: non-finite {", ".join(bad_keys)} at step {step}; update '
+         f'skipped ({counters.nonfinite_consecutive} in a row, '
+         f'{counters.nonfinite_skipped} total)')
+    if counters.nonfinite_consecutive >= max_nonfinite:
+      raise NonFiniteError(
+          f'{counters.nonfinite_consecutive} consecutive non-finite steps '
+          f'(last at step {step}; config.train.max_nonfinite={max_nonfinite}): '
+          f'stopping. The last good checkpoint in '
+          f'{ckpt_lib.checkpoint_dir(workdir)} is kept.')
+  pending.clear()
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains (or resumes) `config` in `workdir`; returns the last logged scalars."""
+  s = setup(config)
+  c = config.train
+  primary = distributed.is_primary()
+  if primary:
+    config_lib.save(config, workdir)
+  manager = ckpt_lib.make_manager(workdir, config.checkpoint.keep,
+                                  config.checkpoint.async_save)
+  spec = s.task.batch_spec(config.data.batch_size)
+  data_iter = iter(s.task.dataset('train', jax.process_index(),
+                                  jax.process_count()))
+  writer = None
+  last: dict[str, float] = {}
+  try:
+    with jax.set_mesh(s.mesh), rules_lib.use_rules(s.rules), \
+        _Preemption() as preempt:
+      state, start, counters = _initial_state(s, manager, data_iter)
+      if primary:
+        metrics_lib.truncate_jsonl(
+            f'{workdir}/{metrics_lib.METRICS_FILE}', start)
+      writer = metrics_lib.MetricWriter(workdir, enabled=primary)
+      step_fn = make_train_step(s)
+      eval_fn = make_eval_step(s)
+      pending: list[tuple[int, Any, Any]] = []  # device values, not yet fetched
+      window: list[dict] = []                     # fetched, finite steps
+      t_window, n_window = time.perf_counter(), 0
+      step = start
+
+      while step < c.steps:
+        step += 1
+        batch = global_batch(next(data_iter), spec, s.batch_shardings)
+        state, m, bad = step_fn(state, batch, np.int32(step))
+        pending.append((step, m, bad))
+        n_window += 1
+        stop = preempt.agreed()
+        is_log = step % c.log_every == 0 or step == c.steps or stop
+        is_eval = step % c.eval_every == 0
+        is_ckpt = step % c.checkpoint_every == 0 or step == c.steps or stop
+        is_summary = is_eval or (c.summary_every and step % c.summary_every == 0)
+        record: dict[str, float] = {}
+        if is_log or is_ckpt or is_eval:
+          _drain(pending, window, counters, c.max_nonfinite, workdir)
+        if is_log:
+          now = time.perf_counter()
+          record.update(metrics_lib.average(window) if window else
+                        {'loss': float('nan')})
+          record['steps_per_sec'] = n_window / max(now - t_window, 1e-9)
+          record['train/nonfinite_skipped'] = counters.nonfinite_skipped
+          record['data/bad_files'] = _bad_file_count()
+          if primary:
+            progress.report(step, c.steps, record['steps_per_sec'], record)
+          window.clear()
+          t_window, n_window = now, 0
+        t_extra = time.perf_counter()
+        if is_eval:
+          ev = _eval(s, eval_fn, state, c.eval_steps)
+          record.update({f'eval/{k}': v for k, v in ev.items()})
+        if is_summary:
+          _write_summaries(s, state, step, writer)
+        if record:
+          writer.write_scalars(step, record)
+          last = {'step': step, **record}
+        if is_ckpt:
+          ckpt_lib.save(manager, step, state, data_iter,
+                        meta=dataclasses.asdict(counters), force=True)
+        if is_eval or is_summary or is_ckpt:
+          # steps/s measures training only, not eval / summaries / saving.
+          t_window += time.perf_counter() - t_extra
+        if stop:
+          print(f'SIGTERM: saved a checkpoint at step {step}; exiting',
+                file=sys.stderr, flush=True)  # every process says where it stopped
+          break
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    if writer is not None:
+      writer.close()
+  return last
+
+
+def _write_summaries(s: Setup, state, step: int, writer) -> None:
+  """Task summaries on the first eval batch; every process runs the task's code
+  (it may run sharded computations), only process 0 writes."""
+  it = iter(s.task.dataset('eval', jax.process_index(), jax.process_count()))
+  module = nnx.merge(s.graphdef, state)
+  rng = jax.random.fold_in(jax.random.key(s.config.train.seed + 2), step)
+  out = s.task.summaries(module, next(it), rng)
+  if out:
+    writer.write_summaries(step, out)
+
+
+def _bad_file_count() -> int:
+  try:
+    from musicjax.data import audio  # written by the data layer
+    return int(audio.bad_file_count())
+  except (ImportError, AttributeError):
+    return 0
+
+
+def _restore_latest(config, workdir: str, step: int | None):
+  s = setup(config)
+  manager = ckpt_lib.make_manager(workdir, config.checkpoint.keep, False)
+  try:
+    step = ckpt_lib.latest_step_or_raise(manager, workdir, step)
+    with jax.set_mesh(s.mesh):
+      state = ckpt_lib.restore(manager, step, s.abstract_state,
+                               s.state_shardings)
+  finally:
+    manager.close()
+  return s, state, step
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str,
+             num_batches: int | None = None) -> dict[str, float]:
+  """Eval metrics of the latest checkpoint: {'step': N, '<metric>': mean, ...}."""
+  s, state, step = _restore_latest(config, workdir, None)
+  n = num_batches or config.train.eval_steps
+  with jax.set_mesh(s.mesh), rules_lib.use_rules(s.rules):
+    ev = _eval(s, make_eval_step(s), state, n)
+  return {'step': float(step), **ev}
+
+
+def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
+                          step: int | None = None):
+  """(task, mesh, state module) of the latest (or given) checkpoint.
+
+  The module's arrays are sharded on `mesh`; run model code under
+  `jax.set_mesh(mesh)` and `musicjax.parallel.rules.use_rules(...)`.
+  """
+  s, state, _ = _restore_latest(config, workdir, step)
+  return s.task, s.mesh, nnx.merge(s.graphdef, state)
