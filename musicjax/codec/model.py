@@ -1,0 +1,191 @@
+"""SEANet/DAC-style convolutional codec: Encoder -> ResidualVQ -> Decoder.
+
+Audio is channels-last [batch, time, channels]. The hop length is the product
+of `model.strides`, so any frame rate (12.5 Hz ... 86 Hz) is a config.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from musicjax.codec.rvq import ResidualVQ
+from musicjax.nn.conv import Snake, WNConv1d, WNConvTranspose1d
+
+
+class ResidualUnit(nnx.Module):
+  """Snake -> dilated conv -> Snake -> 1x1 conv, plus the skip."""
+
+  def __init__(self, channels: int, dilation: int, kernel_size: int,
+               padding: str, init_std: float, *, rngs: nnx.Rngs):
+    self.act1 = Snake(channels)
+    self.conv1 = WNConv1d(channels, channels, kernel_size, dilation=dilation,
+                          padding=padding, init_std=init_std, rngs=rngs)
+    self.act2 = Snake(channels)
+    self.conv2 = WNConv1d(channels, channels, 1, init_std=init_std, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return x + self.conv2(self.act2(self.conv1(self.act1(x))))
+
+
+class EncoderBlock(nnx.Module):
+  """Residual units at `channels`, then a strided conv to `out_channels`."""
+
+  def __init__(self, channels: int, out_channels: int, stride: int,
+               cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    self.units = nnx.List([
+        ResidualUnit(channels, d, cfg.residual_kernel, cfg.padding, cfg.init_std,
+                     rngs=rngs)
+        for d in cfg.dilations])
+    self.act = Snake(channels)
+    self.down = WNConv1d(channels, out_channels,
+                         cfg.down_kernel_multiple * stride, stride=stride,
+                         padding=cfg.padding, init_std=cfg.init_std, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for unit in self.units:
+      x = unit(x)
+    return self.down(self.act(x))
+
+
+class DecoderBlock(nnx.Module):
+  """Transposed conv upsampling to `out_channels`, then residual units."""
+
+  def __init__(self, channels: int, out_channels: int, stride: int,
+               cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    self.act = Snake(channels)
+    self.up = WNConvTranspose1d(channels, out_channels, stride,
+                                kernel_multiple=cfg.up_kernel_multiple,
+                                padding=cfg.padding, init_std=cfg.init_std, rngs=rngs)
+    self.units = nnx.List([
+        ResidualUnit(out_channels, d, cfg.residual_kernel, cfg.padding,
+                     cfg.init_std, rngs=rngs)
+        for d in cfg.dilations])
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = self.up(self.act(x))
+    for unit in self.units:
+      x = unit(x)
+    return x
+
+
+class Encoder(nnx.Module):
+
+  def __init__(self, audio_channels: int, cfg: ml_collections.ConfigDict, *,
+               rngs: nnx.Rngs):
+    ch = cfg.encoder_dim
+    self.stem = WNConv1d(audio_channels, ch, cfg.stem_kernel, padding=cfg.padding,
+                         rngs=rngs)
+    blocks = []
+    for s in cfg.strides:
+      blocks.append(EncoderBlock(ch, 2 * ch, s, cfg, rngs=rngs))
+      ch *= 2
+    self.blocks = nnx.List(blocks)
+    self.act = Snake(ch)
+    self.proj = WNConv1d(ch, cfg.latent_dim, cfg.latent_kernel,
+                         padding=cfg.padding, init_std=cfg.init_std, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = self.stem(x)
+    for block in self.blocks:
+      x = block(x)
+    return self.proj(self.act(x))
+
+
+class Decoder(nnx.Module):
+
+  def __init__(self, audio_channels: int, cfg: ml_collections.ConfigDict, *,
+               rngs: nnx.Rngs):
+    ch = cfg.decoder_dim
+    self.stem = WNConv1d(cfg.latent_dim, ch, cfg.stem_kernel, padding=cfg.padding,
+                         rngs=rngs)
+    blocks = []
+    for s in reversed(tuple(cfg.strides)):
+      blocks.append(DecoderBlock(ch, ch // 2, s, cfg, rngs=rngs))
+      ch //= 2
+    self.blocks = nnx.List(blocks)
+    self.act = Snake(ch)
+    self.out = WNConv1d(ch, audio_channels, cfg.stem_kernel, padding=cfg.padding,
+                        rngs=rngs)
+    self.output_tanh = bool(cfg.output_tanh)
+
+  def __call__(self, z: jax.Array) -> jax.Array:
+    x = self.stem(z)
+    for block in self.blocks:
+      x = block(x)
+    x = self.out(self.act(x))
+    return jnp.tanh(x) if self.output_tanh else x
+
+
+def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
+  """Clear errors for model settings the layers cannot build."""
+  if not cfg.strides or any(int(s) < 1 for s in cfg.strides):
+    raise ValueError(f'config.model.strides must be positive ints, got {cfg.strides}')
+  if cfg.padding not in ('same', 'causal'):
+    raise ValueError(f"config.model.padding must be 'same' or 'causal', got {cfg.padding!r}")
+  if cfg.decoder_dim % (2 ** len(cfg.strides)):
+    raise ValueError(f'config.model.decoder_dim ({cfg.decoder_dim}) must be divisible '
+                     f'by 2**len(strides) = {2 ** len(cfg.strides)} (it halves per block)')
+  for key in ('encoder_dim', 'latent_dim', 'residual_kernel', 'stem_kernel',
+              'latent_kernel', 'down_kernel_multiple', 'up_kernel_multiple'):
+    if cfg[key] < 1:
+      raise ValueError(f'config.model.{key} must be >= 1, got {cfg[key]}')
+
+
+class CodecModel(nnx.Module):
+  """The generator: audio [B,T,C] -> codes [B,F,K] -> audio [B,T,C]."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, sample_rate: int,
+               audio_channels: int, *, rngs: nnx.Rngs):
+    validate_model_config(cfg)
+    self.encoder = Encoder(audio_channels, cfg, rngs=rngs)
+    self.quantizer = ResidualVQ(cfg.latent_dim, cfg.rvq, rngs=rngs)
+    self.decoder = Decoder(audio_channels, cfg, rngs=rngs)
+    self._hop = int(math.prod(cfg.strides))
+    self.sample_rate = int(sample_rate)
+    self.audio_channels = int(audio_channels)
+
+  @property
+  def hop_length(self) -> int:
+    return self._hop
+
+  @property
+  def frame_rate(self) -> float:
+    return self.sample_rate / self._hop
+
+  @property
+  def num_codebooks(self) -> int:
+    return self.quantizer.num_codebooks
+
+  @property
+  def codebook_size(self) -> int:
+    return self.quantizer.codebook_size
+
+  def _pad(self, audio: jax.Array) -> jax.Array:
+    if audio.ndim != 3 or audio.shape[-1] != self.audio_channels:
+      raise ValueError(f'audio must be [batch, time, {self.audio_channels}], '
+                       f'got {audio.shape}')
+    extra = (-audio.shape[1]) % self._hop
+    return jnp.pad(audio, ((0, 0), (0, extra), (0, 0))) if extra else audio
+
+  def encode(self, audio: jax.Array, n_q: int | None = None) -> jax.Array:
+    """int32 codes [B, ceil(T/hop), n_q]; audio is zero-padded to a hop multiple."""
+    return self.quantizer.encode(self.encoder(self._pad(audio)), n_q)
+
+  def decode(self, codes: jax.Array) -> jax.Array:
+    """Audio [B, F*hop, C] from codes [B, F, n_q] (n_q <= K)."""
+    return self.decoder(self.quantizer.decode(codes))
+
+  def __call__(self, audio: jax.Array, rng: jax.Array, train: bool
+               ) -> tuple[jax.Array, dict[str, Any]]:
+    """(reconstruction [B,T,C], aux) with aux = quantizer aux plus 'codes'."""
+    t = audio.shape[1]
+    z = self.encoder(self._pad(audio))
+    z_q, codes, aux = self.quantizer(z, rng, train)
+    recon = self.decoder(z_q)[:, :t]
+    aux['codes'] = codes
+    return recon, aux

@@ -1,0 +1,178 @@
+"""Channels-last weight-normalised convolutions and the Snake activation.
+
+All layers take and return [batch, time, channels] (or [batch, h, w, channels]
+for the 2-D conv). Weight normalisation uses the (g, v) parametrisation:
+kernel = g * v / ||v||, with the norm taken over everything but the output
+channel axis. Parameters carry logical axis names (config.sharding.rules).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Fan-in scaled truncated normal: keeps activations O(1) through deep stacks.
+_kernel_init = jax.nn.initializers.variance_scaling(
+    1.0, 'fan_in', 'truncated_normal')
+
+PADDINGS = ('same', 'causal')
+
+
+def _init(key: jax.Array, shape: tuple[int, ...], std: float) -> jax.Array:
+  """std > 0: truncated normal with that std (DAC); 0: fan-in scaled."""
+  if std > 0:
+    return jax.nn.initializers.truncated_normal(std)(key, shape)
+  return _kernel_init(key, shape)
+
+
+def _check_padding(padding: str) -> None:
+  if padding not in PADDINGS:
+    raise ValueError(f'conv padding must be one of {PADDINGS}, got {padding!r}')
+
+
+def _weight_norm(v: jax.Array, g: jax.Array, eps: float) -> jax.Array:
+  axes = tuple(range(v.ndim - 1))
+  norm = jnp.sqrt(jnp.sum(jnp.square(v), axis=axes, keepdims=True) + eps)
+  return v * (g / norm)
+
+
+class Snake(nnx.Module):
+  """x + sin(alpha x)^2 / alpha with a learned per-channel alpha (BigVGAN/DAC)."""
+
+  def __init__(self, channels: int, *, eps: float = 1e-9):
+    self.alpha = nnx.Param(jnp.ones((channels,), jnp.float32),
+                           out_sharding=('conv_out',))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    alpha = self.alpha[...].astype(x.dtype)
+    return x + jnp.square(jnp.sin(alpha * x)) / (alpha + self.eps)
+
+
+class WNConv1d(nnx.Module):
+  """Weight-normalised 1-D conv; 'same' (centred) or 'causal' padding.
+
+  With padding, the output has ceil(T / stride) frames; exactly T / stride when
+  T is a multiple of the stride.
+  """
+
+  def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *,
+               stride: int = 1, dilation: int = 1, padding: str = 'same',
+               use_bias: bool = True, norm_eps: float = 1e-12,
+               init_std: float = 0.0, rngs: nnx.Rngs):
+    _check_padding(padding)
+    v = _init(rngs.params(), (kernel_size, in_channels, out_channels), init_std)
+    self.v = nnx.Param(v, out_sharding=(None, 'conv_in', 'conv_out'))
+    g = jnp.sqrt(jnp.sum(jnp.square(v), axis=(0, 1)))
+    self.g = nnx.Param(g, out_sharding=('conv_out',))
+    self.bias = nnx.Param(jnp.zeros((out_channels,)),
+                          out_sharding=('conv_out',)) if use_bias else None
+    self.kernel_size = kernel_size
+    self.stride = stride
+    self.dilation = dilation
+    self.padding = padding
+    self.norm_eps = norm_eps
+
+  def _pads(self, length: int) -> tuple[int, int]:
+    eff = (self.kernel_size - 1) * self.dilation + 1
+    out = -(-length // self.stride)
+    total = max((out - 1) * self.stride + eff - length, 0)
+    if self.padding == 'causal':
+      return total, 0
+    return total // 2, total - total // 2
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = _weight_norm(self.v[...], self.g[...], self.norm_eps).astype(x.dtype)
+    y = jax.lax.conv_general_dilated(
+        x, kernel, window_strides=(self.stride,),
+        padding=(self._pads(x.shape[1]),), rhs_dilation=(self.dilation,),
+        dimension_numbers=('NWC', 'WIO', 'NWC'))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(y.dtype)
+    return y
+
+
+class WNConvTranspose1d(nnx.Module):
+  """Weight-normalised transposed conv, upsampling T frames to exactly T*stride.
+
+  The kernel length is `kernel_multiple * stride`; it is run polyphase (a
+  stride-1 conv of `kernel_multiple` taps emitting `stride` samples per
+  frame), which is the same linear map as a zero-stuffed transposed conv but
+  never multiplies the inserted zeros.
+  """
+
+  def __init__(self, in_channels: int, out_channels: int, stride: int, *,
+               kernel_multiple: int = 2, padding: str = 'same',
+               use_bias: bool = True, norm_eps: float = 1e-12,
+               init_std: float = 0.0, rngs: nnx.Rngs):
+    _check_padding(padding)
+    if kernel_multiple < 1:
+      raise ValueError(f'kernel_multiple must be >= 1, got {kernel_multiple}')
+    shape = (kernel_multiple, in_channels, stride, out_channels)
+    # Fan-in of a transposed conv: each output sample sees m taps of Cin.
+    v = _init(rngs.params(), (kernel_multiple * in_channels, stride * out_channels),
+              init_std)
+    v = v.reshape(shape)
+    self.v = nnx.Param(v, out_sharding=(None, 'conv_in', None, 'conv_out'))
+    g = jnp.sqrt(jnp.sum(jnp.square(v), axis=(0, 1, 2)))
+    self.g = nnx.Param(g, out_sharding=('conv_out',))
+    self.bias = nnx.Param(jnp.zeros((out_channels,)),
+                          out_sharding=('conv_out',)) if use_bias else None
+    self.stride = stride
+    self.kernel_multiple = kernel_multiple
+    self.out_channels = out_channels
+    self.padding = padding
+    self.norm_eps = norm_eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, t, _ = x.shape
+    m, s = self.kernel_multiple, self.stride
+    v = self.v[...]
+    kernel = _weight_norm(v, self.g[...], self.norm_eps).astype(x.dtype)
+    kernel = kernel.reshape(m, v.shape[1], s * self.out_channels)
+    # Full transposed output has (t + m - 1) * s samples; keep t * s of them.
+    y = jax.lax.conv_general_dilated(
+        x, kernel, window_strides=(1,), padding=((m - 1, m - 1),),
+        dimension_numbers=('NWC', 'WIO', 'NWC'))
+    y = y.reshape(b, (t + m - 1) * s, self.out_channels)
+    extra = (m - 1) * s
+    start = extra // 2 if self.padding == 'same' else 0
+    y = jax.lax.dynamic_slice_in_dim(y, start, t * s, axis=1)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(y.dtype)
+    return y
+
+
+class WNConv2d(nnx.Module):
+  """Weight-normalised 2-D conv over [batch, h, w, channels], 'same' padding."""
+
+  def __init__(self, in_channels: int, out_channels: int,
+               kernel_size: Sequence[int], *, stride: Sequence[int] = (1, 1),
+               use_bias: bool = True, norm_eps: float = 1e-12,
+               init_std: float = 0.0, rngs: nnx.Rngs):
+    kh, kw = kernel_size
+    v = _init(rngs.params(), (kh, kw, in_channels, out_channels), init_std)
+    self.v = nnx.Param(v, out_sharding=(None, None, 'conv_in', 'conv_out'))
+    g = jnp.sqrt(jnp.sum(jnp.square(v), axis=(0, 1, 2)))
+    self.g = nnx.Param(g, out_sharding=('conv_out',))
+    self.bias = nnx.Param(jnp.zeros((out_channels,)),
+                          out_sharding=('conv_out',)) if use_bias else None
+    self.stride = tuple(stride)
+    self.kernel_size = (kh, kw)
+    self.norm_eps = norm_eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = _weight_norm(self.v[...], self.g[...], self.norm_eps).astype(x.dtype)
+    pads = []
+    for size, k, s in zip(x.shape[1:3], self.kernel_size, self.stride):
+      out = -(-size // s)
+      total = max((out - 1) * s + k - size, 0)
+      pads.append((total // 2, total - total // 2))
+    y = jax.lax.conv_general_dilated(
+        x, kernel, window_strides=self.stride, padding=pads,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(y.dtype)
+    return y

@@ -1,0 +1,67 @@
+"""Small codec configs for tests (kept tiny so compiles stay short)."""
+from __future__ import annotations
+
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from musicjax.codec.task import default_config
+from musicjax.config import base_config
+
+
+def rvq_config(**overrides) -> ml_collections.ConfigDict:
+  q = default_config().model.rvq
+  q.num_codebooks = 4
+  q.codebook_size = 16
+  q.codebook_dim = 4
+  q.quantizer_dropout = 0.0
+  q.dead_code_threshold = 0.0
+  for k, v in overrides.items():
+    q[k] = v
+  return q
+
+
+def small_config() -> ml_collections.ConfigDict:
+  """A full codec config small enough to compile a train step in seconds."""
+  c = base_config()
+  for section, sub in default_config().items():
+    c[section] = sub
+  c.data.sample_rate = 8000
+  c.data.segment_seconds = 0.128     # 1024 samples
+  c.data.batch_size = 2
+  m = c.model
+  m.encoder_dim = 4
+  m.decoder_dim = 16
+  m.latent_dim = 8
+  m.strides = (4, 4)
+  m.dilations = (1, 3)
+  m.rvq.num_codebooks = 3
+  m.rvq.codebook_size = 32
+  m.rvq.codebook_dim = 4
+  m.rvq.kmeans_iters = 3
+  d = c.disc
+  d.periods = (2,)
+  d.period_channels = (4, 8)
+  d.stft_fft_sizes = (128,)
+  d.stft_bands = (0.0, 0.5, 1.0)
+  d.stft_channels = 4
+  d.stft_layers = 2
+  c.loss.mel_windows = (64, 256)
+  c.loss.mel_bins = (10, 20)
+  c.optim.g_lr = 1e-3
+  c.optim.d_lr = 1e-3
+  return c
+
+
+def make(fn):
+  """Builds modules the way the trainer does: without eager sharding."""
+  with nnx.use_eager_sharding(False):
+    return fn()
+
+
+def tone_mix(seconds: float, sample_rate: int, batch: int = 1,
+             freqs=(220.0, 330.0, 440.0, 660.0)) -> np.ndarray:
+  t = np.arange(int(round(seconds * sample_rate))) / sample_rate
+  wave = sum(np.sin(2 * np.pi * f * t + i) / (i + 1) for i, f in enumerate(freqs))
+  wave = 0.5 * wave / np.max(np.abs(wave))
+  return np.tile(wave[None, :, None], (batch, 1, 1)).astype(np.float32)
