@@ -80,6 +80,7 @@ def base_config() -> ConfigDict:
   c.train.checkpoint_every = 500
   c.train.max_nonfinite = 10
   c.train.summary_every = 0         # audio / image summaries (0 = at eval only)
+  c.train.eval_at_start = False     # also evaluate the initial state (logged at step 0)
 
   c.checkpoint = ConfigDict()
   c.checkpoint.keep = 3

@@ -52,7 +52,7 @@ def listening_kit(config, workdir: str, seconds: float) -> dict:
   pieces = chorales.chorale_manifest(config, 'eval')
   piece = pieces[0]
   sr = int(config.data.sample_rate)
-  wave = audio_io.load_audio(piece['mix'], sr, int(config.data.channels))
+  wave = audio_io.load_audio(piece['stems']['mix'], sr, int(config.data.channels))
   wave = wave[:int(seconds * sr)]
   task, _, state = trainer.restore_for_inference(config, workdir)
   model = task.inference_model(state)
@@ -60,10 +60,11 @@ def listening_kit(config, workdir: str, seconds: float) -> dict:
   recon = chunked.decode_array(model, codes)[:wave.shape[0]]
   sf.write(os.path.join(workdir, 'original.wav'), wave, sr)
   sf.write(os.path.join(workdir, 'reconstruction.wav'), np.clip(recon, -1, 1), sr)
-  title = f"{piece.get('title', '')} (BWV {piece.get('bwv', '?')}), eval split"
+  meta = piece.get('meta', {})
+  title = f"{meta.get('title', piece['id'])} (BWV {piece.get('bwv', '?')}), eval split"
   spectrogram_png(wave[:, 0], recon[:, 0], sr, os.path.join(workdir, 'spectrograms.png'),
                   title)
-  return {'piece': piece.get('title'), 'bwv': piece.get('bwv'),
+  return {'piece': meta.get('title', piece['id']), 'bwv': piece.get('bwv'),
           'seconds': wave.shape[0] / sr, 'codes_shape': list(codes.shape)}
 
 

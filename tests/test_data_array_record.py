@@ -90,3 +90,18 @@ def test_missing_shards_error_names_path(tmp_path):
   c = fx.data_config(str(tmp_path), kind='array_record')
   with pytest.raises(sources.NoUsableAudio, match='config.data.path'):
     pipeline.audio_dataset(c, 'train')
+
+
+def test_all_records_unreadable_stops_with_named_error(tmp_path):
+  # Every record is too short: nothing fails in the upfront scan, everything
+  # fails when read. The pipeline must stop with an error, not loop forever.
+  records = [{'audio': fx.tone(0.1, SR, 200.0 + i), 'sample_rate': SR, 'meta': {}}
+             for i in range(3)]
+  prepare_audio.write_array_record(records, str(tmp_path), 2, 'train')
+  c = fx.data_config(str(tmp_path), kind='array_record', batch_size=1)
+  with pytest.raises(sources.NoUsableAudio, match='config.data.path'):
+    next(iter(pipeline.audio_dataset(c, 'train')))
+  # Each named once, not once per repeat. (Prefetch threads of other tests'
+  # abandoned iterators may still report their own files: look at ours.)
+  ours = [p for p in audio.bad_files() if p.startswith(str(tmp_path))]
+  assert len(ours) == 3, audio.bad_files()

@@ -133,3 +133,14 @@ def test_progress_line():
   assert line == 'step 120/1000  3.4 steps/s  loss 1.234  ETA 4m19s'
   assert progress.format_duration(3 * 3600 + 125) == '3h02m'
   assert progress.format_progress(1, 2, 0.0).endswith('ETA ?')
+
+
+def test_eval_at_start_logs_a_baseline_at_step_zero(tmp_path):
+  wd = str(tmp_path)
+  c = toy_config('train.steps=20', 'train.log_every=10', 'train.eval_every=20',
+                 'train.checkpoint_every=20', 'train.eval_at_start=true')
+  trainer.train(c, wd)
+  recs = metrics_lib.read_jsonl(os.path.join(wd, 'metrics.jsonl'))
+  assert [r['step'] for r in recs] == [0, 10, 20]
+  assert set(recs[0]) == {'step', 'eval/loss'}
+  assert recs[-1]['eval/loss'] < recs[0]['eval/loss']  # training helped

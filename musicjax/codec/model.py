@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from musicjax.parallel import rules
+
 from musicjax.codec.rvq import ResidualVQ
 from musicjax.nn.conv import Snake, WNConv1d, WNConvTranspose1d
 
@@ -186,6 +188,9 @@ class CodecModel(nnx.Module):
     t = audio.shape[1]
     z = self.encoder(self._pad(audio))
     z_q, codes, aux = self.quantizer(z, rng, train)
-    recon = self.decoder(z_q)[:, :t]
+    # Keep the batch split over data-parallel devices through the quantizer's
+    # global statistics (a layout hint on Auto meshes, a type on Explicit ones).
+    z_q = rules.shard_activation(z_q, ('batch', 'time', None))
+    recon = rules.shard_activation(self.decoder(z_q)[:, :t], ('batch', 'time', None))
     aux['codes'] = codes
     return recon, aux

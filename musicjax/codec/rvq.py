@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from musicjax.parallel import rules
+
 CODEBOOK_TYPES = ('ema', 'learned')
 
 
@@ -210,7 +212,9 @@ class ResidualVQ(nnx.Module):
       p = s['p']
       x = self._project_in(residual, p)
       d = x.shape[-1]
-      flat = self._stat_space(jax.lax.stop_gradient(x).reshape(-1, d))
+      # Codebook statistics are global over the batch: replicate the (small,
+      # gradient-free) vectors so k-means, EMA and restarts see all devices' data.
+      flat = rules.gather(self._stat_space(jax.lax.stop_gradient(x).reshape(-1, d)))
       m = flat.shape[0]
       k_init, k_dead = jax.random.split(s['key'])
       cb, cs, es = p['codebook'], s['cluster_size'], s['embed_sum']
@@ -223,12 +227,13 @@ class ResidualVQ(nnx.Module):
                                      fresh, None)
         cb = jnp.where(initialized, cb, km_cb)
       codes = _nearest(x.reshape(-1, d), cb, self.factorized, self.norm_eps)
-      zq = cb[codes].reshape(x.shape)
+      zq = rules.take_rows(cb, codes).reshape(x.shape)
       commit = jnp.mean(jnp.square(x - jax.lax.stop_gradient(zq)), axis=(1, 2))
       cbl = jnp.mean(jnp.square(jax.lax.stop_gradient(x) - zq), axis=(1, 2))
       zq_st = x + jax.lax.stop_gradient(zq - x)
       out = self._project_out(zq_st, p)
-      counts = jax.ops.segment_sum(jnp.ones((m,), flat.dtype), codes, n)
+      codes_all = rules.gather(codes)
+      counts = jax.ops.segment_sum(jnp.ones((m,), flat.dtype), codes_all, n)
       probs = counts / m
       perplexity = jnp.exp(-jnp.sum(jnp.where(probs > 0, probs * jnp.log(
           jnp.where(probs > 0, probs, 1.0)), 0.0)))
@@ -237,7 +242,7 @@ class ResidualVQ(nnx.Module):
       if train:
         decay = self.ema_decay
         cs_new = decay * cs + (1 - decay) * counts
-        es_new = decay * es + (1 - decay) * jax.ops.segment_sum(flat, codes, n)
+        es_new = decay * es + (1 - decay) * jax.ops.segment_sum(flat, codes_all, n)
         if self.codebook_type == 'ema':
           total = jnp.sum(cs_new)
           smoothed = (cs_new + self.ema_eps) / (total + n * self.ema_eps) * total

@@ -20,6 +20,7 @@ from flax import nnx
 
 from musicjax.codec import losses
 from musicjax.config import ConfigError
+from musicjax.parallel import rules
 from musicjax.codec.discriminators import Discriminator
 from musicjax.codec.model import CodecModel
 from musicjax.eval import audio_metrics
@@ -150,6 +151,7 @@ def _split_real_fake(outs, n: int):
 
 class CodecTask(Task):
   name = 'codec'
+  progress_metrics = ('loss/total', 'loss/mel', 'loss/adv_d')
 
   @classmethod
   def default_config(cls) -> ConfigDict:
@@ -202,8 +204,11 @@ class CodecTask(Task):
 
     # One generator forward, kept as a VJP for the generator update.
     g_def, g_params, g_rest = nnx.split(state.generator, nnx.Param, ...)
+    g_rest = rules.gather(g_rest)
 
     def forward(params):
+      # FSDP: sharded weights are gathered here; grads reduce-scatter back.
+      params = rules.gather(params)
       recon, aux = nnx.merge(g_def, params, g_rest)(audio, rng, train=True)
       vq = lc.commit_weight * aux['commit'] + lc.codebook_weight * aux['codebook']
       return (recon, vq), aux
@@ -219,7 +224,8 @@ class CodecTask(Task):
       d_def, d_params, d_rest = nnx.split(disc, nnx.Param, ...)
 
       def d_loss(p):
-        outs = nnx.merge(d_def, p, d_rest)(jnp.concatenate([audio, fake]))
+        outs = nnx.merge(d_def, rules.gather(p), rules.gather(d_rest))(
+            jnp.concatenate([audio, fake]))
         real, fk = _split_real_fake(outs, n)
         return losses.discriminator_loss(real, fk, lc.adv_type)
 
@@ -241,6 +247,7 @@ class CodecTask(Task):
     # Generator update: gradient of the losses w.r.t. the reconstruction,
     # pulled back through the single forward.
     d_def, d_state = nnx.split(state.discriminator)
+    d_state = rules.gather(d_state)
 
     def g_loss(rec):
       parts = self._recon_losses(audio, rec)
@@ -287,7 +294,8 @@ class CodecTask(Task):
   def eval_step(self, state: CodecState, batch: Mapping[str, jax.Array],
                 rng: jax.Array) -> dict[str, jax.Array]:
     audio = batch['audio']
-    gen = state.generator
+    g_def, g_state = nnx.split(state.generator)
+    gen = nnx.merge(g_def, rules.gather(g_state))
     recon, aux = gen(audio, rng, train=False)
     sr = self.config.data.sample_rate
     parts = self._recon_losses(audio, recon)

@@ -31,6 +31,10 @@ from musicjax.data import sources
 
 # Extra source frames read past the crop so the resampler's output covers it.
 RESAMPLE_MARGIN_FRAMES = 8
+# Grain checks the share of skipped items over windows of 1000; above this
+# share nothing usable is left (every item fails only when read, e.g. damaged
+# records), and we stop with a clear error instead of looping forever.
+MAX_SKIPPED_RATIO = 0.999
 
 
 def segment_frames(config: ml_collections.ConfigDict) -> int:
@@ -105,6 +109,42 @@ class _CentreCrop(grain.transforms.Map):
     return _safe_read(item, 0.5, self._config)
 
 
+class _NameTheData(grain.IterDataset):
+  """Turns Grain's 'skipped 100% of elements' error into one naming the data."""
+
+  def __init__(self, parent: grain.IterDataset, config, split: str):
+    super().__init__(parent)
+    self._where = sources.describe(config)
+    self._split = split
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _NameTheDataIterator(self._parent.__iter__(), self._where, self._split)
+
+
+class _NameTheDataIterator(grain.DatasetIterator):
+
+  def __init__(self, parent: grain.DatasetIterator, where: str, split: str):
+    super().__init__(parent)
+    self._where, self._split = where, split
+
+  def __next__(self):
+    try:
+      return next(self._parent)
+    except ValueError as e:
+      if 'skipped' not in str(e):
+        raise
+      raise sources.NoUsableAudio(
+          f'{self._where}: no usable audio left in the {self._split} split: '
+          'every recent item failed to read (each is named in a warning '
+          'above). Fix or remove those files.') from e
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    self._parent.set_state(state)
+
+
 def _ensure_absl_flags_parsed() -> None:
   """Grain's worker processes read absl flags; outside absl.app (our CLI, pytest,
   notebooks) nothing parsed them, so accept their defaults."""
@@ -132,7 +172,10 @@ def audio_dataset(config: ml_collections.ConfigDict, split: str,
     ds = ds.repeat().map(_CentreCrop(config))
   ds = ds[shard_index::shard_count]
   ds = ds.filter(lambda x: x is not None)
-  it = ds.to_iter_dataset().batch(batch, drop_remainder=True)
+  it = grain.experimental.WithOptionsIterDataset(
+      ds.to_iter_dataset(), grain.experimental.DatasetOptions(
+          filter_raise_threshold_ratio=MAX_SKIPPED_RATIO))
+  it = _NameTheData(it, config, split).batch(batch, drop_remainder=True)
   if config.data.num_workers > 0:
     _ensure_absl_flags_parsed()
     it = it.mp_prefetch(

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import grain
 import ml_collections
 
+from musicjax.errors import UserError
 from musicjax.data import audio
 
 logger = logging.getLogger('musicjax.data')
@@ -35,7 +36,7 @@ SPLITS = ('train', 'eval')
 KINDS = ('chorales', 'folder', 'array_record', 'tfds')
 
 
-class NoUsableAudio(ValueError):
+class NoUsableAudio(UserError, ValueError):
   """No usable audio file was found for a split."""
 
 
@@ -207,3 +208,10 @@ def items(config: ml_collections.ConfigDict, split: str) -> list[dict[str, Any]]
     return folder_items(config, split)
   ds = source_dataset(config, split)
   return [ds[i] for i in range(len(ds))]
+
+
+def describe(config: ml_collections.ConfigDict) -> str:
+  """Where a config's data comes from, named by its config keys."""
+  if config.data.kind == 'chorales':
+    return f'config.data.cache_dir={config.data.cache_dir!r} (chorales)'
+  return f'config.data.path={config.data.path!r} ({config.data.kind})'

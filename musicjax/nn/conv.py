@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from musicjax.parallel import rules
+
 # Fan-in scaled truncated normal: keeps activations O(1) through deep stacks.
 _kernel_init = jax.nn.initializers.variance_scaling(
     1.0, 'fan_in', 'truncated_normal')
@@ -136,7 +138,7 @@ class WNConvTranspose1d(nnx.Module):
     y = jax.lax.conv_general_dilated(
         x, kernel, window_strides=(1,), padding=((m - 1, m - 1),),
         dimension_numbers=('NWC', 'WIO', 'NWC'))
-    y = y.reshape(b, (t + m - 1) * s, self.out_channels)
+    y = rules.reshape(y, (b, (t + m - 1) * s, self.out_channels))
     extra = (m - 1) * s
     start = extra // 2 if self.padding == 'same' else 0
     y = jax.lax.dynamic_slice_in_dim(y, start, t * s, axis=1)

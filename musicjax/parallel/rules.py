@@ -197,6 +197,61 @@ def matmul(x: jax.Array, w: jax.Array, out_axes: Sequence[str | None],
   return jax.lax.with_sharding_constraint(x @ w, spec)
 
 
+def gather(tree: Any, rules: Rules | None = None) -> Any:
+  """All-gathers every array of a (parameter) tree to replicated, inside jit.
+
+  FSDP for small convolutional models: weights live sharded between steps and
+  are gathered once where the step uses them; their gradients flow back through
+  the reshard as a reduce-scatter. (Large transformers gather per layer instead.)
+  No-op without a mesh or rules.
+  """
+  rules, mesh = _active(rules)
+  if rules is None:
+    return tree
+  explicit = all(t == AxisType.Explicit for t in mesh.axis_types)
+
+  def one(x):
+    if not hasattr(x, 'ndim') or x.ndim == 0:
+      return x
+    spec = jax.sharding.PartitionSpec(*([None] * x.ndim))
+    if explicit:
+      return jax.sharding.reshard(x, spec)
+    return jax.lax.with_sharding_constraint(x, spec)
+
+  return jax.tree.map(one, tree)
+
+
+def reshape(x: jax.Array, shape: Sequence[int]) -> jax.Array:
+  """`x.reshape(shape)` keeping the sharding of the leading dims it leaves alone
+  (e.g. the batch); on Explicit meshes JAX asks for that to be spelled out."""
+  mesh = jax.sharding.get_abstract_mesh()
+  shape = tuple(shape)
+  if mesh is None or mesh.empty or not all(
+      t == AxisType.Explicit for t in mesh.axis_types):
+    return x.reshape(shape)
+  spec = tuple(jax.typeof(x).sharding.spec) + (None,) * x.ndim
+  keep = 0
+  while keep < min(x.ndim, len(shape)) and x.shape[keep] == shape[keep]:
+    keep += 1
+  out = jax.sharding.PartitionSpec(*spec[:keep], *([None] * (len(shape) - keep)))
+  return jax.lax.reshape(x, shape, out_sharding=out)
+
+
+def take_rows(table: jax.Array, idx: jax.Array) -> jax.Array:
+  """`table[idx]` (an embedding lookup) whose rows follow `idx`'s sharding.
+
+  On Explicit meshes a gather's output sharding must be spelled out.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or not all(
+      t == AxisType.Explicit for t in mesh.axis_types):
+    return table[idx]
+  idx_spec = tuple(jax.typeof(idx).sharding.spec)
+  idx_spec += (None,) * (idx.ndim - len(idx_spec))
+  out = jax.sharding.PartitionSpec(*idx_spec, *([None] * (table.ndim - 1)))
+  return table.at[idx].get(out_sharding=out)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

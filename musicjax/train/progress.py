@@ -33,6 +33,7 @@ def format_progress(step: int, total: int, steps_per_sec: float,
 
 def report(step: int, total: int, steps_per_sec: float,
            metrics: Mapping[str, float] | None = None,
-           stream: TextIO | None = None) -> None:
-  print(format_progress(step, total, steps_per_sec, metrics),
+           stream: TextIO | None = None,
+           keys: tuple[str, ...] = ('loss',)) -> None:
+  print(format_progress(step, total, steps_per_sec, metrics, keys),
         file=stream or sys.stderr, flush=True)

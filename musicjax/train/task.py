@@ -46,6 +46,8 @@ class Task(abc.ABC):
   """A model family as the trainer sees it."""
 
   name: str = ''
+  # Metrics shown on the progress line (all of them go to metrics.jsonl).
+  progress_metrics: tuple[str, ...] = ('loss',)
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config

@@ -303,6 +303,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       eval_fn = make_eval_step(s)
       pending: list[tuple[int, Any, Any]] = []  # device values, not yet fetched
       window: list[dict] = []                     # fetched, finite steps
+      if start == 0 and c.eval_at_start:
+        # A baseline for "how much better did training make it".
+        ev = _eval(s, eval_fn, state, c.eval_steps)
+        record0 = {f'eval/{k}': v for k, v in ev.items()}
+        writer.write_scalars(0, record0)
+        _log('step 0 (before training): ' + ', '.join(
+            f'{k} {v:.4g}' for k, v in sorted(record0.items())[:6]))
       t_window, n_window = time.perf_counter(), 0
       step = start
 
@@ -328,7 +335,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
           record['train/nonfinite_skipped'] = counters.nonfinite_skipped
           record['data/bad_files'] = _bad_file_count()
           if primary:
-            progress.report(step, c.steps, record['steps_per_sec'], record)
+            progress.report(step, c.steps, record['steps_per_sec'], record,
+                            keys=s.task.progress_metrics)
           window.clear()
           t_window, n_window = now, 0
         t_extra = time.perf_counter()
