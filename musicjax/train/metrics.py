@@ -11,17 +11,24 @@ import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from clu import metrics as clu_metrics
 
 METRICS_FILE = 'metrics.jsonl'
 
 
 def average(per_step: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-  """Mean of each metric over a window of host-fetched per-step dicts."""
+  """Mean of each metric over a window of host-fetched per-step dicts.
+
+  One clu `Average` per metric over the stacked window (clu.metrics imports
+  without TensorFlow; only its writers need it).
+  """
   if not per_step:
     return {}
-  keys = per_step[0].keys()
-  return {k: float(np.mean([np.asarray(m[k], np.float64) for m in per_step]))
-          for k in keys}
+  out = {}
+  for k in per_step[0].keys():
+    values = np.stack([np.asarray(m[k], np.float32).reshape(-1) for m in per_step])
+    out[k] = float(clu_metrics.Average.from_model_output(values).compute())
+  return out
 
 
 def truncate_jsonl(path: str, max_step: int) -> None:
