@@ -42,13 +42,26 @@ def _wn_dense(x: jax.Array, v: jax.Array, g: jax.Array, b: jax.Array,
   return x @ w.astype(x.dtype) + b.astype(x.dtype)
 
 
+def _first_argmax(scores: jax.Array) -> jax.Array:
+  """argmax over the last axis (first index on ties).
+
+  Written as max, compare, min-of-index: XLA:CPU runs jnp.argmax's paired
+  (value, index) reduction 5x slower (measured 1.8 vs 0.33 ms on [750, 1024]),
+  and this search dominates encoding.
+  """
+  n = scores.shape[-1]
+  best = jnp.max(scores, axis=-1, keepdims=True)
+  idx = jnp.min(jnp.where(scores == best, jnp.arange(n, dtype=jnp.int32), n), axis=-1)
+  return jnp.minimum(idx, n - 1)  # all-NaN rows
+
+
 def _nearest(x: jax.Array, codebook: jax.Array, cosine: bool,
              eps: float) -> jax.Array:
   """Index of the closest codeword for each row of x [M, d]."""
   if cosine:
-    return jnp.argmax(_l2n(x, eps) @ _l2n(codebook, eps).T, axis=-1)
+    return _first_argmax(_l2n(x, eps) @ _l2n(codebook, eps).T)
   dist = jnp.sum(jnp.square(codebook), -1)[None, :] - 2.0 * x @ codebook.T
-  return jnp.argmin(dist, axis=-1)
+  return _first_argmax(-dist)
 
 
 def kmeans(x: jax.Array, n: int, iters: int, key: jax.Array, cosine: bool,
