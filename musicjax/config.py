@@ -215,18 +215,26 @@ def validate(config: ConfigDict, schema: ConfigDict) -> None:
       raise ConfigError(f'config.mesh.{axis} must be -1 or >= 1, got {v}')
 
 
-def schema_for(config: ConfigDict) -> ConfigDict:
+def for_task(task: str) -> ConfigDict:
+  """base_config() with `task` set and that task's default sections merged in.
+
+  Config files start from this; it is also the schema that validates them.
+  """
   from musicjax import tasks  # late import: tasks import models
-  schema = base_config()
-  task_defaults = tasks.get(config.task).default_config()
-  for section, sub in task_defaults.items():
-    with schema.unlocked():
-      if isinstance(sub, ConfigDict) and section in schema and isinstance(
-          schema[section], ConfigDict):
-        schema[section].update(sub)
+  config = base_config()
+  config.task = task
+  for section, sub in tasks.get(task).default_config().items():
+    with config.unlocked():
+      if isinstance(sub, ConfigDict) and section in config and isinstance(
+          config[section], ConfigDict):
+        config[section].update(sub)
       else:
-        schema[section] = sub
-  return schema
+        config[section] = sub
+  return config
+
+
+def schema_for(config: ConfigDict) -> ConfigDict:
+  return for_task(config.task)
 
 
 def load(path: str, overrides: Iterable[str] = ()) -> ConfigDict:

@@ -6,7 +6,7 @@ import numpy as np
 from flax import nnx
 
 from musicjax.codec.task import default_config
-from musicjax.config import base_config
+from musicjax.config import for_task
 
 
 def rvq_config(**overrides) -> ml_collections.ConfigDict:
@@ -23,9 +23,7 @@ def rvq_config(**overrides) -> ml_collections.ConfigDict:
 
 def small_config() -> ml_collections.ConfigDict:
   """A full codec config small enough to compile a train step in seconds."""
-  c = base_config()
-  for section, sub in default_config().items():
-    c[section] = sub
+  c = for_task('codec')
   c.data.sample_rate = 8000
   c.data.segment_seconds = 0.128     # 1024 samples
   c.data.batch_size = 2

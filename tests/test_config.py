@@ -78,10 +78,7 @@ def test_missing_file_and_missing_get_config(tmp_path):
 
 
 def test_saved_config_round_trips(tmp_path):
-  c = cfg.base_config()
-  c.task = 'toy'
-  with c.unlocked():
-    c.update(__import__('musicjax.tasks', fromlist=['get']).get('toy').default_config())
+  c = cfg.for_task('toy')
   cfg.save(c, str(tmp_path))
   back = cfg.load_saved(str(tmp_path), ['train.steps=3'])
   assert back.train.steps == 3

@@ -3,15 +3,11 @@
 Channels are kept modest so jitted encode + decode runs far faster than real
 time on a 2-core CPU.
 """
-from musicjax.codec.task import default_config
-from musicjax.config import base_config
+from musicjax.config import for_task
 
 
 def get_config():
-  c = base_config()
-  c.task = 'codec'
-  for section, sub in default_config().items():
-    c[section] = sub
+  c = for_task('codec')
   c.data.sample_rate = 24000
   c.data.segment_seconds = 0.4       # 9600 samples = 30 frames
   c.data.batch_size = 16

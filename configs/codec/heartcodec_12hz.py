@@ -4,15 +4,11 @@
 accelerators: the encoder input dim shards over the mesh 'fsdp' axis and the
 output over 'tensor' (config.sharding.rules). Not trained in tests.
 """
-from musicjax.codec.task import default_config
-from musicjax.config import base_config
+from musicjax.config import for_task
 
 
 def get_config():
-  c = base_config()
-  c.task = 'codec'
-  for section, sub in default_config().items():
-    c[section] = sub
+  c = for_task('codec')
   c.data.sample_rate = 48000
   c.data.channels = 2
   c.data.segment_seconds = 1.2       # 57600 samples = 15 frames

@@ -24,10 +24,18 @@ def get_config():
   m.latent_dim = 32
   m.strides = (4, 8, 8)              # hop 256
   m.dilations = (1, 3)
+  # DAC's init std 0.02 is tuned for its wide layers (fan-in ~1e3); with these
+  # 8..64-channel layers it shrinks the signal ~4e5x end to end (output std
+  # 3e-6 at init) and the waveform is never learned. 0.08 gives latent std
+  # ~0.5 and output std ~0.15 at init.
+  m.init_std = 0.08
   m.rvq.num_codebooks = 4
   m.rvq.codebook_size = 256
   m.rvq.kmeans_iters = 10
   m.rvq.dead_code_threshold = 0.02
+  # Eval decodes with all 4 codebooks; in a short run, training every item
+  # with all of them converges faster than DAC's 0.5 quantizer dropout.
+  m.rvq.quantizer_dropout = 0.0
 
   d = c.disc
   d.periods = (2, 3, 5)
@@ -36,19 +44,26 @@ def get_config():
   d.stft_channels = 8
   d.stft_layers = 3
 
-  c.optim.g_lr = 1e-3
+  c.optim.g_lr = 3e-3
   c.optim.d_lr = 1e-3
+  c.optim.warmup_steps = 50
   c.optim.lr_decay = 0.9995
 
   lo = c.loss
   lo.mel_windows = (64, 256, 1024)
   lo.mel_bins = (16, 40, 80)
+  # Mel alone leaves phase free (SI-SDR ~ -41 dB, uncorrelated waveform); the
+  # L1 waveform term must be this large for its gradient to compete with 15x mel.
+  lo.wave_weight = 100.0
+  # The factorized projections drift away from the unit-norm codes with 0.25
+  # (commit loss grew to ~30); 1.0 keeps it ~1.5.
+  lo.commit_weight = 1.0
   # The adversarial phase costs ~8x per step on this CPU (measured 0.5 vs 4
   # steps/s), so within the 10-minute budget tiny trains on reconstruction
   # and VQ losses only; raise train.steps to reach the GAN phase.
-  lo.adv_start_step = 1500
+  lo.adv_start_step = 2000
 
-  c.train.steps = 1500
+  c.train.steps = 2000
   c.train.log_every = 25
   c.train.eval_every = 500
   c.train.eval_steps = 2

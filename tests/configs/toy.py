@@ -1,16 +1,9 @@
 """Tiny config for trainer tests: the toy MLP task with small numbers."""
 from musicjax import config as config_lib
-from musicjax.train.toy_task import ToyTask
 
 
 def get_config():
-  c = config_lib.base_config()
-  c.task = 'toy'
-  for section, sub in ToyTask.default_config().items():
-    if section in c and isinstance(c[section], config_lib.ConfigDict):
-      c[section].update(sub)
-    else:
-      c[section] = sub
+  c = config_lib.for_task('toy')
   c.data.batch_size = 8
   c.data.eval_batch_size = 8
   c.train.steps = 20
