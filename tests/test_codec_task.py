@@ -80,21 +80,21 @@ def test_jitted_steps_change_state_and_stay_finite():
 
 @pytest.mark.slow
 def test_overfit_one_clip():
-  """A harmonic tone mix: mel distance halves and SI-SDR rises by > 5 dB.
-
-  (Within this CPU budget the absolute SI-SDR stays below 0 dB: mel-driven
-  codecs match phase slowly; the threshold is relative on purpose.)"""
+  """A harmonic tone mix reconstructs above 10 dB SI-SDR after 200 steps
+  (measured: -21 dB untrained, +21 dB after), and its mel distance halves."""
   c = fx.small_config()
   c.data.batch_size = 1
   c.data.segment_seconds = 0.256
   c.model.encoder_dim = 8
   c.model.decoder_dim = 32
   c.model.latent_dim = 16
+  c.model.init_std = 0.08              # narrow layers: see configs/codec/tiny.py
   c.model.rvq.num_codebooks = 4
   c.model.rvq.quantizer_dropout = 0.0
-  c.loss.wave_weight = 10.0
+  c.loss.wave_weight = 100.0
+  c.loss.commit_weight = 1.0
   c.loss.adv_start_step = 10 ** 6      # reconstruction losses only
-  c.optim.g_lr = 1e-3
+  c.optim.g_lr = 3e-3
   c.optim.lr_decay = 1.0
   task = CodecTask(c)
   _, state, step, evaluate = _trainer_like(task)
@@ -104,5 +104,5 @@ def test_overfit_one_clip():
   for i in range(200):
     state, m = step(state, batch, i)
   end = evaluate(state, batch, jax.random.key(0))
-  assert float(end['si_sdr']) > float(start['si_sdr']) + 5.0, (start, end)
-  assert float(end['mel_distance']) < 0.6 * float(start['mel_distance'])
+  assert float(end['si_sdr']) > 10.0, (start, end)
+  assert float(end['mel_distance']) < 0.5 * float(start['mel_distance'])
