@@ -43,3 +43,10 @@ def data_config(path: str = '', kind: str = 'folder', **data):
   for k, v in data.items():
     c.data[k] = v
   return c
+
+
+def bad_under(root: str) -> dict[str, str]:
+  """The bad-file report restricted to paths under `root`: prefetch threads of
+  earlier tests' abandoned iterators may still report their own files."""
+  from musicjax.data import audio
+  return {p: r for p, r in audio.bad_files().items() if p.startswith(str(root))}

@@ -14,13 +14,6 @@ from tests import audio_fixtures as fx
 SR = 8000
 
 
-@pytest.fixture(autouse=True)
-def _fresh_report():
-  audio.reset_bad_files()
-  yield
-  audio.reset_bad_files()
-
-
 def test_write_and_read_back_equal_audio(tmp_path):
   xs = [fx.tone(0.3 + 0.1 * i, SR, 200.0 + 50 * i) for i in range(5)]
   records = [{'audio': x, 'sample_rate': SR, 'meta': {'i': i, 'title': 'Grüß'}}
@@ -54,7 +47,7 @@ def test_prepare_folder_then_train_from_shards(tmp_path, caplog):
     counts = prepare_audio.prepare_audio_main(c, out)
   assert counts['train'] + counts['eval'] == len(good)
   assert counts['eval'] >= 1
-  assert audio.bad_file_count() == 1
+  assert list(fx.bad_under(src)) == [os.path.join(src, 'broken.wav')]
   assert sum('broken.wav' in r.getMessage() for r in caplog.records) == 1
   items = prepare_audio.read_array_record(out, 'train')
   origins = sorted(it['meta']['origin'] for it in items)
@@ -81,9 +74,9 @@ def test_short_records_are_skipped_while_reading(tmp_path, caplog):
     it = iter(pipeline.audio_dataset(c, 'train'))
     batches = [next(it)['audio'] for _ in range(6)]
   assert all(b.shape == (1, 2000, 1) for b in batches)
-  assert list(audio.bad_files().values()) == [
-      'shorter than a segment: 0.100 s < 0.25 s']
-  assert 'short.wav' in next(iter(audio.bad_files()))
+  ours = fx.bad_under(tmp_path)
+  assert list(ours.values()) == ['shorter than a segment: 0.100 s < 0.25 s']
+  assert 'short.wav' in next(iter(ours))
 
 
 def test_missing_shards_error_names_path(tmp_path):
@@ -101,7 +94,5 @@ def test_all_records_unreadable_stops_with_named_error(tmp_path):
   c = fx.data_config(str(tmp_path), kind='array_record', batch_size=1)
   with pytest.raises(sources.NoUsableAudio, match='config.data.path'):
     next(iter(pipeline.audio_dataset(c, 'train')))
-  # Each named once, not once per repeat. (Prefetch threads of other tests'
-  # abandoned iterators may still report their own files: look at ours.)
-  ours = [p for p in audio.bad_files() if p.startswith(str(tmp_path))]
-  assert len(ours) == 3, audio.bad_files()
+  # Each named once, not once per repeat.
+  assert len(fx.bad_under(tmp_path)) == 3, audio.bad_files()

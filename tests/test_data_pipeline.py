@@ -14,13 +14,6 @@ from tests import audio_fixtures as fx
 SR = 8000
 
 
-@pytest.fixture(autouse=True)
-def _fresh_report():
-  audio.reset_bad_files()
-  yield
-  audio.reset_bad_files()
-
-
 def _peak_hz(x: np.ndarray) -> int:
   """The test tones' frequency (they are multiples of 50 Hz)."""
   spectrum = np.abs(np.fft.rfft(x[:, 0]))
@@ -88,8 +81,7 @@ def test_bad_files_reported_once_counted_and_good_files_all_read(tmp_path, caplo
     assert len(named) == 1, (path, messages)
     assert named[0].startswith(f'musicjax: skipping bad audio file {path}: ')
     assert reason in named[0]
-  assert audio.bad_file_count() == len(bad)
-  assert set(audio.bad_files()) == set(bad)
+  assert set(fx.bad_under(root)) == set(bad)
 
 
 def test_no_usable_audio_names_the_path(tmp_path):
@@ -131,7 +123,7 @@ def test_bad_item_found_while_reading_is_skipped_and_resume_stays_exact(
     state = it.get_state()
     rest = [next(it)['audio'] for _ in range(6)]
   assert all((_peak_hz(b[0])) != 900 for b in first + rest)
-  assert audio.bad_files() == {nan_path: 'contains NaN or Inf samples'}
+  assert fx.bad_under(tmp_path) == {nan_path: 'contains NaN or Inf samples'}
   assert sum(nan_path in r.getMessage() for r in caplog.records) == 1
   fresh = iter(pipeline.audio_dataset(c, 'train'))
   fresh.set_state(state)

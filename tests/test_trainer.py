@@ -40,15 +40,19 @@ def _event_tags(workdir):
   return tags
 
 
-def test_train_logs_evaluates_and_checkpoints(tmp_path):
+def test_train_logs_evaluates_and_checkpoints(tmp_path, monkeypatch):
   wd = str(tmp_path)
+  # The bad-file count is process-global (other tests' abandoned prefetch
+  # threads may still add to it); check the wiring with a known value.
+  from musicjax.data import audio
+  monkeypatch.setattr(audio, 'bad_file_count', lambda: 7)
   c = toy_config('train.steps=20', 'train.log_every=5', 'train.eval_every=10',
                  'train.checkpoint_every=10')
   last = trainer.train(c, wd)
   recs = metrics_lib.read_jsonl(os.path.join(wd, 'metrics.jsonl'))
   assert [r['step'] for r in recs] == [5, 10, 15, 20]
   for r in recs:
-    assert r['train/nonfinite_skipped'] == 0 and r['data/bad_files'] == 0
+    assert r['train/nonfinite_skipped'] == 0 and r['data/bad_files'] == 7
     assert r['steps_per_sec'] > 0 and np.isfinite(r['loss'])
   assert recs[-1]['loss'] < recs[0]['loss']  # it learns
   assert 'eval/loss' in recs[1] and 'eval/loss' not in recs[0]
