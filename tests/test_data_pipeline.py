@@ -227,3 +227,20 @@ def test_worker_processes_give_the_same_batches_and_resume(tmp_path):
   resumed.set_state(state)
   for y in got[1:]:
     np.testing.assert_array_equal(next(resumed)['audio'], y['audio'])
+
+
+def test_bad_files_found_in_worker_processes_are_counted_here(tmp_path, monkeypatch):
+  # Damage found only while reading, inside a Grain worker process, must still
+  # reach this process's count (the trainer logs it as data/bad_files).
+  fx.good_folder(str(tmp_path), 2)
+  x = fx.tone(1.0, SR, 900.0)
+  x[::500] = np.nan
+  nan_path = fx.write(str(tmp_path / 'late_nan.wav'), x, SR, subtype='FLOAT')
+  monkeypatch.setattr(sources, 'scan', lambda paths, config: list(paths))
+  c = fx.data_config(str(tmp_path), batch_size=1)
+  c.data.num_workers = 1
+  it = iter(pipeline.audio_dataset(c, 'train'))
+  for _ in range(6):
+    assert _peak_hz(next(it)['audio'][0]) != 900
+  assert audio.bad_files()[nan_path] == 'contains NaN or Inf samples'
+  assert nan_path not in audio._bad  # found by the worker, not in this process

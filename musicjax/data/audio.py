@@ -7,11 +7,15 @@ silently, and no bad file crashes a run.
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import io
+import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 import threading
 from typing import BinaryIO
 
@@ -40,29 +44,72 @@ class BadAudio(Exception):
     self.reason = reason
 
 
+# Grain worker processes report into files under this directory (inherited
+# through the environment), so the main process counts what they found too.
+SHARED_REPORT_ENV = 'MUSICJAX_BAD_FILE_DIR'
+
+
+def share_reports_with_workers() -> str:
+  """Makes reports from child processes (Grain workers) visible here; call
+  before starting them. Returns the shared directory."""
+  d = os.environ.get(SHARED_REPORT_ENV)
+  if not d or not os.path.isdir(d):
+    d = tempfile.mkdtemp(prefix='musicjax-bad-files-')
+    os.environ[SHARED_REPORT_ENV] = d
+    owner = os.getpid()
+    atexit.register(lambda: os.getpid() == owner and shutil.rmtree(d, True))
+  return d
+
+
 def report_bad(path: str, reason: str) -> None:
-  """Logs one warning per path and counts it (process-global)."""
+  """Logs one warning per path and counts it (per process; see below)."""
   with _bad_lock:
     if path in _bad:
       return
     _bad[path] = reason
   logger.warning('musicjax: skipping bad audio file %s: %s', path, reason)
-
-
-def bad_file_count() -> int:
-  with _bad_lock:
-    return len(_bad)
+  shared = os.environ.get(SHARED_REPORT_ENV)
+  if shared and os.path.isdir(shared):
+    line = json.dumps([path, reason]) + '\n'
+    with open(os.path.join(shared, f'{os.getpid()}.jsonl'), 'a') as f:
+      f.write(line)  # one short append per bad file: atomic enough on POSIX
 
 
 def bad_files() -> dict[str, str]:
+  """Every bad file reported in this process or in its Grain workers."""
   with _bad_lock:
-    return dict(_bad)
+    out = dict(_bad)
+  shared = os.environ.get(SHARED_REPORT_ENV)
+  if shared and os.path.isdir(shared):
+    for name in sorted(os.listdir(shared)):
+      try:
+        with open(os.path.join(shared, name)) as f:
+          for line in f:
+            try:
+              path, reason = json.loads(line)
+            except ValueError:
+              continue  # a line being written right now
+            out.setdefault(path, reason)
+      except OSError:
+        continue
+  return out
+
+
+def bad_file_count() -> int:
+  return len(bad_files())
 
 
 def reset_bad_files() -> None:
   """Forgets all reports (tests, and a fresh run in the same process)."""
   with _bad_lock:
     _bad.clear()
+  shared = os.environ.get(SHARED_REPORT_ENV)
+  if shared and os.path.isdir(shared):
+    for name in os.listdir(shared):
+      try:
+        os.remove(os.path.join(shared, name))
+      except OSError:
+        pass
 
 
 @dataclasses.dataclass(frozen=True)

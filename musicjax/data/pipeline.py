@@ -178,6 +178,7 @@ def audio_dataset(config: ml_collections.ConfigDict, split: str,
   it = _NameTheData(it, config, split).batch(batch, drop_remainder=True)
   if config.data.num_workers > 0:
     _ensure_absl_flags_parsed()
+    audio.share_reports_with_workers()  # their bad files count in our metrics
     it = it.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=config.data.num_workers))
   return it
