@@ -172,18 +172,10 @@ def apply_overrides(config: ConfigDict, overrides: Iterable[str]) -> ConfigDict:
     *parents, leaf = key.split('.')
     for p in parents:
       node = node[p]
-    with node.unlocked() if hasattr(node, 'unlocked') else _null():
+    with node.unlocked():
       node[leaf] = value
     flat[key] = value
   return config
-
-
-class _null:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *a):
-    return False
 
 
 def validate(config: ConfigDict, schema: ConfigDict) -> None:

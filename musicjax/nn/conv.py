@@ -40,6 +40,17 @@ def _weight_norm(v: jax.Array, g: jax.Array, eps: float) -> jax.Array:
   return v * (g / norm)
 
 
+def _weight_norm_params(module: nnx.Module, v: jax.Array,
+                        v_axes: tuple[str | None, ...], use_bias: bool) -> None:
+  """Sets module.v, module.g (= |v| per output channel, so the initial weight
+  is v) and module.bias; the output channel is v's last axis."""
+  module.v = nnx.Param(v, out_sharding=v_axes)
+  g = jnp.sqrt(jnp.sum(jnp.square(v), axis=tuple(range(v.ndim - 1))))
+  module.g = nnx.Param(g, out_sharding=('conv_out',))
+  module.bias = nnx.Param(jnp.zeros((v.shape[-1],)),
+                          out_sharding=('conv_out',)) if use_bias else None
+
+
 class Snake(nnx.Module):
   """x + sin(alpha x)^2 / alpha with a learned per-channel alpha (BigVGAN/DAC)."""
 
@@ -66,11 +77,7 @@ class WNConv1d(nnx.Module):
                init_std: float = 0.0, rngs: nnx.Rngs):
     _check_padding(padding)
     v = _init(rngs.params(), (kernel_size, in_channels, out_channels), init_std)
-    self.v = nnx.Param(v, out_sharding=(None, 'conv_in', 'conv_out'))
-    g = jnp.sqrt(jnp.sum(jnp.square(v), axis=(0, 1)))
-    self.g = nnx.Param(g, out_sharding=('conv_out',))
-    self.bias = nnx.Param(jnp.zeros((out_channels,)),
-                          out_sharding=('conv_out',)) if use_bias else None
+    _weight_norm_params(self, v, (None, 'conv_in', 'conv_out'), use_bias)
     self.kernel_size = kernel_size
     self.stride = stride
     self.dilation = dilation
@@ -117,11 +124,7 @@ class WNConvTranspose1d(nnx.Module):
     v = _init(rngs.params(), (kernel_multiple * in_channels, stride * out_channels),
               init_std)
     v = v.reshape(shape)
-    self.v = nnx.Param(v, out_sharding=(None, 'conv_in', None, 'conv_out'))
-    g = jnp.sqrt(jnp.sum(jnp.square(v), axis=(0, 1, 2)))
-    self.g = nnx.Param(g, out_sharding=('conv_out',))
-    self.bias = nnx.Param(jnp.zeros((out_channels,)),
-                          out_sharding=('conv_out',)) if use_bias else None
+    _weight_norm_params(self, v, (None, 'conv_in', None, 'conv_out'), use_bias)
     self.stride = stride
     self.kernel_multiple = kernel_multiple
     self.out_channels = out_channels
@@ -156,11 +159,7 @@ class WNConv2d(nnx.Module):
                init_std: float = 0.0, rngs: nnx.Rngs):
     kh, kw = kernel_size
     v = _init(rngs.params(), (kh, kw, in_channels, out_channels), init_std)
-    self.v = nnx.Param(v, out_sharding=(None, None, 'conv_in', 'conv_out'))
-    g = jnp.sqrt(jnp.sum(jnp.square(v), axis=(0, 1, 2)))
-    self.g = nnx.Param(g, out_sharding=('conv_out',))
-    self.bias = nnx.Param(jnp.zeros((out_channels,)),
-                          out_sharding=('conv_out',)) if use_bias else None
+    _weight_norm_params(self, v, (None, None, 'conv_in', 'conv_out'), use_bias)
     self.stride = tuple(stride)
     self.kernel_size = (kh, kw)
     self.norm_eps = norm_eps
