@@ -15,7 +15,13 @@ _EPILOG = """examples:
   musicjax encode --workdir runs/tiny song.wav song.npz
   musicjax decode --workdir runs/tiny song.npz song_decoded.wav
   musicjax prepare --config configs/codec/tiny.py --out data/shards
+  musicjax prepare --codec-workdir runs/codec --out data/tokens [--stems]
+  musicjax tokenizer --config configs/codec/tiny.py --out data/tokenizer.json
   musicjax bench codec --config configs/codec/base.py
+  musicjax train --config configs/lm/tiny.py --workdir runs/lm --config.data.path=data/tokens
+  musicjax generate --workdir runs/lm --tags 'chorale, bright' --lyrics lyrics.txt \
+      --seconds 10 --seed 0 --out song.wav
+  musicjax bench lm-decode --config configs/lm/bench_tiny.py
 
 Any --config.a.b=value overrides one key of the config (its type is checked).
 Multi-host: launch/local.sh N -- musicjax train ...  (see README)."""
@@ -56,13 +62,51 @@ def _parser() -> argparse.ArgumentParser:
   de.add_argument('input')
   de.add_argument('output')
 
-  pr = sub.add_parser('prepare', help='write a dataset as ArrayRecord shards')
-  add_config(pr, required=True)
-  pr.add_argument('--out', required=True, help='output directory for the shards')
+  pr = sub.add_parser('prepare', help='write a dataset as ArrayRecord shards: audio, '
+                      'or codec tokens for the LM with --codec-workdir')
+  add_config(pr, required=False)
+  pr.add_argument('--out', required=True, help='output directory; rerun to resume')
+  pr.add_argument('--codec-workdir', default=None,
+                  help='a trained codec workdir: write codec tokens + melody + '
+                  "metadata (data: --config, default the codec's own config)")
+  pr.add_argument('--stems', action='store_true',
+                  help='with --codec-workdir: also store vocal/accompaniment codes '
+                  '(chorales, or folder with <song>/vocals.<ext> + '
+                  'accompaniment.<ext>)')
+  pr.add_argument('--chunk-seconds', type=float, default=10.0)
+
+  tk = sub.add_parser('tokenizer', help='train the text tokenizer on the train split')
+  add_config(tk, required=True)
+  tk.add_argument('--out', required=True, metavar='FILE',
+                  help='tokenizer.json to write (a directory gets DIR/tokenizer.json)')
+
+  g = sub.add_parser('generate', help='generate a song with a trained LM')
+  g.add_argument('--workdir', required=True, help='a trained LM workdir')
+  add_config(g, required=False)
+  g.add_argument('--tags', default='', help="e.g. 'genre: chorale; mood: bright' "
+                 "or 'chorale, bright' (empty: unconditional tags)")
+  g.add_argument('--lyrics', default='', metavar='FILE',
+                 help='lyrics text file with [verse]/[chorus] markers')
+  g.add_argument('--melody', default='', metavar='WAV',
+                 help='audio (e.g. hummed) whose chroma the melody follows')
+  g.add_argument('--reference', default='', metavar='WAV',
+                 help='audio whose style the song follows')
+  g.add_argument('--seconds', type=float, default=10.0)
+  g.add_argument('--seed', type=int, default=0)
+  g.add_argument('--cfg', type=float, default=None,
+                 help='guidance scale (default config.sample.cfg_scale; 1 = off)')
+  g.add_argument('--temperature', type=float, default=None)
+  g.add_argument('--top-k', type=int, default=None)
+  g.add_argument('--top-p', type=float, default=None)
+  g.add_argument('--codec-workdir', default=None,
+                 help='codec for decoding (default: the one that made the tokens)')
+  g.add_argument('--out', required=True, help='song.wav; also writes .npz and .png')
 
   b = sub.add_parser('bench', help='speed benchmarks (prints JSON)')
-  b.add_argument('what', choices=['codec'])
+  b.add_argument('what', choices=['codec', 'lm-decode', 'lm-train', 'lm-memory'])
   add_config(b, required=True)
+  b.add_argument('--devices', type=int, default=0,
+                 help='lm-memory: number of devices of the target topology')
   b.add_argument('--seconds', type=float, default=10.0, help='audio length per call')
   b.add_argument('--repeats', type=int, default=5)
   return p
@@ -81,12 +125,36 @@ def _load_config(args, overrides):
 
 
 def _run(args, overrides) -> int:
+  from musicjax.errors import UserError
   from musicjax.parallel import distributed
   if args.verb == 'bench':
     from musicjax import bench
     from musicjax import config as cfg
     config = cfg.load(args.config, overrides)
-    print(json.dumps(bench.codec(config, seconds=args.seconds, repeats=args.repeats)))
+    if args.what == 'codec':
+      result = bench.codec(config, seconds=args.seconds, repeats=args.repeats)
+    else:
+      from musicjax.lm import bench as lm_bench
+      result = lm_bench.run(args.what, config, repeats=args.repeats,
+                            devices=args.devices)
+    print(json.dumps(result))
+    return 0
+  if args.verb == 'generate':
+    from musicjax.lm import song
+    config = _load_config(args, overrides)
+    lyrics = ''
+    if args.lyrics:
+      if not os.path.isfile(args.lyrics):
+        raise UserError(f'--lyrics file not found: {args.lyrics}')
+      with open(args.lyrics, encoding='utf-8') as f:
+        lyrics = f.read()
+    ctx = song.SongContext(config, args.workdir, args.codec_workdir)
+    req = song.SongRequest(
+        tags=args.tags, lyrics=lyrics, melody_path=args.melody,
+        reference_path=args.reference, seconds=args.seconds, seed=args.seed,
+        cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p)
+    print(json.dumps(song.generate_song(ctx, req, args.out)))
     return 0
   if args.verb in ('encode', 'decode'):
     from musicjax import config as cfg
@@ -100,9 +168,30 @@ def _run(args, overrides) -> int:
                           chunk_seconds=args.chunk_seconds)
     return 0
   if args.verb == 'prepare':
+    from musicjax import config as cfg
+    if args.codec_workdir:
+      distributed.maybe_initialize()  # the work is split over jax processes
+      from musicjax.data import prepare_tokens
+      if args.config:
+        config = cfg.load(args.config, overrides)
+      elif overrides:
+        config = cfg.load_saved(args.codec_workdir, overrides)
+      else:
+        config = None
+      print(json.dumps(prepare_tokens.prepare_tokens_main(
+          args.codec_workdir, args.out, config, stems=args.stems,
+          chunk_seconds=args.chunk_seconds)))
+      return 0
+    if args.stems or not args.config:
+      raise cfg.ConfigError('prepare without --codec-workdir writes audio shards '
+                            'and needs --config (and takes no --stems)')
     from musicjax.data import prepare_audio
+    prepare_audio.prepare_audio_main(_load_config(args, overrides), args.out)
+    return 0
+  if args.verb == 'tokenizer':
+    from musicjax.data import text
     config = _load_config(args, overrides)
-    prepare_audio.prepare_audio_main(config, args.out)
+    print(json.dumps(text.tokenizer_main(config, args.out), sort_keys=True))
     return 0
 
   distributed.maybe_initialize()

@@ -69,6 +69,7 @@ def base_config() -> ConfigDict:
       ('vocab', 'tensor'),
       ('codebook', None),
       ('time', None),
+      ('layers', None),
   )
 
   c.train = ConfigDict()

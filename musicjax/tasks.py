@@ -8,6 +8,7 @@ from musicjax.errors import UserError
 _TASKS = {
     'codec': 'musicjax.codec.task:CodecTask',
     'toy': 'musicjax.train.toy_task:ToyTask',
+    'lm': 'musicjax.lm.task:LMTask',
 }
 
 

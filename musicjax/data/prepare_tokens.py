@@ -1,0 +1,513 @@
+"""`musicjax prepare --codec-workdir`: a dataset encoded to codec tokens, for the LM.
+
+The codec runs once here instead of in every LM training step. Every song is
+encoded whole (in fixed-size chunks, `codec.chunked.encode_array`) at the
+codec's sample rate and channels; the records are described in
+`token_records`.
+
+Work split: with P processes, item i of a split goes to process i % P. Each
+process writes its own shards; its j-th item goes to shard j //
+`config.data.records_per_shard`. A shard is written under a hidden temporary
+name and renamed when complete, after its sidecar (<shard>.json: record count,
+bad files, run settings). A rerun with the same --out therefore resumes: a
+shard whose final file exists is skipped, everything else is (re)encoded, and
+the result is the same as an uninterrupted run. Shards written with other
+settings (another codec or checkpoint, other data, process count or shard
+size) are an error, not silently mixed in.
+
+Stems (`--stems`): records also get the codes of the vocal and accompaniment
+stems. Chorales have them. A folder dataset (`data.kind=folder`) uses this
+convention, one sub-folder per song:
+
+  <data.path>/<song>/vocals.<ext>         the melody stem    (required)
+  <data.path>/<song>/accompaniment.<ext>  everything else    (required)
+  <data.path>/<song>/mix.<ext>            the full song      (optional; else
+                                          vocals + accompaniment, summed)
+  <data.path>/<song>/meta.json or <data.path>/<song>.json   metadata (optional)
+
+with <ext> any of `audio.AUDIO_EXTENSIONS`. The split hashes the song folder's
+path like `sources.folder_split` hashes file paths. A song with a missing or
+duplicated stem, or stems whose lengths differ by more than
+`STEM_LENGTH_TOLERANCE_FRAMES` codec frames, is reported and skipped; stems
+within the tolerance are cut to the shortest.
+
+Melody: chroma classes of the vocal stem whenever the source has one (chorales
+always do, with or without --stems), else of the mix.
+
+Bad items (unreadable audio, bad stems, metadata the LM cannot turn into text,
+see `song_text.BadSongMetadata`) are reported with `audio.report_bad`, listed
+in the shard's sidecar and in dataset.json, and skipped.
+
+At the end process 0 trains DIR/tokenizer.json on the train records' texts
+(unless it exists) and writes DIR/dataset.json, which marks a finished run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from musicjax.data import audio
+from musicjax.data import sources
+from musicjax.data import token_records
+from musicjax.errors import UserError
+
+logger = logging.getLogger('musicjax.data')
+
+# Songs are encoded in windows of this many seconds (+ context on each side),
+# so memory stays flat however long a song is.
+DEFAULT_CHUNK_SECONDS = 10.0
+DEFAULT_CONTEXT_SECONDS = 1.0
+# Stems may differ in length by this many codec frames (encoder padding, a
+# resampler's edge); beyond it they are not the same song.
+STEM_LENGTH_TOLERANCE_FRAMES = 2
+# Folder convention: stem -> file name (without extension) in a song folder.
+STEM_FILES = {'vocal': 'vocals', 'accompaniment': 'accompaniment', 'mix': 'mix'}
+REQUIRED_STEMS = ('vocal', 'accompaniment')
+SONG_META_FILE = 'meta.json'
+_TMP_PREFIX = '.'
+_TMP_SUFFIX = '.tmp'
+
+
+# ----------------------------------------------------------------- the codec
+
+
+def load_codec(codec_workdir: str):
+  """(codec config, codec model, checkpoint step) of a trained codec workdir.
+
+  Raises:
+    UserError: no config.json or no checkpoint in `codec_workdir`, or it is
+      not a codec run.
+  """
+  from musicjax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from musicjax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from musicjax.train import trainer  # pylint: disable=g-import-not-at-top
+  hint = ('point --codec-workdir at the --workdir of a trained codec '
+          '(`musicjax train --config configs/codec/... --workdir DIR`)')
+  if not os.path.isfile(os.path.join(codec_workdir, 'config.json')):
+    raise UserError(f'--codec-workdir {codec_workdir!r} has no config.json; {hint}')
+  ckpt_dir = ckpt_lib.checkpoint_dir(codec_workdir)
+  if not os.path.isdir(ckpt_dir) or not any(n.isdigit() for n in os.listdir(ckpt_dir)):
+    raise UserError(f'--codec-workdir {codec_workdir!r} has no checkpoint in '
+                    f'{ckpt_dir}; train it first, or {hint}')
+  codec_config = config_lib.load_saved(codec_workdir)
+  if codec_config.task != 'codec':
+    raise UserError(f'--codec-workdir {codec_workdir!r} is a {codec_config.task!r} '
+                    f'run, not a codec; {hint}')
+  manager = ckpt_lib.make_manager(codec_workdir, codec_config.checkpoint.keep, False)
+  try:
+    step = ckpt_lib.latest_step_or_raise(manager, codec_workdir)
+  finally:
+    manager.close()
+  task, _, state = trainer.restore_for_inference(codec_config, codec_workdir, step)
+  return codec_config, task.inference_model(state), int(step)
+
+
+class _Encoder:
+  """Audio -> codes and melody at the codec's rate."""
+
+  def __init__(self, model, sample_rate: int, channels: int, chunk_seconds: float,
+               context_seconds: float, batch: int):
+    self.model = model
+    self.sample_rate, self.channels = sample_rate, channels
+    self.hop = int(model.hop_length)
+    self._chunk, self._context, self._batch = chunk_seconds, context_seconds, batch
+
+  def codes(self, wave: np.ndarray) -> np.ndarray:
+    from musicjax.codec import chunked  # pylint: disable=g-import-not-at-top
+    return chunked.encode_array(self.model, wave, chunk_seconds=self._chunk,
+                                context_seconds=self._context, batch=self._batch)
+
+  def melody(self, wave: np.ndarray) -> np.ndarray:
+    from musicjax.data import melody  # pylint: disable=g-import-not-at-top
+    return np.asarray(melody.chroma_tokens(wave, self.sample_rate, self.hop))
+
+
+# ----------------------------------------------------------------- the items
+
+
+def _find_stem_songs(root: str) -> dict[str, dict[str, list[str]]]:
+  """{song folder: {stem: [files]}} for every folder holding a stem file."""
+  by_name = {v: k for k, v in STEM_FILES.items()}
+  songs: dict[str, dict[str, list[str]]] = {}
+  for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    dirnames.sort()
+    for fn in sorted(filenames):
+      base, ext = os.path.splitext(fn)
+      if ext.lower() in audio.AUDIO_EXTENSIONS and base.lower() in by_name:
+        stems = songs.setdefault(dirpath, {})
+        stems.setdefault(by_name[base.lower()], []).append(os.path.join(dirpath, fn))
+  return songs
+
+
+def _song_meta(song_dir: str) -> dict[str, Any]:
+  """<song>/meta.json, else <song>.json next to the folder, else {}."""
+  inside = os.path.join(song_dir, SONG_META_FILE)
+  # sidecar_metadata(p) reads p + '.json': here <song>/meta.json.
+  meta = sources.sidecar_metadata(os.path.splitext(inside)[0])
+  return meta or sources.sidecar_metadata(song_dir)
+
+
+def stem_folder_items(config: ml_collections.ConfigDict,
+                      split: str) -> list[dict[str, Any]]:
+  """Items of a folder of song sub-folders with stems (see the module docstring).
+
+  Each item: {'name': song folder, 'source': mix path or None,
+  'stems': {'vocal', 'accompaniment'[, 'mix']: path}, 'meta'}.
+  """
+  root = os.path.expanduser(config.data.path)
+  where = f'config.data.path={config.data.path!r}'
+  if not config.data.path or not os.path.isdir(root):
+    raise sources.NoUsableAudio(f'{where} is not a directory (--stems with '
+                                'data.kind=folder needs a folder of song folders)')
+  songs = _find_stem_songs(root)
+  dirs = sorted(songs, key=lambda d: os.path.relpath(d, root))
+  chosen = sources.folder_split(dirs, root, config.data.eval_fraction)[split]
+  exts = '|'.join(e.lstrip('.') for e in audio.AUDIO_EXTENSIONS)
+  items = []
+  for song in chosen:
+    found = songs[song]
+    missing = [f'{STEM_FILES[s]}.<{exts}>' for s in REQUIRED_STEMS if s not in found]
+    doubled = [os.path.basename(p) for s in found.values() if len(s) > 1 for p in s]
+    if missing or doubled:
+      reason = (f'missing stem {", ".join(missing)}' if missing else
+                f'more than one file for a stem: {", ".join(doubled)}')
+      audio.report_bad(song, reason)
+      continue
+    stems = {s: paths[0] for s, paths in found.items()}
+    items.append({'name': song, 'source': stems.get('mix'), 'stems': stems,
+                  'meta': _song_meta(song)})
+  if not items:
+    raise sources.NoUsableAudio(
+        f'no usable song folder for split {split!r} in {where}: --stems with '
+        f'data.kind=folder needs sub-folders with {STEM_FILES["vocal"]}.<ext> and '
+        f'{STEM_FILES["accompaniment"]}.<ext> ({len(chosen)} candidate(s), '
+        f'{audio.bad_file_count()} bad file(s) reported above)')
+  return items
+
+
+def split_items(config: ml_collections.ConfigDict, split: str,
+                stems: bool) -> list[dict[str, Any]]:
+  """The items of `split` to encode; chorales always carry their stems."""
+  kind = config.data.kind
+  if stems and kind == 'folder':
+    return stem_folder_items(config, split)
+  if stems and kind != 'chorales':
+    raise UserError(f'--stems needs config.data.kind chorales or folder (song '
+                    f'folders with vocals/accompaniment files), got {kind!r}; '
+                    'drop --stems or convert the data')
+  items = sources.items(config, split)
+  if kind == 'chorales':
+    from musicjax.data import chorales  # pylint: disable=g-import-not-at-top
+    by_mix = {e['path']: e['stems'] for e in chorales.chorale_manifest(config, split)}
+    items = [dict(it, stems=by_mix[it['source']]) for it in items]
+  return items
+
+
+# ------------------------------------------------------------------ encoding
+
+
+def _load_waves(item: dict[str, Any], enc: _Encoder, want_stems: bool,
+                max_seconds: float) -> dict[str, np.ndarray]:
+  """{'mix'[, 'vocal'][, 'accompaniment']}: [T, C] at the codec rate, equal T.
+
+  Raises:
+    audio.BadAudio: an unreadable stem, or stems of different lengths.
+  """
+  def load(source, name):
+    return audio.load_audio(source, enc.sample_rate, enc.channels, max_seconds,
+                            name=name)
+
+  stems = item.get('stems') or {}
+  wanted = (REQUIRED_STEMS if want_stems else ('vocal',)) if stems else ()
+  waves = {s: load(stems[s], stems[s]) for s in wanted}
+  source = item['source']
+  if source is not None:
+    waves['mix'] = load(source, source if isinstance(source, str) else item['name'])
+  lengths = {s: w.shape[0] for s, w in waves.items()}
+  tolerance = STEM_LENGTH_TOLERANCE_FRAMES * enc.hop
+  if max(lengths.values()) - min(lengths.values()) > tolerance:
+    raise audio.BadAudio(item['name'], (
+        'stem lengths differ by more than '
+        f'{STEM_LENGTH_TOLERANCE_FRAMES} codec frames ({tolerance} samples at '
+        f'{enc.sample_rate} Hz): ' +
+        ', '.join(f'{s} {n}' for s, n in sorted(lengths.items()))))
+  shortest = min(lengths.values())
+  waves = {s: w[:shortest] for s, w in waves.items()}
+  if 'mix' not in waves:
+    waves['mix'] = waves['vocal'] + waves['accompaniment']
+  return waves
+
+
+def _default_id(path: str, root: str | None) -> str:
+  """A stable id: the path relative to the data folder, without extension."""
+  if root and os.path.abspath(path).startswith(os.path.abspath(root) + os.sep):
+    path = os.path.relpath(path, root)
+  else:
+    path = os.path.basename(path.rstrip(os.sep))
+  base, ext = os.path.splitext(path)
+  return base if ext.lower() in audio.AUDIO_EXTENSIONS else path
+
+
+def _check_text_metadata(item: dict[str, Any], num_frames: int,
+                         frame_rate: float) -> None:
+  """Raises BadAudio if the LM could not turn the item's metadata into text."""
+  from musicjax.data import song_text  # pylint: disable=g-import-not-at-top
+  from musicjax.data import text  # pylint: disable=g-import-not-at-top
+  try:
+    text.piece_texts(item['meta'])
+    song_text.sections(item['meta'], frame_rate, num_frames)
+  except song_text.BadSongMetadata as e:
+    raise audio.BadAudio(item['name'], f'unusable metadata ({e})') from None
+
+
+def encode_item(item: dict[str, Any], enc: _Encoder, config: ml_collections.ConfigDict,
+                want_stems: bool, codebook_size: int) -> bytes:
+  """One item as record bytes.
+
+  Raises:
+    audio.BadAudio: the item cannot be used (named by path, with the reason).
+  """
+  if 'error' in item:  # a damaged input record (data.kind=array_record)
+    raise audio.BadAudio(item['name'], item['error'])
+  waves = _load_waves(item, enc, want_stems, config.data.max_file_seconds)
+  _check_text_metadata(item, math.ceil(waves['mix'].shape[0] / enc.hop),
+                       float(enc.model.frame_rate))
+  codes = enc.codes(waves['mix'])
+  melody = enc.melody(waves.get('vocal', waves['mix']))
+  if melody.shape != (codes.shape[0],):
+    raise RuntimeError(f'melody.chroma_tokens gave {melody.shape[0]} frames for '
+                       f'{codes.shape[0]} codec frames (hop {enc.hop})')
+  stem_codes = None
+  if want_stems:
+    stem_codes = {'vocal_codes': enc.codes(waves['vocal']),
+                  'accompaniment_codes': enc.codes(waves['accompaniment'])}
+  origin = item['name'] if isinstance(item['source'], (str, type(None))) else None
+  meta = dict(item['meta'])
+  meta['origin'] = meta.get('origin', origin)
+  root = config.data.path if config.data.kind == 'folder' else None
+  meta['id'] = str(meta.get('id') or _default_id(meta['origin'] or item['name'], root))
+  if item.get('stems'):
+    meta['stem_origins'] = dict(item['stems'])
+  meta.update(num_frames=int(codes.shape[0]), frame_rate=float(enc.model.frame_rate),
+              sample_rate=enc.sample_rate)
+  return token_records.encode_record(codes, melody, meta, codebook_size, stem_codes)
+
+
+# -------------------------------------------------------------------- shards
+
+
+def _atomic_write_json(path: str, obj: Any) -> None:
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=_TMP_PREFIX,
+                             suffix=_TMP_SUFFIX)
+  with os.fdopen(fd, 'w', encoding='utf-8') as f:
+    json.dump(obj, f, ensure_ascii=False, indent=1, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def _read_sidecar(shard_path: str) -> dict[str, Any] | None:
+  try:
+    with open(shard_path + token_records.SIDECAR_SUFFIX, encoding='utf-8') as f:
+      side = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return side if isinstance(side, dict) else None
+
+
+def _check_settings(shard_path: str, found: dict[str, Any],
+                    settings: dict[str, Any]) -> None:
+  differ = sorted(k for k in set(found) | set(settings)
+                  if found.get(k) != settings.get(k))
+  if differ:
+    k = differ[0]
+    raise UserError(
+        f'{shard_path} was written with other settings ({k}: {found.get(k)!r}, '
+        f'now {settings.get(k)!r}); pass a new --out, or delete '
+        f'{os.path.dirname(shard_path)} to start over')
+
+
+def _write_shard(path: str, items: list[dict[str, Any]], encode, bar) -> dict[str, Any]:
+  """Encodes `items` into `path` via a temporary file; returns the sidecar."""
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  directory, name = os.path.split(path)
+  tmp = os.path.join(directory, _TMP_PREFIX + name + _TMP_SUFFIX)
+  bad: dict[str, str] = {}
+  records = 0
+  writer = array_record_module.ArrayRecordWriter(tmp, token_records.WRITER_OPTIONS)
+  try:
+    for item in items:
+      try:
+        writer.write(encode(item))
+        records += 1
+      except audio.BadAudio as e:
+        audio.report_bad(e.path, e.reason)
+        bad[e.path] = e.reason
+      bar.update(1)
+  finally:
+    writer.close()
+  return {'tmp': tmp, 'records': records, 'bad_files': bad}
+
+
+def _items_fingerprint(items: list[dict[str, Any]]) -> str:
+  """Identifies the item list: a changed dataset would move items between shards."""
+  h = hashlib.sha1()
+  for it in items:
+    h.update(it['name'].encode('utf-8') + b'\0')
+  return h.hexdigest()
+
+
+def _prepare_split(split: str, items: list[dict[str, Any]], out_dir: str,
+                   settings: dict[str, Any], encode) -> None:
+  """Writes (or resumes) this process's shards of `split`.
+
+  `settings` are those of the split (`_split_settings`).
+  """
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  process, count = jax.process_index(), jax.process_count()
+  per_shard = settings['records_per_shard']
+  mine = items[process::count]
+  with tqdm(total=len(mine), desc=f'prepare tokens {split}', unit='song') as bar:
+    for shard in range(math.ceil(len(mine) / per_shard)):
+      chunk = mine[shard * per_shard:(shard + 1) * per_shard]
+      path = os.path.join(out_dir, token_records.shard_name(split, process, shard))
+      side = _read_sidecar(path) if os.path.isfile(path) else None
+      if side is not None:  # finished in an earlier run
+        _check_settings(path, side.get('settings', {}), settings)
+        bar.update(len(chunk))
+        continue
+      done = _write_shard(path, chunk, encode, bar)
+      tmp = done.pop('tmp')
+      _atomic_write_json(path + token_records.SIDECAR_SUFFIX,
+                         dict(done, settings=settings))
+      os.replace(tmp, path)  # last: the final name marks the shard done
+
+
+def _split_settings(settings: dict[str, Any], split: str,
+                    items: list[dict[str, Any]]) -> dict[str, Any]:
+  return dict(settings, split=split, items=_items_fingerprint(items))
+
+
+def _summarise(out_dir: str,
+               split_settings: dict[str, dict[str, Any]]) -> dict[str, Any]:
+  """Record counts and bad files over every process's shards."""
+  counts, bad = {}, {}
+  for split, settings in split_settings.items():
+    counts[split] = 0
+    for path in token_records.shard_paths(out_dir, split):
+      side = _read_sidecar(path)
+      if side is None:
+        raise UserError(f'{path} has no readable sidecar {os.path.basename(path)}'
+                        f'{token_records.SIDECAR_SUFFIX}; delete the shard and rerun '
+                        'the same `musicjax prepare` to re-encode it')
+      _check_settings(path, side.get('settings', {}), settings)
+      counts[split] += int(side['records'])
+      bad.update(side.get('bad_files', {}))
+  return {'splits': counts, 'bad_files': bad}
+
+
+# --------------------------------------------------------------------- text
+
+
+def _train_tokenizer(out_dir: str, config: ml_collections.ConfigDict) -> str:
+  """DIR/tokenizer.json from the train records' texts, unless it exists."""
+  from musicjax.data import text  # pylint: disable=g-import-not-at-top
+  path = os.path.join(out_dir, text.TOKENIZER_FILENAME)
+  if os.path.isfile(path):
+    return path
+  vocab_size = int(config.data.get('text_vocab_size', text.DEFAULT_VOCAB_SIZE))
+  texts = []
+  ds = token_records.source(out_dir, 'train')
+  for i in range(len(ds)):
+    record = ds[i]
+    if 'error' not in record:
+      texts.extend(text.piece_texts(record['meta']))
+  if not texts:
+    logger.warning('musicjax: the train records in %s have no tags or lyrics; '
+                   'the text tokenizer will have only byte tokens', out_dir)
+  text.TextTokenizer.train(texts, vocab_size, path)
+  return path
+
+
+# ---------------------------------------------------------------------- main
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def prepare_tokens_main(codec_workdir: str, out_dir: str,
+                        config: ml_collections.ConfigDict | None = None,
+                        stems: bool = False,
+                        chunk_seconds: float = DEFAULT_CHUNK_SECONDS,
+                        context_seconds: float = DEFAULT_CONTEXT_SECONDS,
+                        batch: int | None = None) -> dict[str, Any]:
+  """Encodes a dataset with a trained codec into token shards under `out_dir`.
+
+  Args:
+    codec_workdir: a codec training workdir (config.json + checkpoints).
+    out_dir: the output directory; rerunning with the same one resumes.
+    config: which data to encode (`config.data`); None: the codec's own.
+    stems: also store vocal/accompaniment codes (chorales, or folder with the
+      song-folder convention of the module docstring).
+    chunk_seconds: encoder window length (see `codec.chunked`).
+    context_seconds: context on each side of a window.
+    batch: windows per encoder call (None: the local device count).
+
+  Returns:
+    {'train': records, 'eval': records, 'bad_files': count, 'seconds': wall}.
+  """
+  start = time.perf_counter()
+  codec_config, model, step = load_codec(codec_workdir)
+  config = codec_config if config is None else config
+  enc = _Encoder(model, int(codec_config.data.sample_rate),
+                 int(codec_config.data.channels), chunk_seconds, context_seconds,
+                 batch or jax.local_device_count())
+  os.makedirs(out_dir, exist_ok=True)
+  settings = {'format': token_records.FORMAT,
+              'codec_workdir': os.path.abspath(codec_workdir), 'codec_step': step,
+              'data': sources.describe(config), 'stems': bool(stems),
+              'records_per_shard': int(config.data.records_per_shard),
+              'process_count': jax.process_count()}
+  if settings['records_per_shard'] < 1:
+    raise UserError('config.data.records_per_shard must be >= 1, got '
+                    f'{settings["records_per_shard"]}')
+
+  def encode(item):
+    return encode_item(item, enc, config, stems, model.codebook_size)
+
+  split_settings = {}
+  for split in sources.SPLITS:
+    items = split_items(config, split, stems)
+    split_settings[split] = _split_settings(settings, split, items)
+    _prepare_split(split, items, out_dir, split_settings[split], encode)
+  _barrier('musicjax prepare tokens: shards written')
+  summary = _summarise(out_dir, split_settings)
+  summary['bad_files'] = dict(sorted({**audio.bad_files(),
+                                      **summary['bad_files']}.items()))
+  if jax.process_index() == 0:
+    tokenizer = _train_tokenizer(out_dir, config)
+    info = {'format': token_records.FORMAT,
+            'codec_workdir': os.path.abspath(codec_workdir), 'codec_step': step,
+            'num_codebooks': int(model.num_codebooks),
+            'codebook_size': int(model.codebook_size),
+            'frame_rate': float(model.frame_rate), 'hop_length': enc.hop,
+            'sample_rate': enc.sample_rate, 'channels': enc.channels,
+            'stems': bool(stems), 'data': settings['data'],
+            'tokenizer': os.path.basename(tokenizer), **summary}
+    _atomic_write_json(os.path.join(out_dir, token_records.DATASET_INFO), info)
+  _barrier('musicjax prepare tokens: dataset.json written')
+  out = dict(summary['splits'], bad_files=len(summary['bad_files']),
+             seconds=time.perf_counter() - start)
+  logger.info('musicjax: token dataset %s: %s', out_dir, out)
+  return out

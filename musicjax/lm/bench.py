@@ -1,0 +1,287 @@
+"""LM benchmarks: decode speed, train throughput/MFU, paper-scale memory estimate.
+
+Each returns one JSON-able dict with the figure, the machine, and the
+comparison measured in the same run (the GEMM peak for MFU). Random weights
+and synthetic tokens: the speed of a model does not depend on what it learned.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from musicjax import bench as bench_lib
+from musicjax.errors import UserError
+from musicjax.lm import generate as gen
+from musicjax.lm import layout
+from musicjax.lm import sequence
+from musicjax.lm import task as task_lib
+from musicjax.nn import transformer
+
+# The LM issue's targets on the 2-core CPU (bench_tiny).
+DECODE_TARGET_CFG = 180.0        # frames/s, batch 1, CFG on
+DECODE_TARGET_NOCFG = 240.0
+TRAIN_TARGET_TOKENS = 6500.0     # audio tokens/s at batch 4 x 250 frames
+TRAIN_TARGET_MFU = 0.5
+PROMPT_TOKENS = 64
+DECODE_FRAMES = 200
+GEMM_SIZE = 2048
+
+
+def _model(config):
+  with nnx.use_eager_sharding(False):
+    return task_lib.LMState(config, nnx.Rngs(config.train.seed)).model
+
+
+def _prompt(config, rows: int, rng: np.random.Generator) -> dict:
+  m = config.model
+  ids = list(rng.integers(0, m.text_vocab_size, PROMPT_TOKENS - 1)) + [
+      layout.extra_id(m.text_vocab_size, '<audio>')]
+  ex = sequence.assemble([sequence.TextPart(ids)], PROMPT_TOKENS,
+                         m.num_codebooks, m.codebook_size)
+  return {k: jnp.asarray(np.stack([v] * rows)) for k, v in ex.items()}
+
+
+def _median_time(fn, repeats: int) -> float:
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def decode(config, repeats: int = 3, frames: int = DECODE_FRAMES) -> dict:
+  """Frames/s of whole-song generation at batch 1, CFG on and off."""
+  model = _model(config)
+  rng = np.random.default_rng(0)
+  s = config.sample
+  out = {'benchmark': f'lm decode, batch 1, {PROMPT_TOKENS}-token prompt, '
+                      f'{frames} frames, median of {repeats} after a warm-up',
+         'frames': frames, 'top_k': s.top_k}
+  for name, scale in (('cfg', s.cfg_scale if s.cfg_scale != 1 else 1.5),
+                      ('nocfg', 1.0)):
+    rows = 2 if scale != 1 else 1
+    sampling = gen.Sampling(temperature=s.temperature, top_k=s.top_k,
+                            top_p=s.top_p, cfg_scale=scale, max_frames=frames,
+                            min_frames=frames)
+    fn = gen.make_generate_fn(model, sampling, num_cond=1)
+    prompt = _prompt(config, rows, rng)
+    t = _median_time(lambda: fn(prompt, jax.random.key(0))['codes'], repeats)
+    out[f'frames_per_s_{name}'] = frames / t
+    out[f'ms_per_frame_{name}'] = 1e3 * t / frames
+  out.update(breakdown(config, model))
+  out['target_frames_per_s_cfg'] = DECODE_TARGET_CFG
+  out['target_frames_per_s_nocfg'] = DECODE_TARGET_NOCFG
+  out['machine'] = bench_lib.machine()
+  return out
+
+
+def breakdown(config, model, iters: int = 200) -> dict:
+  """Where a CFG frame's time goes: each part run `iters` times in one
+  compiled loop, so dispatch is amortised as in the real decode loop."""
+  m = config.model
+  b, cache_len = 2, PROMPT_TOKENS + DECODE_FRAMES
+  gdef, params = nnx.split(model)
+  h = jnp.zeros((b, m.backbone.dim))
+  sampling = gen.Sampling(top_k=config.sample.top_k)
+
+  def loop(body):
+    return jax.jit(lambda p, x: jax.lax.fori_loop(
+        0, iters, lambda i, c: body(nnx.merge(gdef, p), i, c), x))
+
+  def global_step(mod, i, carry):
+    cache, x = carry
+    kv = jnp.ones((b, cache_len), bool)
+    y, cache = mod.backbone(x[:, None], jnp.full((b, 1), i), transformer.cache_mask(
+        kv, i % cache_len, 1), cache, i % cache_len)
+    return cache, y[:, 0]
+
+  def local_steps(mod, i, x):
+    lc = mod.local.init_cache(b, m.num_codebooks)
+    lv = jnp.ones((b, m.num_codebooks), bool)
+    y = x[:, None] @ mod.local_proj[...]
+    for k in range(m.num_codebooks - 1):
+      y, lc = mod.local(y[:, -1:], jnp.full((b, 1), k), transformer.cache_mask(
+          lv, k, 1), lc, k)
+    return x + y[:, 0, :1] * 0 + y[:, 0].mean() * 0
+
+  def heads(mod, i, x):
+    lg = mod.global_logits(x)
+    acc = lg[:, :1]
+    for k in range(1, m.num_codebooks):
+      acc = acc + mod.local_logits(x, k)[:, :1]
+    return x + acc.mean() * 0
+
+  def sample(mod, i, x):
+    key = jax.random.key(i)
+    logits = jnp.broadcast_to(x[:1, :1], (1, m.codebook_size)) + jnp.arange(
+        m.codebook_size, dtype=jnp.float32) * 1e-3
+    tot = 0
+    for k in range(m.num_codebooks):
+      tot = tot + gen.sample_tokens(logits, jax.random.fold_in(key, k), sampling)
+    return x + tot.sum() * 0
+
+  cache = model.backbone.init_cache(b, cache_len)
+  parts = {
+      'global_step': (loop(global_step), (cache, h)),
+      'local_steps': (loop(local_steps), h),
+      'output_heads': (loop(heads), h),
+      'sampling_topk': (loop(sample), h),
+  }
+  out = {}
+  for name, (fn, x) in parts.items():
+    t = _median_time(lambda: fn(params, x), 3)
+    out[f'breakdown_ms_per_frame_{name}'] = 1e3 * t / iters
+  return out
+
+
+def train_flops_per_frame(config) -> float:
+  """Model FLOPs of one trained frame (forward + backward = 3x forward), with
+  output heads and the local transformer (which runs K positions per frame);
+  causal attention counted at half (MaxText's convention)."""
+  m, d = config.model, config.data
+  k, v = m.num_codebooks, m.codebook_size
+
+  def block_params(t):
+    e, hd = t.dim, transformer.head_dim(t)
+    return (e * hd * (t.num_heads * 2 + t.num_kv_heads * 2)
+            + 3 * e * t.mlp_dim) * t.num_layers
+
+  def attn_flops(t, length):
+    return 2 * 2 * t.num_layers * t.num_heads * transformer.head_dim(t) * length / 2
+
+  s = task_lib.seq_len(config)
+  fwd = 2 * block_params(m.backbone) + attn_flops(m.backbone, s)
+  if m.variant == 'global_local':
+    fwd += 2 * m.backbone.dim * (v + 1)                      # codebook-0 head
+    fwd += k * (2 * block_params(m.local) + attn_flops(m.local, k))
+    fwd += k * 2 * m.backbone.dim * m.local.dim               # local projection
+    fwd += (k - 1) * 2 * m.local.dim * v                      # local heads
+  else:
+    fwd += k * 2 * m.backbone.dim * (v + 1)
+  del d
+  return 3.0 * fwd
+
+
+def gemm_peak(size: int = GEMM_SIZE, repeats: int = 5) -> float:
+  """The machine's f32 GEMM FLOP/s, measured now (the MFU denominator)."""
+  a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  t = _median_time(lambda: f(a), repeats)
+  return 2 * size ** 3 / t
+
+
+def train(config, repeats: int = 5) -> dict:
+  """Train-step throughput on synthetic tokens, and MFU against the GEMM peak."""
+  from musicjax.parallel import rules  # pylint: disable=g-import-not-at-top
+  from musicjax.train import trainer  # pylint: disable=g-import-not-at-top
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.data.kind = 'synthetic'
+  s = trainer.setup(config)
+  with jax.set_mesh(s.mesh), rules.use_rules(s.rules):
+    state = trainer.init_state(s)
+    step = trainer.make_train_step(s)
+    spec = s.task.batch_spec(config.data.batch_size)
+    local = next(iter(s.task.dataset('train', 0, 1)))
+    batch = trainer.global_batch(local, spec, s.batch_shardings)
+    box = [state]
+
+    def one():
+      box[0], m, _ = step(box[0], batch, np.int32(1))
+      return m['loss']
+
+    t = _median_time(one, repeats)
+  frames = config.data.batch_size * config.data.max_frames
+  tokens = frames * config.model.num_codebooks
+  flops = train_flops_per_frame(config)
+  # Every slot of the sequence is computed (condition text, END, padding).
+  slots = config.data.batch_size * task_lib.seq_len(config)
+  peak = gemm_peak()
+  achieved = flops * slots / t
+  return {
+      'benchmark': f'lm train step, batch {config.data.batch_size} x '
+                   f'{config.data.max_frames} frames, median of {repeats}',
+      'step_seconds': t, 'tokens_per_s': tokens / t, 'frames_per_s': frames / t,
+      'flops_per_frame': flops, 'slots_per_step': slots,
+      'model_flops_per_s': achieved, 'gemm_peak_flops_per_s': peak,
+      'mfu': achieved / peak,
+      'target_tokens_per_s': TRAIN_TARGET_TOKENS, 'target_mfu': TRAIN_TARGET_MFU,
+      'machine': bench_lib.machine(),
+  }
+
+
+def memory(config, devices: int) -> dict:
+  """Per-device memory estimate of training `config` on `devices` devices
+  (parameters, gradients, AdamW moments; activations of one layer's remat)."""
+  from musicjax.parallel import rules  # pylint: disable=g-import-not-at-top
+  if devices < 1:
+    raise UserError('lm-memory needs --devices N (devices of the target topology)')
+  mc = config.mesh
+  fsdp, tensor = mc.fsdp, mc.tensor
+  data = mc.data if mc.data != -1 else devices // (fsdp * tensor)
+  if data * fsdp * tensor != devices:
+    raise UserError(f'config.mesh data x fsdp x tensor = {data} x {fsdp} x '
+                    f'{tensor} does not make {devices} devices')
+  task = task_lib.LMTask(config)
+  with nnx.use_eager_sharding(False):
+    abstract = nnx.eval_shape(lambda: task.create_state(nnx.Rngs(0)))
+  _, state = nnx.split(abstract)
+
+  class _Mesh:
+    shape = {'data': data, 'fsdp': fsdp, 'tensor': tensor}
+
+  rl = rules.normalize_rules(config.sharding.rules)
+  per_device = 0
+  total_params = 0
+  for path, var in jax.tree_util.tree_leaves_with_path(
+      state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+    val = var.get_value()
+    names = rules._logical_names(var)  # pylint: disable=protected-access
+    spec = rules.logical_to_spec(names, val.shape, _Mesh, rl)
+    split = 1
+    for entry in spec:
+      for a in (entry if isinstance(entry, tuple) else (entry,)):
+        if a:
+          split *= _Mesh.shape[a]
+    per_device += val.size * val.dtype.itemsize / split
+    if 'opt' not in str(path[0]) and isinstance(var, nnx.Param):
+      total_params += val.size
+  m, d = config.model, config.data
+  b_local = d.batch_size / (data * fsdp)
+  s = task_lib.seq_len(config)
+  act_bytes = 2 if m.backbone.dtype == 'bfloat16' else 4
+  # Remat keeps one residual per layer, plus one layer's working set.
+  act = b_local * s * m.backbone.dim * act_bytes * (
+      m.backbone.num_layers + 16) / tensor
+  local_act = b_local * s * m.num_codebooks * m.local.dim * act_bytes * (
+      m.local.num_layers + 16) / tensor
+  logits = b_local * s * m.num_codebooks * m.codebook_size * 4 / tensor
+  grads = sum(var.get_value().size * 4 for var in jax.tree.leaves(
+      nnx.state(abstract.model, nnx.Param), is_leaf=lambda x: isinstance(
+          x, nnx.Variable))) / (fsdp * tensor)
+  gib = 2 ** 30
+  return {
+      'benchmark': 'lm training memory estimate per device',
+      'devices': devices, 'mesh': {'data': data, 'fsdp': fsdp, 'tensor': tensor},
+      'params': int(total_params),
+      'state_gib': per_device / gib, 'grads_gib': grads / gib,
+      'activations_gib': (act + local_act) / gib, 'logits_gib': logits / gib,
+      'total_gib': (per_device + grads + act + local_act + logits) / gib,
+  }
+
+
+def run(what: str, config, repeats: int = 3, devices: int = 0) -> dict:
+  if what == 'lm-decode':
+    return decode(config, repeats=repeats)
+  if what == 'lm-train':
+    return train(config, repeats=repeats)
+  if what == 'lm-memory':
+    return memory(config, devices)
+  raise ValueError(what)

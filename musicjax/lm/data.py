@@ -1,0 +1,89 @@
+"""Grain pipelines of LM batches: prepared token songs, or synthetic Markov songs.
+
+Every example is a pure function of (seed, split, global index), so the
+iterator state is a small dict saved with each checkpoint and resume is exact.
+Per-process sharding takes every `shard_count`-th element.
+"""
+from __future__ import annotations
+
+import grain
+import ml_collections
+import numpy as np
+
+from musicjax.lm import layout
+from musicjax.lm import patterns
+from musicjax.lm import sequence
+from musicjax.lm import synthetic
+from musicjax.lm import task as task_lib
+
+# Synthetic songs are generated on the fly; the "dataset" is this long.
+_SYNTHETIC_LENGTH = 1 << 30
+
+
+def local_batch(config: ml_collections.ConfigDict, split: str, shard_count: int) -> int:
+  key = 'batch_size' if split == 'train' else 'eval_batch_size'
+  return config.data[key] // shard_count
+
+
+def audio_slots(config: ml_collections.ConfigDict, codes: np.ndarray,
+                melody: np.ndarray, end: bool) -> sequence.AudioPart:
+  """Frames as the model variant sees them: frames (global_local), or pattern
+  steps with an END frame appended (single_stream)."""
+  m = config.model
+  if m.variant == 'global_local':
+    return sequence.AudioPart(codes, melody, end)
+  k = m.num_codebooks
+  special = layout.special_id(m.codebook_size)
+  if end:
+    end_frame = np.full((1, k), special, np.int32)
+    end_frame[0, 0] = layout.end_id(m.codebook_size)
+    codes = np.concatenate([codes, end_frame])
+    melody = np.concatenate([melody, [layout.MELODY_NULL]])
+  pat = patterns.make_pattern(m.pattern, k, len(codes))
+  idx = np.maximum(pat.frame_index, 0)
+  seq = np.where(pat.valid, codes[idx, np.arange(k)], special).astype(np.int32)
+  # A step's melody is the melody of the frame its codebook 0 belongs to.
+  mel = np.where(pat.valid[:, 0], melody[idx[:, 0]], layout.MELODY_NULL)
+  return sequence.AudioPart(seq, mel.astype(np.int32), False)
+
+
+class _SyntheticExample(grain.transforms.Map):
+
+  def __init__(self, config: ml_collections.ConfigDict, split: str):
+    d, m = config.data, config.model
+    self._config = config
+    self._spec = synthetic.MarkovSpec(
+        m.codebook_size, m.num_codebooks, d.markov_branching,
+        tuple(d.markov_noise), d.markov_seed)
+    self._split = 0 if split == 'train' else 1
+    self._start = [layout.extra_id(m.text_vocab_size, '<audio>')]
+
+  def map(self, index):
+    c = self._config
+    rng = np.random.default_rng([c.data.markov_seed, self._split, int(index)])
+    codes = self._spec.sample(c.data.max_frames, rng)
+    mel = np.full((len(codes),), layout.MELODY_NULL, np.int32)
+    parts = [sequence.TextPart(self._start), audio_slots(c, codes, mel, False)]
+    ex = sequence.assemble(parts, task_lib.seq_len(c), c.model.num_codebooks,
+                           c.model.codebook_size)
+    r = c.data.reference_frames
+    if r:
+      ex['ref_codes'] = np.full((r, c.model.num_codebooks), layout.EMPTY, np.int32)
+      ex['ref_valid'] = np.zeros((), bool)
+    return ex
+
+
+def synthetic_dataset(config, split: str, shard_index: int, shard_count: int):
+  ds = grain.MapDataset.range(_SYNTHETIC_LENGTH).map(
+      _SyntheticExample(config, split))
+  ds = ds[shard_index::shard_count]
+  return ds.to_iter_dataset().batch(local_batch(config, split, shard_count),
+                                    drop_remainder=True)
+
+
+def lm_dataset(config: ml_collections.ConfigDict, split: str, shard_index: int,
+               shard_count: int):
+  if config.data.kind == 'synthetic':
+    return synthetic_dataset(config, split, shard_index, shard_count)
+  from musicjax.lm import token_data  # pylint: disable=g-import-not-at-top
+  return token_data.token_dataset(config, split, shard_index, shard_count)

@@ -1,0 +1,378 @@
+"""Whole-song generation in one compiled loop: prefill, then `lax.while_loop`.
+
+Nothing returns to Python per frame: sampling, end-of-audio detection, section
+changes (interleaved layout) and classifier-free guidance all happen on
+device. The KV caches are static arrays [layers, batch, kv_heads, slots,
+head_dim] sized for the call (prompt + the most slots the loop can write), so
+a call with another batch size or CFG setting compiles its own loop.
+
+Every loop iteration writes one slot for every row:
+  * audio mode: sample the next frame from the last hidden state (codebook 0
+    from the global transformer, then codebooks 1..K-1 from the local one,
+    K-1 small steps with their own cache); END ends the section or the song;
+  * text mode (interleaved): feed the next token of the next section's text
+    (left-padded to a fixed length; pads are invalid slots that attention
+    ignores and that do not advance the row's position).
+
+CFG doubles the batch: rows [0, n) are conditional, rows [n, 2n) carry the
+learned null conditions; guided logits are u + scale * (c - u), and the sampled
+token is written to both rows of a pair, so the pair stays in step.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from musicjax.lm import layout
+from musicjax.lm import patterns
+from musicjax.nn import transformer
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  temperature: float = 1.0
+  top_k: int = 50            # 0 = all
+  top_p: float = 1.0         # nucleus within the top-k (1.0 = off)
+  cfg_scale: float = 1.0     # 1.0 = no guidance (no batch doubling)
+  max_frames: int = 250
+  min_frames: int = 0        # END is not sampled before this many frames
+  stream_every: int = 0      # frames between streaming callbacks (0 = off)
+
+  def validate(self) -> None:
+    if self.temperature < 0:
+      raise ValueError(f'temperature must be >= 0, got {self.temperature}')
+    if self.top_k < 0:
+      raise ValueError(f'top_k must be >= 0, got {self.top_k}')
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f'top_p must be in (0, 1], got {self.top_p}')
+    if self.max_frames < 1:
+      raise ValueError(f'max_frames must be >= 1, got {self.max_frames}')
+
+
+def sample_tokens(logits: jax.Array, rng: jax.Array, s: Sampling) -> jax.Array:
+  """logits [..., V] -> token ids [...]; top-k first, so the categorical draw
+  runs over k values instead of the whole vocabulary."""
+  if s.temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / s.temperature
+  k = s.top_k if 0 < s.top_k < logits.shape[-1] else logits.shape[-1]
+  if k < logits.shape[-1] or s.top_p < 1:
+    vals, idx = jax.lax.top_k(logits, k)
+    if s.top_p < 1:
+      probs = jax.nn.softmax(vals, axis=-1)
+      before = jnp.cumsum(probs, axis=-1) - probs   # mass of better tokens
+      vals = jnp.where(before < s.top_p, vals, -jnp.inf)
+    choice = jax.random.categorical(rng, vals, axis=-1)
+    return jnp.take_along_axis(idx, choice[..., None], -1)[..., 0].astype(jnp.int32)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def _guide(logits: jax.Array, n: int, scale: float) -> jax.Array:
+  if logits.shape[0] == n:
+    return logits
+  cond, uncond = logits[:n], logits[n:]
+  return uncond + scale * (cond - uncond)
+
+
+def _tile(x: jax.Array, rows: int) -> jax.Array:
+  return jnp.concatenate([x] * (rows // x.shape[0]), axis=0)
+
+
+def _with_first_melody(prompt_melody: jax.Array, melody: jax.Array) -> jax.Array:
+  last = prompt_melody[:, -1]
+  return prompt_melody.at[:, -1].set(jnp.where(last < 0, melody[:, 0], last))
+
+
+def _stream(callback, frames, counts):
+  if callback is not None:
+    jax.experimental.io_callback(callback, None, frames, counts, ordered=True)
+
+
+def generate(model, prompt: dict, *, rng: jax.Array, sampling: Sampling,
+             num_cond: int, sections: jax.Array | None = None,
+             melody: jax.Array | None = None,
+             ref_codes: jax.Array | None = None, ref_valid: jax.Array | None = None,
+             callback: Callable | None = None, teacher: jax.Array | None = None,
+             record_logits: bool = False) -> dict:
+  """Traceable generation (call under jit; see `make_generate_fn`).
+
+  Args:
+    model: an AudioLM.
+    prompt: left-padded slot arrays text [B,P], audio [B,P,K], melody [B,P],
+      positions [B,P], valid [B,P]. With CFG, B = 2 * num_cond (cond rows first).
+    rng: PRNG key.
+    sampling: static sampling settings.
+    num_cond: rows that are returned (B, or B/2 with CFG).
+    sections: interleaved layout: text of the sections after the first,
+      [B, NS, Ls], each left-padded with EMPTY and ending in '<audio>'.
+    melody: [B, max_frames] melody ids of the frames to generate.
+    ref_codes, ref_valid: reference segment [B,R,K] and whether it is given.
+    callback: streaming `callback(frames [n, F, K], counts [n])`, called every
+      `sampling.stream_every` frames (of row 0).
+    teacher: [B, T, K] frames (END frames included) consumed in order instead
+      of sampling: the decode loop then reproduces a training sequence.
+    record_logits: also return the (guided) logits of every loop step:
+      'logits_global' [n, steps, V+1] and 'logits_local' [n, steps, K-1, V].
+
+  Returns {'codes': [n, max_frames, K], 'num_frames': [n]}.
+  """
+  if model.variant == 'single_stream':
+    return _generate_stream(model, prompt, rng=rng, sampling=sampling,
+                            num_cond=num_cond, melody=melody, ref_codes=ref_codes,
+                            ref_valid=ref_valid, callback=callback,
+                            teacher=teacher, record_logits=record_logits)
+  b, p = prompt['text'].shape
+  k, v = model.num_codebooks, model.codebook_size
+  nf = sampling.max_frames
+  ns, ls = (0, 0) if sections is None else sections.shape[1:]
+  steps = nf + ns * (ls + 1) + 1
+  total = p + steps
+  end = layout.end_id(v)
+  if melody is None:
+    melody = jnp.full((b, nf), layout.MELODY_NULL, jnp.int32)
+  ref = None
+  if ref_codes is not None:
+    ref = model.reference_embedding(ref_codes)
+
+  # Prefill the prompt. Its last slot predicts frame 0: it carries that melody.
+  cache = model.backbone.init_cache(b, total)
+  key_valid = jnp.zeros((b, total), bool).at[:, :p].set(prompt['valid'])
+  x = model.embed(prompt['text'], prompt['audio'],
+                  _with_first_melody(prompt['melody'], melody), ref, ref_valid)
+  mask = transformer.cache_mask(key_valid, 0, p)
+  h, cache = model.backbone(x, prompt['positions'], mask, cache, 0)
+  rope_pos = jnp.sum(prompt['valid'], axis=1).astype(jnp.int32)
+
+  def local_frame(h_last, rng, forced, count):
+    """Codebooks 0..K-1 of the next frame from the global hidden [B,E].
+
+    `forced` [B,K] (teacher forcing) replaces the samples when given.
+    Returns (codes [B,K], global logits [n,V+1], local logits [n,K-1,V])."""
+    r0, rl = jax.random.split(rng)
+    g0 = _guide(model.global_logits(h_last), num_cond, sampling.cfg_scale)
+    if sampling.min_frames:
+      early = (count[:num_cond] < sampling.min_frames)[:, None]
+      g0 = jnp.where(early & (jnp.arange(v + 1) == end), -jnp.inf, g0)
+    c0 = _tile(sample_tokens(g0, r0, sampling), b)
+    if forced is not None:
+      c0 = forced[:, 0]
+    codes, local_logits = [c0], []
+    lcache = model.local.init_cache(b, k)
+    lvalid = jnp.ones((b, k), bool)
+    # Position 0: the global hidden state; position 1: codebook 0's embedding.
+    xin = jnp.stack([model.local_in_hidden(h_last), model.local_in_code(0, c0)], 1)
+    pos = jnp.broadcast_to(jnp.arange(2), (b, 2))
+    out, lcache = model.local(xin, pos, transformer.cache_mask(lvalid, 0, 2),
+                              lcache, 0)
+    last = out[:, 1]
+    for i in range(1, k):
+      logits = _guide(model.local_logits(last, i), num_cond, sampling.cfg_scale)
+      local_logits.append(logits)
+      ci = _tile(sample_tokens(logits, jax.random.fold_in(rl, i), sampling), b)
+      if forced is not None:
+        ci = forced[:, i]
+      codes.append(ci)
+      if i + 1 < k:
+        xin = model.local_in_code(i, ci)[:, None]
+        pos = jnp.full((b, 1), i + 1, jnp.int32)
+        out, lcache = model.local(xin, pos,
+                                  transformer.cache_mask(lvalid, i + 1, 1),
+                                  lcache, i + 1)
+        last = out[:, 0]
+    return jnp.stack(codes, axis=-1), g0, jnp.stack(local_logits, axis=1)
+
+  rows = jnp.arange(b)
+  state = dict(
+      cache=cache, key_valid=key_valid, h=h[:, -1], rope=rope_pos,
+      frames=jnp.zeros((b, nf, k), jnp.int32), count=jnp.zeros((b,), jnp.int32),
+      done=jnp.zeros((b,), bool),
+      text_mode=jnp.zeros((b,), bool), sec=jnp.zeros((b,), jnp.int32),
+      ptr=jnp.zeros((b,), jnp.int32), tptr=jnp.zeros((b,), jnp.int32),
+      step=jnp.int32(0))
+  if record_logits:
+    state['lg'] = jnp.zeros((num_cond, steps, v + 1), jnp.float32)
+    state['ll'] = jnp.zeros((num_cond, steps, k - 1, v), jnp.float32)
+
+  def cond_fn(st):
+    return (st['step'] < steps) & ~jnp.all(st['done'])
+
+  def body(st):
+    step = st['step']
+    audio_mode = ~st['text_mode'] & ~st['done']
+    forced = None
+    if teacher is not None:
+      forced = teacher[rows, jnp.minimum(st['tptr'], teacher.shape[1] - 1)]
+    frame, g0, gl = local_frame(st['h'], jax.random.fold_in(rng, step), forced,
+                                st['count'])
+    is_end = frame[:, 0] == end
+    emit = audio_mode & ~is_end
+    count = st['count']
+    frames = st['frames'].at[rows, jnp.minimum(count, nf - 1)].set(
+        jnp.where(emit[:, None], frame, st['frames'][rows, jnp.minimum(count, nf - 1)]))
+    count = count + emit
+    # Section / song ends.
+    ended = audio_mode & is_end
+    more = st['sec'] < ns
+    done = st['done'] | (ended & ~more) | (count >= nf)
+    to_text = ended & more
+    # Text mode: next token of the current section's text.
+    if ns:
+      sec_idx = jnp.minimum(st['sec'], ns - 1)
+      tok = sections[rows, sec_idx, jnp.minimum(st['ptr'], ls - 1)]
+    else:
+      tok = jnp.full((b,), layout.EMPTY, jnp.int32)
+    in_text = st['text_mode'] & ~st['done']
+    ptr = jnp.where(in_text, st['ptr'] + 1, jnp.where(to_text, 0, st['ptr']))
+    leave_text = in_text & (ptr >= ls)
+    text_mode = (st['text_mode'] | to_text) & ~leave_text
+    sec = st['sec'] + leave_text
+    # The slot written now.
+    audio_slot = jnp.where(emit[:, None], frame, layout.EMPTY)
+    audio_slot = audio_slot.at[:, 0].set(
+        jnp.where(ended, end, audio_slot[:, 0]))
+    text_slot = jnp.where(in_text, tok, layout.EMPTY)
+    slot_valid = (emit | ended | (in_text & (tok >= 0))) & ~st['done']
+    # Melody of the frame the next slot predicts (if it predicts one).
+    next_audio = ~text_mode & ~done
+    mel = jnp.where(next_audio, melody[rows, jnp.minimum(count, nf - 1)],
+                    layout.EMPTY)
+    index = p + step
+    key_valid = st['key_valid'].at[:, index].set(slot_valid)
+    xin = model.embed(text_slot[:, None], audio_slot[:, None], mel[:, None])
+    hh, cache = model.backbone(xin, st['rope'][:, None],
+                               transformer.cache_mask(key_valid, index, 1),
+                               st['cache'], index)
+    if callback is not None and sampling.stream_every:
+      tick = emit[0] & (count[0] % sampling.stream_every == 0)
+      jax.lax.cond(tick, lambda: _stream(callback, frames[:num_cond],
+                                         count[:num_cond]), lambda: None)
+    new = dict(cache=cache, key_valid=key_valid, h=hh[:, 0],
+               rope=st['rope'] + slot_valid, frames=frames, count=count,
+               done=done, text_mode=text_mode, sec=sec, ptr=ptr,
+               tptr=st['tptr'] + audio_mode, step=step + 1)
+    if record_logits:
+      new['lg'] = st['lg'].at[:, step].set(g0)
+      new['ll'] = st['ll'].at[:, step].set(gl)
+    return new
+
+  st = jax.lax.while_loop(cond_fn, body, state)
+  out = {'codes': st['frames'][:num_cond], 'num_frames': st['count'][:num_cond]}
+  if record_logits:
+    out.update(logits_global=st['lg'], logits_local=st['ll'])
+  return out
+
+
+def _generate_stream(model, prompt, *, rng, sampling, num_cond, melody,
+                     ref_codes, ref_valid, callback, teacher, record_logits):
+  """single_stream: one pattern step per iteration, all codebooks in parallel."""
+  b, p = prompt['text'].shape
+  k, v = model.num_codebooks, model.codebook_size
+  nf = sampling.max_frames
+  pat = patterns.make_pattern(model.pattern, k, nf + 1)
+  steps = pat.num_steps
+  total = p + steps
+  end, special = layout.end_id(v), layout.special_id(v)
+  # Frames complete after steps 0..s (a static table indexed on device).
+  complete = jnp.asarray([patterns.frames_for_steps(model.pattern, k, s + 1)
+                          for s in range(steps)], jnp.int32)
+  if melody is None:
+    melody = jnp.full((b, nf), layout.MELODY_NULL, jnp.int32)
+  melody = jnp.concatenate([melody, jnp.full((b, 1), layout.MELODY_NULL,
+                                             jnp.int32)], axis=1)
+  # Codebook-0 frame of each step; steps without one read the NULL at nf.
+  frame_of = jnp.asarray(np.where(pat.valid[:, 0], pat.frame_index[:, 0], nf),
+                         jnp.int32)
+  ref = model.reference_embedding(ref_codes) if ref_codes is not None else None
+
+  cache = model.backbone.init_cache(b, total)
+  key_valid = jnp.zeros((b, total), bool).at[:, :p].set(prompt['valid'])
+  x = model.embed(prompt['text'], prompt['audio'],
+                  _with_first_melody(prompt['melody'], melody), ref, ref_valid)
+  h, cache = model.backbone(x, prompt['positions'],
+                            transformer.cache_mask(key_valid, 0, p), cache, 0)
+  rows = jnp.arange(b)
+  state = dict(cache=cache, key_valid=key_valid, h=h[:, -1],
+               rope=jnp.sum(prompt['valid'], axis=1).astype(jnp.int32),
+               grid=jnp.zeros((b, nf + 1, k), jnp.int32),
+               end_frame=jnp.full((b,), nf, jnp.int32),
+               done=jnp.zeros((b,), bool), step=jnp.int32(0))
+  if record_logits:
+    state['lg'] = jnp.zeros((num_cond, steps, k, v + 1), jnp.float32)
+
+  def cond_fn(st):
+    return (st['step'] < steps) & ~jnp.all(st['done'])
+
+  def body(st):
+    s = st['step']
+    logits = _guide(model.stream_logits(st['h']), num_cond, sampling.cfg_scale)
+    if sampling.min_frames:
+      early = patterns.step_slots(pat, s)[0][0] < sampling.min_frames
+      logits = logits.at[:, 0, end].set(jnp.where(early, -jnp.inf,
+                                                  logits[:, 0, end]))
+    toks = _tile(sample_tokens(logits, jax.random.fold_in(rng, s), sampling), b)
+    if teacher is not None:  # teacher [B, steps, K]: the pattern sequence
+      toks = teacher[:, jnp.minimum(s, teacher.shape[1] - 1)]
+    fidx, valid = patterns.step_slots(pat, s)
+    # END is only meaningful for codebook 0; elsewhere it is clipped to a code.
+    toks = toks.at[:, 1:].set(jnp.minimum(toks[:, 1:], v - 1))
+    toks = jnp.where(valid[None], toks, special)
+    f0 = fidx[0]
+    new_end = valid[0] & (toks[:, 0] == end) & (f0 < st['end_frame'])
+    end_frame = jnp.where(new_end, f0, st['end_frame'])
+    grid = patterns.write_step(pat, st['grid'], s, toks)
+    done = st['done'] | (complete[s] >= end_frame)
+    slot_valid = ~st['done']
+    index = p + s
+    key_valid = st['key_valid'].at[:, index].set(slot_valid)
+    nxt = jnp.minimum(s + 1, steps - 1)
+    mel = melody[rows, frame_of[nxt]]
+    xin = model.embed(jnp.full((b, 1), layout.EMPTY, jnp.int32), toks[:, None],
+                      mel[:, None])
+    hh, cache = model.backbone(xin, st['rope'][:, None],
+                               transformer.cache_mask(key_valid, index, 1),
+                               st['cache'], index)
+    if callback is not None and sampling.stream_every:
+      c0 = jnp.minimum(complete[s], end_frame[0])
+      tick = (complete[s] > 0) & (c0 % sampling.stream_every == 0) & ~st['done'][0]
+      jax.lax.cond(tick, lambda: _stream(
+          callback, grid[:num_cond, :nf],
+          jnp.minimum(complete[s], end_frame[:num_cond])), lambda: None)
+    new = dict(cache=cache, key_valid=key_valid, h=hh[:, 0],
+               rope=st['rope'] + slot_valid, grid=grid, end_frame=end_frame,
+               done=done, step=s + 1)
+    if record_logits:
+      new['lg'] = st['lg'].at[:, s].set(logits)
+    return new
+
+  st = jax.lax.while_loop(cond_fn, body, state)
+  count = jnp.minimum(st['end_frame'], jnp.maximum(complete[st['step'] - 1], 0))
+  out = {'codes': st['grid'][:num_cond, :nf], 'num_frames': count[:num_cond]}
+  if record_logits:
+    out['logits_stream'] = st['lg']
+  return out
+
+
+def make_generate_fn(model, sampling: Sampling, num_cond: int,
+                     callback: Callable | None = None):
+  """A jitted generate(params, prompt, rng, sections, melody, ref_codes,
+  ref_valid) over a split model; compiled once per input shape."""
+  sampling.validate()
+  graphdef, params = nnx.split(model)
+
+  @jax.jit
+  def run(params, prompt, rng, sections, melody, ref_codes, ref_valid):
+    m = nnx.merge(graphdef, params)
+    return generate(m, prompt, rng=rng, sampling=sampling, num_cond=num_cond,
+                    sections=sections, melody=melody, ref_codes=ref_codes,
+                    ref_valid=ref_valid, callback=callback)
+
+  def call(prompt, rng, sections=None, melody=None, ref_codes=None,
+           ref_valid=None):
+    return run(params, prompt, rng, sections, melody, ref_codes, ref_valid)
+
+  return call

@@ -1,0 +1,240 @@
+"""The audio-token LM: HeartMuLa's global/local transformer (default) and a
+single-stream transformer over a MusicGen codebook pattern.
+
+Inputs are slot sequences (see musicjax/lm/layout.py): a slot's embedding is
+the sum of its K codebook embeddings, its text-column embedding and, for the
+slot that precedes an audio frame, that frame's melody-class embedding. The
+reference-audio slot adds a projection of the mean embedding of a reference
+segment's frames (a pooled embedding learned with the model: no pretrained
+audio encoder is needed offline).
+
+global_local (seed 001 §3.1): the global transformer reads slots and predicts
+codebook 0 of the next frame (plus END); a local transformer, fed the global
+hidden state and the next frame's codebooks 0..k-1, predicts codebook k.
+
+single_stream (seed 002 §2.2): one transformer over pattern steps whose K
+output heads predict every codebook of the next step in parallel; empty
+pattern slots use a learned special embedding and give no loss.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from musicjax.lm import layout
+from musicjax.nn import transformer
+from musicjax.parallel import rules
+
+VARIANTS = ('global_local', 'single_stream')
+
+
+def _normal(rngs: nnx.Rngs, shape, std: float, names) -> nnx.Param:
+  return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32),
+                   out_sharding=names)
+
+
+def _lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
+  """table[ids] with EMPTY ids giving zero vectors."""
+  rows = rules.take_rows(table, jnp.maximum(ids, 0))
+  return rows * (ids >= 0)[..., None].astype(rows.dtype)
+
+
+class AudioLM(nnx.Module):
+  """Both variants; `config.variant` picks the heads and the local transformer."""
+
+  def __init__(self, c: ml_collections.ConfigDict, rngs: nnx.Rngs):
+    self.variant = c.variant
+    self.pattern = c.pattern
+    self.num_codebooks = k = int(c.num_codebooks)
+    self.codebook_size = v = int(c.codebook_size)
+    self.text_vocab_size = int(c.text_vocab_size)
+    e = int(c.backbone.dim)
+    std = float(c.embed_init_std)
+    self.audio_embed = _normal(rngs, (k, layout.audio_table_size(v), e), std,
+                               ('codebook', 'vocab', 'embed'))
+    self.text_embed = _normal(rngs, (layout.text_table_size(self.text_vocab_size), e),
+                              std, ('vocab', 'embed'))
+    self.melody_embed = _normal(rngs, (layout.MELODY_VOCAB, e), std,
+                                (None, 'embed'))
+    self.ref_proj = _normal(rngs, (e, e), e ** -0.5, ('embed', 'mlp'))
+    self.backbone = transformer.Transformer(c.backbone, rngs)
+    head_std = float(c.backbone.init_std)
+    if self.variant == 'global_local':
+      el = int(c.local.dim)
+      # Codebook 0 (+ END) from the global hidden state.
+      self.head0 = _normal(rngs, (e, v + 1), head_std, ('embed', 'vocab'))
+      # Global hidden state and code embeddings enter the local width (CSM/HeartMuLa).
+      self.local_proj = _normal(rngs, (e, el), e ** -0.5, ('embed', 'mlp'))
+      self.local = transformer.Transformer(c.local, rngs)
+      self.local_heads = _normal(rngs, (k - 1, el, v), float(c.local.init_std),
+                                 ('codebook', 'embed', 'vocab'))
+    else:
+      self.heads = _normal(rngs, (k, e, v + 1), head_std,
+                           ('codebook', 'embed', 'vocab'))
+
+  # ------------------------------------------------------------- embeddings
+  def frame_embedding(self, codes: jax.Array) -> jax.Array:
+    """codes [..., K] (EMPTY allowed) -> sum of codebook embeddings [..., E]."""
+    table = self.audio_embed[...]
+    out = 0.0
+    for i in range(self.num_codebooks):
+      out = out + _lookup(table[i], codes[..., i])
+    return out
+
+  def reference_embedding(self, ref_codes: jax.Array) -> jax.Array:
+    """ref_codes [B, R, K] -> pooled, projected [B, E] (mean over valid frames)."""
+    valid = (ref_codes[..., 0] >= 0).astype(jnp.float32)
+    emb = self.frame_embedding(ref_codes)
+    pooled = jnp.sum(emb * valid[..., None], axis=1) / jnp.maximum(
+        jnp.sum(valid, axis=1, keepdims=True), 1.0)
+    return pooled @ rules.shard_activation(self.ref_proj[...], (None, None))
+
+  def embed(self, text, audio, melody, ref=None, ref_valid=None) -> jax.Array:
+    """Slot embeddings [B,S,E] from text [B,S], audio [B,S,K], melody [B,S]."""
+    x = self.frame_embedding(audio)
+    x = x + _lookup(self.text_embed[...], text)
+    x = x + _lookup(self.melody_embed[...], melody)
+    if ref is not None:
+      ref_slot = text == layout.extra_id(self.text_vocab_size, '<ref>')
+      use = ref_slot & ref_valid[:, None]
+      x = x + jnp.where(use[..., None], ref[:, None, :], 0.0)
+    return rules.shard_activation(x, ('batch', 'time', 'embed'))
+
+  # ---------------------------------------------------------------- global
+  def global_logits(self, h: jax.Array) -> jax.Array:
+    """Global hidden [..., E] -> codebook-0 (+END) logits [..., V+1]."""
+    w = rules.shard_activation(self.head0[...], (None, 'vocab'))
+    return (h @ w.astype(h.dtype)).astype(jnp.float32)
+
+  def stream_logits(self, h: jax.Array) -> jax.Array:
+    """single_stream: hidden [..., E] -> logits of every codebook [..., K, V+1]."""
+    w = rules.shard_activation(self.heads[...], (None, None, 'vocab'))
+    return jnp.einsum('...e,kev->...kv', h, w.astype(h.dtype)).astype(jnp.float32)
+
+  # ----------------------------------------------------------------- local
+  def local_inputs(self, h: jax.Array, next_codes: jax.Array) -> jax.Array:
+    """[h, e(c_0), ..., e(c_{K-2})] projected to the local width: [..., K, El]."""
+    table = self.audio_embed[...]
+    parts = [h[..., None, :]]
+    for i in range(self.num_codebooks - 1):
+      parts.append(_lookup(table[i], next_codes[..., i])[..., None, :])
+    x = jnp.concatenate(parts, axis=-2)
+    w = rules.shard_activation(self.local_proj[...], (None, None))
+    return x @ w.astype(x.dtype)
+
+  def local_in_hidden(self, h: jax.Array) -> jax.Array:
+    """Local position 0: the global hidden state, at the local width."""
+    return h @ self.local_proj[...].astype(h.dtype)
+
+  def local_in_code(self, i: int, code: jax.Array) -> jax.Array:
+    """Local position i + 1: codebook i's embedding, at the local width."""
+    e = _lookup(self.audio_embed[...][i], code)
+    return e @ self.local_proj[...].astype(e.dtype)
+
+  def local_logits(self, out: jax.Array, k: int | None = None) -> jax.Array:
+    """Local outputs -> logits. out [..., K-1, El] (positions 1..K-1) ->
+    [..., K-1, V]; or, with k, out [..., El] at position k -> [..., V]."""
+    w = self.local_heads[...].astype(out.dtype)
+    if k is None:
+      return jnp.einsum('...ke,kev->...kv', out, w).astype(jnp.float32)
+    return (out @ w[k - 1]).astype(jnp.float32)
+
+  # -------------------------------------------------------------- training
+  def __call__(self, batch: dict) -> dict:
+    """Teacher-forced logits of a training batch (see musicjax/lm/layout.py)."""
+    ref = ref_valid = None
+    if 'ref_codes' in batch:
+      ref = self.reference_embedding(batch['ref_codes'])
+      ref_valid = batch['ref_valid']
+    x = self.embed(batch['text'], batch['audio'], batch['melody'], ref, ref_valid)
+    valid = batch['valid']
+    h, _ = self.backbone(x, batch['positions'], transformer.causal_mask(valid))
+    if self.variant == 'single_stream':
+      return {'stream': self.stream_logits(h)}
+    nxt = next_slots(batch['audio'], valid)
+    b, s, _ = nxt.shape
+    li = self.local_inputs(h, nxt)                       # [B,S,K,El]
+    flat = rules.reshape(li, (b * s,) + li.shape[2:])
+    kk = self.num_codebooks
+    pos = jnp.broadcast_to(jnp.arange(kk), (b * s, kk))
+    lmask = transformer.causal_mask(jnp.ones((b * s, kk), bool))
+    out, _ = self.local(flat, pos, lmask)
+    out = rules.reshape(out, (b, s) + out.shape[1:])
+    return {'global': self.global_logits(h),
+            'local': self.local_logits(out[:, :, 1:])}
+
+
+def next_slots(audio: jax.Array, valid: jax.Array) -> jax.Array:
+  """Codes of the next slot for every slot: [B,S,K], EMPTY where none."""
+  nxt = jnp.concatenate([audio[:, 1:], jnp.full_like(audio[:, :1], layout.EMPTY)], 1)
+  nvalid = jnp.concatenate([valid[:, 1:], jnp.zeros_like(valid[:, :1])], 1)
+  return jnp.where(nvalid[..., None], nxt, layout.EMPTY)
+
+
+def _ce(logits: jax.Array, labels: jax.Array, ignore: jax.Array):
+  """Per-position cross-entropy and its mask; labels outside range are ignored."""
+  mask = ~ignore
+  ce = optax.softmax_cross_entropy_with_integer_labels(
+      logits, jnp.where(mask, labels, 0))
+  return ce * mask, mask
+
+
+def _mean(x: jax.Array, mask: jax.Array, axes=None) -> jax.Array:
+  m = mask.astype(jnp.float32)
+  return jnp.sum(x, axis=axes) / jnp.maximum(jnp.sum(m, axis=axes), 1.0)
+
+
+def token_log_probs(model: AudioLM, batch: dict, logits: dict):
+  """Per-slot log p of the teacher tokens, split (global [B,S], local [B,S]) and
+  per-codebook (ce [B,S,K], mask [B,S,K]). Used by the loss and by DPO."""
+  audio, valid = batch['audio'], batch['valid']
+  v = model.codebook_size
+  if model.variant == 'single_stream':
+    nxt = next_slots(audio, valid)
+    special = layout.special_id(v)
+    ignore = (nxt < 0) | (nxt == special)
+    ce, mask = _ce(logits['stream'], nxt, ignore)           # [B,S,K]
+    glob = ce[..., 0]
+    loc = jnp.sum(ce[..., 1:], axis=-1)
+    return -glob, -loc, ce, mask
+  nxt = next_slots(audio, valid)
+  ce0, m0 = _ce(logits['global'], nxt[..., 0], nxt[..., 0] < 0)
+  # The END frame has codebooks 1..K-1 EMPTY: no local loss there.
+  cek, mk = _ce(logits['local'], nxt[..., 1:], (nxt[..., 1:] < 0) | (nxt[..., 1:] >= v))
+  ce = jnp.concatenate([ce0[..., None], cek], axis=-1)
+  mask = jnp.concatenate([m0[..., None], mk], axis=-1)
+  return -ce0, -jnp.sum(cek, axis=-1), ce, mask
+
+
+def local_weights(num_codebooks: int, weighting: str) -> jnp.ndarray:
+  """λ_k for k = 1..K-1 (seed 001 §3.3.2): uniform 1.0 (warm-up/pretraining) or
+  the SFT decay (K - k) / 10."""
+  k = jnp.arange(1, num_codebooks, dtype=jnp.float32)
+  if weighting == 'uniform':
+    return jnp.ones_like(k)
+  if weighting == 'sft':
+    return (num_codebooks - k) / 10.0
+  raise ValueError(f"local weighting must be 'uniform' or 'sft', got {weighting!r}")
+
+
+def loss_and_metrics(model: AudioLM, batch: dict, global_weight: float,
+                     weighting: str):
+  """L = λ0 L0 + 1/(K-1) Σ_k λk Lk (eq. 8), plus per-codebook CE/perplexity."""
+  logits = model(batch)
+  _, _, ce, mask = token_log_probs(model, batch, logits)
+  k = model.num_codebooks
+  per_k = _mean(ce, mask, axes=(0, 1))                      # [K]
+  if k > 1:
+    lam = local_weights(k, weighting)
+    total = global_weight * per_k[0] + jnp.sum(lam * per_k[1:]) / (k - 1)
+  else:
+    total = global_weight * per_k[0]
+  metrics = {'loss': total, 'ce/mean': _mean(ce, mask)}
+  for i in range(k):
+    metrics[f'ce/{i}'] = per_k[i]
+    metrics[f'ppl/{i}'] = jnp.exp(per_k[i])
+  metrics['tokens'] = jnp.sum(mask.astype(jnp.float32))
+  return total, metrics

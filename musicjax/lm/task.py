@@ -1,0 +1,225 @@
+"""The audio-token LM as a trainer task (both variants, both layouts).
+
+Batches are slot sequences (musicjax/lm/layout.py) built on the host by the
+token pipeline (musicjax/lm/data.py), or by the synthetic Markov source
+(musicjax/lm/synthetic.py) whose exact entropy tests the whole training path.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from musicjax.config import ConfigError
+from musicjax.lm import model as model_lib
+from musicjax.lm import patterns
+from musicjax.nn import transformer
+from musicjax.train.task import ArraySpec, Task
+
+ConfigDict = ml_collections.ConfigDict
+
+
+class StepCounter(nnx.Variable):
+  """Completed train steps (not touched by the optimizer)."""
+
+
+def default_config() -> ConfigDict:
+  """Every LM number; defaults are the bench_tiny scale."""
+  c = ConfigDict()
+  m = c.model = ConfigDict()
+  m.variant = 'global_local'      # global_local (HeartMuLa) | single_stream (MusicGen)
+  m.pattern = 'delay'             # single_stream: delay | parallel | flatten
+  m.num_codebooks = 8
+  m.codebook_size = 8192
+  m.text_vocab_size = 1024        # the tokenizer's vocabulary (LM extras come after)
+  m.embed_init_std = 0.02
+  m.max_seq_len = 8192            # slots a sequence may have (generate checks it)
+  m.backbone = transformer.default_config()
+  m.local = transformer.default_config()
+  m.local.num_layers = 2
+
+  d = c.data = ConfigDict()
+  d.kind = 'tokens'               # tokens (musicjax prepare --codec-workdir) | synthetic
+  d.layout = 'prefix'             # prefix (HeartMuLa) | interleaved (Muse sections)
+  d.max_frames = 250              # audio frames per training window
+  d.max_text_tokens = 64          # condition text slots (tags, lyrics, markers)
+  d.max_sections = 4              # interleaved: sections per window (each adds an END slot)
+  d.reference_frames = 0          # reference segment length (0 = no reference condition)
+  d.tokenizer = ''                # '' = DATA_DIR/tokenizer.json
+  d.markov_branching = 2          # synthetic: successors per codebook-0 state
+  d.markov_noise = (2, 2, 2, 2, 2, 2, 2)  # synthetic: noise values per codebook 1..K-1
+  d.markov_seed = 0
+
+  cd = c.cond = ConfigDict()
+  # Probability of keeping each tag category (seed 001 table 6); others 0.5.
+  cd.tag_probs = (('genre', 0.95), ('timbre', 0.5), ('gender', 0.375),
+                  ('mood', 0.325), ('instrument', 0.25), ('scene', 0.2),
+                  ('region', 0.125), ('topic', 0.1))
+  cd.extra_tag_prob = 0.5
+  # Classifier-free-guidance dropout: each field replaced by its learned null.
+  cd.drop_tags = 0.1
+  cd.drop_lyrics = 0.1
+  cd.drop_melody = 0.5
+  cd.drop_reference = 0.5
+  cd.drop_all = 0.02              # all conditions at once (seed 001 §3.3.3)
+  cd.melody = True
+
+  lo = c.loss = ConfigDict()
+  lo.global_weight = 1.0          # λ0 (pretraining 1.0, SFT 2.0)
+  lo.local_weighting = 'uniform'  # uniform (λk = 1) | sft (λk = (K - k) / 10)
+
+  o = c.optim = ConfigDict()
+  o.lr = 3e-4
+  o.warmup_steps = 100
+  o.schedule = 'cosine'           # cosine | constant
+  o.min_lr_ratio = 0.1
+  o.b1 = 0.9
+  o.b2 = 0.95
+  o.weight_decay = 0.1
+  o.clip = 1.0
+
+  s = c.sample = ConfigDict()
+  s.temperature = 1.0
+  s.top_k = 50
+  s.top_p = 1.0
+  s.cfg_scale = 1.5               # 3.0 is MusicGen's default for the delay pattern
+  s.stream_every = 0              # frames between streaming callbacks (0 = off)
+  return c
+
+
+def make_optimizer(o: ConfigDict, steps: int) -> optax.GradientTransformation:
+  if o.schedule == 'cosine':
+    sched = optax.warmup_cosine_decay_schedule(
+        0.0, o.lr, max(o.warmup_steps, 1), max(steps, o.warmup_steps + 1),
+        end_value=o.lr * o.min_lr_ratio)
+  elif o.schedule == 'constant':
+    sched = optax.join_schedules(
+        [optax.linear_schedule(0.0, o.lr, max(o.warmup_steps, 1)),
+         optax.constant_schedule(o.lr)], [max(o.warmup_steps, 1)])
+  else:
+    raise ConfigError(f"config.optim.schedule must be 'cosine' or 'constant', "
+                      f'got {o.schedule!r}')
+  return optax.chain(optax.clip_by_global_norm(o.clip),
+                     optax.adamw(sched, b1=o.b1, b2=o.b2,
+                                 weight_decay=o.weight_decay))
+
+
+class LMState(nnx.Module):
+
+  def __init__(self, config: ConfigDict, rngs: nnx.Rngs):
+    self.model = model_lib.AudioLM(config.model, rngs)
+    self.opt = nnx.Optimizer(self.model, make_optimizer(config.optim,
+                                                        config.train.steps),
+                             wrt=nnx.Param)
+    self.step = StepCounter(jnp.zeros((), jnp.int32))
+
+
+def check_config(config: ConfigDict) -> None:
+  m, d = config.model, config.data
+  if m.variant not in model_lib.VARIANTS:
+    raise ConfigError(f'config.model.variant must be one of {model_lib.VARIANTS}, '
+                      f'got {m.variant!r}')
+  if m.pattern not in patterns.KINDS:
+    raise ConfigError(f'config.model.pattern must be one of {patterns.KINDS}, '
+                      f'got {m.pattern!r}')
+  transformer.check_config(m.backbone, 'model.backbone')
+  if m.variant == 'global_local':
+    transformer.check_config(m.local, 'model.local')
+    if m.num_codebooks < 2:
+      raise ConfigError('config.model.num_codebooks must be >= 2 for the '
+                        "global_local variant (use variant='single_stream' "
+                        'for a one-codebook token LM)')
+  if d.layout not in ('prefix', 'interleaved'):
+    raise ConfigError(f"config.data.layout must be 'prefix' or 'interleaved', "
+                      f'got {d.layout!r}')
+  if d.kind not in ('tokens', 'synthetic'):
+    raise ConfigError(f"config.data.kind must be 'tokens' or 'synthetic' for "
+                      f'the LM, got {d.kind!r}')
+  if seq_len(config) > m.max_seq_len:
+    raise ConfigError(f'config.data: a training sequence has {seq_len(config)} '
+                      f'slots, more than config.model.max_seq_len={m.max_seq_len}')
+  if config.loss.local_weighting not in ('uniform', 'sft'):
+    raise ConfigError("config.loss.local_weighting must be 'uniform' or 'sft', "
+                      f'got {config.loss.local_weighting!r}')
+
+
+def audio_steps(config: ConfigDict) -> int:
+  """Audio slots of a window: frames, or pattern steps for single_stream
+  (+1 frame for END)."""
+  m, d = config.model, config.data
+  if m.variant == 'single_stream':
+    return patterns.num_steps(m.pattern, m.num_codebooks, d.max_frames + 1)
+  return d.max_frames + 1
+
+
+def seq_len(config: ConfigDict) -> int:
+  d = config.data
+  extra = d.max_sections if d.layout == 'interleaved' else 0
+  return d.max_text_tokens + audio_steps(config) + extra
+
+
+class LMTask(Task):
+  name = 'lm'
+  progress_metrics = ('loss', 'ce/0', 'ce/1')
+
+  @classmethod
+  def default_config(cls) -> ConfigDict:
+    return default_config()
+
+  def __init__(self, config: ConfigDict):
+    super().__init__(config)
+    check_config(config)
+
+  def create_state(self, rngs: nnx.Rngs) -> LMState:
+    return LMState(self.config, rngs)
+
+  def inference_model(self, state: LMState) -> model_lib.AudioLM:
+    return state.model
+
+  def batch_spec(self, batch_size: int) -> Mapping[str, ArraySpec]:
+    s, k = seq_len(self.config), self.config.model.num_codebooks
+    spec = {
+        'text': ArraySpec((batch_size, s), np.int32, ('batch', 'time')),
+        'audio': ArraySpec((batch_size, s, k), np.int32, ('batch', 'time', None)),
+        'melody': ArraySpec((batch_size, s), np.int32, ('batch', 'time')),
+        'positions': ArraySpec((batch_size, s), np.int32, ('batch', 'time')),
+        'valid': ArraySpec((batch_size, s), bool, ('batch', 'time')),
+    }
+    r = self.config.data.reference_frames
+    if r:
+      spec['ref_codes'] = ArraySpec((batch_size, r, k), np.int32,
+                                    ('batch', None, None))
+      spec['ref_valid'] = ArraySpec((batch_size,), bool, ('batch',))
+    return spec
+
+  def _loss(self, model, batch):
+    lo = self.config.loss
+    return model_lib.loss_and_metrics(model, batch, lo.global_weight,
+                                      lo.local_weighting)
+
+  def train_step(self, state: LMState, batch, rng):
+    del rng  # condition dropout happens in the data pipeline (seeded, resumable)
+    gdef, params, rest = nnx.split(state.model, nnx.Param, ...)
+
+    def loss_fn(p):
+      return self._loss(nnx.merge(gdef, p, rest), batch)
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    state.opt.update(state.model, grads)
+    state.step[...] = state.step[...] + 1
+    metrics['optim/grad_norm'] = optax.global_norm(grads)
+    return metrics
+
+  def eval_step(self, state: LMState, batch, rng):
+    del rng
+    _, metrics = self._loss(state.model, batch)
+    return metrics
+
+  def dataset(self, split: str, shard_index: int, shard_count: int):
+    from musicjax.lm import data  # pylint: disable=g-import-not-at-top
+    return data.lm_dataset(self.config, split, shard_index, shard_count)

@@ -1,0 +1,203 @@
+"""Grain pipeline over prepared token songs (`musicjax prepare --codec-workdir`).
+
+    token shards (MapDataset of records)
+      -> train: shuffle, repeat; eval: corpus order, repeat
+      -> example (random_map in train: window, condition dropout and tag
+         sampling are drawn from the element's seeded rng; eval: the
+         window at the song start, every condition kept)
+      -> this process's share [shard_index::shard_count]
+      -> drop damaged records (reported once each by name)
+      -> batch
+
+An example is a window of at most `data.max_frames` frames of one song:
+  * END follows the frames iff the window reaches the song's end;
+  * tags from the metadata (`song_text.derive_tags`), each category kept with
+    its `cond.tag_probs` probability;
+  * lyrics of the sections that overlap the window; in the interleaved layout
+    each such section's text precedes that section's frames;
+  * melody: the chroma class of every frame (from the vocal stem when the
+    source had one);
+  * reference: a `data.reference_frames` segment of the same song that does
+    not overlap the window (absent when the song is too short).
+Songs longer than the window are not packed with others: every window starts
+a fresh sequence; the tail of the sequence is padding.
+"""
+from __future__ import annotations
+
+import os
+
+import grain
+import ml_collections
+import numpy as np
+
+from musicjax.config import ConfigError
+from musicjax.data import audio
+from musicjax.data import song_text
+from musicjax.data import text as text_lib
+from musicjax.data import token_records
+from musicjax.lm import conditions
+from musicjax.lm import layout
+from musicjax.lm import sequence
+from musicjax.lm import task as task_lib
+from musicjax.lm.data import audio_slots, local_batch
+
+
+def tokenizer_path(config: ml_collections.ConfigDict) -> str:
+  return config.data.tokenizer or os.path.join(
+      os.path.expanduser(config.data.path), token_records.TOKENIZER)
+
+
+def load_tokenizer(config: ml_collections.ConfigDict) -> text_lib.TextTokenizer:
+  tok = text_lib.TextTokenizer.load(tokenizer_path(config))
+  if tok.vocab_size > config.model.text_vocab_size:
+    raise ConfigError(
+        f'the tokenizer {tokenizer_path(config)} has {tok.vocab_size} ids, more '
+        f'than config.model.text_vocab_size={config.model.text_vocab_size}; '
+        'raise model.text_vocab_size or build a smaller tokenizer')
+  return tok
+
+
+def check_dataset(config: ml_collections.ConfigDict) -> dict:
+  """dataset.json agrees with the model's codebooks."""
+  info = token_records.read_dataset_info(os.path.expanduser(config.data.path))
+  m = config.model
+  if info['codebook_size'] != m.codebook_size:
+    raise ConfigError(
+        f'config.model.codebook_size={m.codebook_size} but the tokens in '
+        f'{config.data.path} come from a codec with codebook size '
+        f'{info["codebook_size"]}')
+  if info['num_codebooks'] < m.num_codebooks:
+    raise ConfigError(
+        f'config.model.num_codebooks={m.num_codebooks} but the tokens in '
+        f'{config.data.path} have only {info["num_codebooks"]} codebooks')
+  return info
+
+
+class Example:
+  """Record -> slot arrays (see module docstring). Pure given (record, rng)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, frame_rate: float,
+               train: bool):
+    self.config = config
+    self.frame_rate = frame_rate
+    self.train = train
+    self.text = conditions.ConditionText(load_tokenizer(config),
+                                         config.model.text_vocab_size)
+    self.tag_probs = dict(config.cond.tag_probs)
+
+  def _drop(self, rng: np.random.Generator, p: float, drop_all: bool) -> bool:
+    if not self.train:
+      return False
+    return drop_all or bool(rng.random() < p)
+
+  def __call__(self, record: dict, rng: np.random.Generator) -> dict:
+    c, d, cd = self.config, self.config.data, self.config.cond
+    k = c.model.num_codebooks
+    codes = np.asarray(record['codes'], np.int32)[:, :k]
+    total = len(codes)
+    w = min(d.max_frames, total)
+    start = int(rng.integers(0, total - w + 1)) if self.train else 0
+    stop = start + w
+    reaches_end = stop == total
+    drop_all = self.train and bool(rng.random() < cd.drop_all)
+    # Tags.
+    tags_text = None
+    if not self._drop(rng, cd.drop_tags, drop_all):
+      tags = song_text.derive_tags(record['meta'])
+      if self.train:
+        tags = song_text.sample_tags(tags, self.tag_probs, rng,
+                                     extra_prob=cd.extra_tag_prob)
+      tags_text = song_text.format_tags(tags) or None
+    # Melody.
+    drop_melody = (not cd.melody) or self._drop(rng, cd.drop_melody, drop_all)
+    mel = sequence.melody_ids(record.get('melody'), total, drop_melody)
+    # Reference: a non-overlapping segment of the same song.
+    r = d.reference_frames
+    ref = np.full((max(r, 1), k), layout.EMPTY, np.int32)
+    has_ref = False
+    if r and not self._drop(rng, cd.drop_reference, drop_all):
+      choices = [a for a in (range(0, start - r + 1)) ] + list(
+          range(stop, total - r + 1))
+      if choices:
+        a = int(choices[int(rng.integers(len(choices)))]) if self.train else int(choices[0])
+        ref = codes[a:a + r]
+        has_ref = True
+    drop_lyrics = self._drop(rng, cd.drop_lyrics, drop_all)
+    secs = [s for s in song_text.sections(record['meta'], self.frame_rate, total)
+            if s.end_frame > start and s.start_frame < stop]
+    budget = d.max_text_tokens
+    if d.layout == 'prefix':
+      lyrics = None if drop_lyrics else (song_text.format_lyrics(secs) or None)
+      ids = self.text.prefix(tags_text, lyrics, has_ref, budget)
+      parts = [sequence.TextPart(ids), audio_slots(
+          c, codes[start:stop], mel[start:stop], reaches_end)]
+    else:
+      secs = secs[:d.max_sections]
+      head = self.text.global_style(tags_text, has_ref, budget // 2)
+      parts = [sequence.TextPart(head)]
+      share = max((budget - len(head)) // max(len(secs), 1), 2)
+      for s in secs:
+        a, b = max(s.start_frame, start), min(s.end_frame, stop)
+        txt = None if drop_lyrics else song_text.format_section(s)
+        parts.append(sequence.TextPart(self.text.section(txt, share)))
+        nxt = int(mel[b]) if b < total else layout.MELODY_NULL
+        ends = s.end_frame <= stop
+        parts.append(sequence.AudioPart(codes[a:b], mel[a:b], ends, nxt))
+    ex = sequence.assemble(parts, task_lib.seq_len(c), k, c.model.codebook_size)
+    if r:
+      ex['ref_codes'] = ref.astype(np.int32)
+      ex['ref_valid'] = np.asarray(has_ref)
+    return ex
+
+
+class _TrainExample(grain.transforms.RandomMap):
+
+  def __init__(self, example: Example):
+    self._example = example
+
+  def random_map(self, record, rng: np.random.Generator):
+    return _safe(self._example, record, rng)
+
+
+class _EvalExample(grain.transforms.Map):
+
+  def __init__(self, example: Example, seed: int):
+    self._example = example
+    self._seed = seed
+
+  def map(self, record):
+    return _safe(self._example, record, np.random.default_rng(self._seed))
+
+
+def _safe(example: Example, record: dict, rng) -> dict | None:
+  if 'error' in record:
+    audio.report_bad(record['name'], record['error'])
+    return None
+  if len(record['codes']) == 0:
+    audio.report_bad(record['name'], 'no frames')
+    return None
+  try:
+    return example(record, rng)
+  except song_text.BadSongMetadata as e:
+    audio.report_bad(record['name'], str(e))
+    return None
+
+
+def token_dataset(config: ml_collections.ConfigDict, split: str,
+                  shard_index: int, shard_count: int):
+  if config.model.variant == 'single_stream' and config.data.layout != 'prefix':
+    raise ConfigError("config.data.layout='interleaved' needs the global_local "
+                      'variant (single_stream supports the prefix layout)')
+  info = check_dataset(config)
+  path = os.path.expanduser(config.data.path)
+  ds = token_records.source(path, split)
+  seed = config.data.shuffle_seed
+  if split == 'train':
+    ex = Example(config, float(info['frame_rate']), train=True)
+    ds = ds.shuffle(seed=seed).repeat().random_map(_TrainExample(ex), seed=seed)
+  else:
+    ex = Example(config, float(info['frame_rate']), train=False)
+    ds = ds.repeat().map(_EvalExample(ex, seed))
+  ds = ds[shard_index::shard_count].filter(lambda x: x is not None)
+  return ds.to_iter_dataset().batch(local_batch(config, split, shard_count),
+                                    drop_remainder=True)

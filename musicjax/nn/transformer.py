@@ -1,0 +1,267 @@
+"""Llama-style transformer blocks shared by every model family.
+
+RMSNorm, rotary position embeddings (rotate-half layout: the first and second
+halves of each head dimension form the complex pairs), SwiGLU feed-forward and
+grouped-query attention. Layers are stacked with `nnx.vmap` (one parameter
+array per weight with a leading 'layers' axis) and run with `lax.scan`, so a
+deep model compiles one block.
+
+One attention path serves training, prefill and decode:
+  * no cache: a [T, T] mask (causal, or bidirectional for masked models)
+    combined with per-token validity;
+  * with a cache: keys/values of the new tokens are written at `cache_index`
+    into a static cache [layers, batch, kv_heads, seq, head_dim], and queries
+    attend to every valid slot up to their own. The cache is carried through
+    the layer scan and updated with dynamic-update-slices, which XLA performs
+    in place inside a decode loop.
+
+Positions are explicit per token, so left-padded prompts (a batch of different
+prompt lengths, or classifier-free-guidance rows with a shorter null
+condition) get the same rotary phases as in training.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from musicjax.parallel import rules
+
+Cache = dict[str, jax.Array]
+
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# Masked attention logits: large and finite, so a query whose keys are all
+# masked (a padding slot) gives a uniform average instead of NaN.
+_MASKED = -1e30
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Hyper-parameters of one transformer stack (configs override all of them)."""
+  c = ml_collections.ConfigDict()
+  c.num_layers = 4
+  c.dim = 256
+  c.num_heads = 4
+  c.num_kv_heads = 2
+  c.head_dim = 0            # 0: dim // num_heads
+  c.mlp_dim = 1024
+  c.rope_theta = 10000.0
+  c.norm_eps = 1e-5
+  c.init_std = 0.02
+  c.dtype = 'float32'       # compute dtype of matmuls (params stay float32)
+  c.remat = 'none'          # none | full | dots (save matmul outputs)
+  return c
+
+
+def head_dim(c: ml_collections.ConfigDict) -> int:
+  return int(c.head_dim) or int(c.dim) // int(c.num_heads)
+
+
+def check_config(c: ml_collections.ConfigDict, where: str) -> None:
+  from musicjax.config import ConfigError  # pylint: disable=g-import-not-at-top
+  for key in ('num_layers', 'dim', 'num_heads', 'num_kv_heads', 'mlp_dim'):
+    if int(c[key]) < 1:
+      raise ConfigError(f'config.{where}.{key} must be >= 1, got {c[key]}')
+  if c.num_heads % c.num_kv_heads:
+    raise ConfigError(f'config.{where}.num_heads={c.num_heads} must be a '
+                      f'multiple of num_kv_heads={c.num_kv_heads} (grouped-'
+                      'query attention shares each KV head by a group)')
+  if not c.head_dim and c.dim % c.num_heads:
+    raise ConfigError(f'config.{where}.dim={c.dim} is not divisible by '
+                      f'num_heads={c.num_heads}; set head_dim explicitly')
+  if head_dim(c) % 2:
+    raise ConfigError(f'config.{where}: head_dim {head_dim(c)} must be even '
+                      '(rotary embeddings rotate pairs)')
+  if c.dtype not in _DTYPES:
+    raise ConfigError(f'config.{where}.dtype must be one of {sorted(_DTYPES)}, '
+                      f'got {c.dtype!r}')
+  if c.remat not in ('none', 'full', 'dots'):
+    raise ConfigError(f"config.{where}.remat must be 'none', 'full' or 'dots', "
+                      f'got {c.remat!r}')
+
+
+def _param(rngs: nnx.Rngs, shape, std: float, names) -> nnx.Param:
+  return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32),
+                   out_sharding=names)
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim: int, eps: float):
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=('embed',))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...]).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding of x [B, T, H, D] at integer positions [B, T]."""
+  half = x.shape[-1] // 2
+  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle = positions.astype(jnp.float32)[..., None, None] * freq  # [B,T,1,half]
+  sin, cos = jnp.sin(angle), jnp.cos(angle)
+  x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """Grouped-query attention. q [B,T,H,D]; k, v [B,KV,S,D]; mask [B,T,S] bool.
+
+  The query heads of a group share one KV head. Scores and softmax in float32.
+  """
+  b, t, h, d = q.shape
+  kv = k.shape[1]
+  q = q.reshape(b, t, kv, h // kv, d)
+  s = jnp.einsum('btkgd,bksd->bkgts', q, k,
+                 preferred_element_type=jnp.float32) * (d ** -0.5)
+  s = jnp.where(mask[:, None, None], s, _MASKED)
+  p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+  o = jnp.einsum('bkgts,bksd->btkgd', p, v)
+  return o.reshape(b, t, h, d)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, c: ml_collections.ConfigDict, rngs: nnx.Rngs):
+    e, h, kv, d = int(c.dim), int(c.num_heads), int(c.num_kv_heads), head_dim(c)
+    std = float(c.init_std)
+    self.wq = _param(rngs, (e, h, d), std, ('embed', 'heads', None))
+    self.wk = _param(rngs, (e, kv, d), std, ('embed', 'kv_heads', None))
+    self.wv = _param(rngs, (e, kv, d), std, ('embed', 'kv_heads', None))
+    self.wo = _param(rngs, (h, d, e), std, ('heads', None, 'embed'))
+    self.theta = float(c.rope_theta)
+    self.dtype = _DTYPES[c.dtype]
+
+  def _w(self, w: nnx.Param, names) -> jax.Array:
+    # FSDP: the 'embed' dim lives sharded between steps; gather it here.
+    return rules.shard_activation(w[...].astype(self.dtype), names)
+
+  def __call__(self, x, positions, mask, cache=None, layer=None, index=None):
+    dt = self.dtype
+    x = x.astype(dt)
+    q = jnp.einsum('bte,ehd->bthd', x, self._w(self.wq, (None, 'heads', None)))
+    k = jnp.einsum('bte,ehd->bhtd', x, self._w(self.wk, (None, 'kv_heads', None)))
+    v = jnp.einsum('bte,ehd->bhtd', x, self._w(self.wv, (None, 'kv_heads', None)))
+    q = rope(q, positions, self.theta)
+    k = jnp.swapaxes(rope(jnp.swapaxes(k, 1, 2), positions, self.theta), 1, 2)
+    q = rules.shard_activation(q, ('batch', 'time', 'heads', None))
+    if cache is not None:
+      # Write this layer's new keys/values at [index, index + T) in place.
+      start = (layer, 0, 0, index, 0)
+      cache = dict(cache,
+                   k=jax.lax.dynamic_update_slice(
+                       cache['k'], k[None].astype(cache['k'].dtype), start),
+                   v=jax.lax.dynamic_update_slice(
+                       cache['v'], v[None].astype(cache['v'].dtype), start))
+      k = jax.lax.dynamic_index_in_dim(cache['k'], layer, 0, keepdims=False)
+      v = jax.lax.dynamic_index_in_dim(cache['v'], layer, 0, keepdims=False)
+    o = attend(q, k.astype(dt), v.astype(dt), mask)
+    out = jnp.einsum('bthd,hde->bte', o, self._w(self.wo, ('heads', None, None)))
+    return rules.shard_activation(out, ('batch', 'time', 'embed')), cache
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, c: ml_collections.ConfigDict, rngs: nnx.Rngs):
+    e, f, std = int(c.dim), int(c.mlp_dim), float(c.init_std)
+    self.gate = _param(rngs, (e, f), std, ('embed', 'mlp'))
+    self.up = _param(rngs, (e, f), std, ('embed', 'mlp'))
+    self.down = _param(rngs, (f, e), std, ('mlp', 'embed'))
+    self.dtype = _DTYPES[c.dtype]
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dt = self.dtype
+    g = rules.shard_activation(self.gate[...].astype(dt), (None, 'mlp'))
+    u = rules.shard_activation(self.up[...].astype(dt), (None, 'mlp'))
+    d = rules.shard_activation(self.down[...].astype(dt), ('mlp', None))
+    x = x.astype(dt)
+    hid = jax.nn.silu(x @ g) * (x @ u)
+    hid = rules.shard_activation(hid, ('batch', 'time', 'mlp'))
+    return rules.matmul(hid, d, ('batch', 'time', 'embed'))
+
+
+class Block(nnx.Module):
+
+  def __init__(self, c: ml_collections.ConfigDict, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(int(c.dim), float(c.norm_eps))
+    self.attn = Attention(c, rngs)
+    self.mlp_norm = RMSNorm(int(c.dim), float(c.norm_eps))
+    self.mlp = MLP(c, rngs)
+
+  def __call__(self, x, positions, mask, cache=None, layer=None, index=None):
+    a, cache = self.attn(self.attn_norm(x), positions, mask, cache, layer, index)
+    x = x + a.astype(x.dtype)
+    x = x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
+    return x, cache
+
+
+_REMAT = {
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nnx.Module):
+  """A stack of `num_layers` blocks (scanned) and a final RMSNorm."""
+
+  def __init__(self, c: ml_collections.ConfigDict, rngs: nnx.Rngs):
+    self.num_layers = int(c.num_layers)
+    self.num_kv_heads = int(c.num_kv_heads)
+    self.head_dim = head_dim(c)
+    self.remat = c.remat
+
+    @nnx.split_rngs(splits=self.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0,
+              transform_metadata={nnx.PARTITION_NAME: 'layers'})
+    def make(r):
+      return Block(c, r)
+
+    self.layers = make(rngs)
+    self.norm = RMSNorm(int(c.dim), float(c.norm_eps))
+
+  def init_cache(self, batch: int, length: int, dtype=jnp.float32) -> Cache:
+    shape = (self.num_layers, batch, self.num_kv_heads, length, self.head_dim)
+    return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
+
+  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+               cache: Cache | None = None, index: Any = None):
+    """x [B,T,E], positions [B,T], mask [B,T,S] (S = T, or the cache length).
+
+    Returns (normed output [B,T,E], updated cache or None).
+    """
+    gdef, params = nnx.split(self.layers)
+
+    def body(carry, layer_params):
+      h, cache, i = carry
+      h, cache = nnx.merge(gdef, layer_params)(h, positions, mask, cache, i, index)
+      return (h, cache, i + 1), None
+
+    if self.remat in _REMAT:
+      body = jax.checkpoint(body, policy=_REMAT[self.remat])
+    (h, cache, _), _ = jax.lax.scan(body, (x, cache, jnp.int32(0)), params)
+    return self.norm(h), cache
+
+
+def causal_mask(valid: jax.Array, causal: bool = True) -> jax.Array:
+  """[B,T,T] mask for a whole sequence: valid keys, and earlier ones if causal."""
+  t = valid.shape[1]
+  m = valid[:, None, :]
+  if causal:
+    m = m & jnp.tril(jnp.ones((t, t), bool))[None]
+  return m
+
+
+def cache_mask(key_valid: jax.Array, index, num_new: int) -> jax.Array:
+  """[B,T,S] mask for T new tokens written at `index` into a cache of S slots:
+  a query sees valid slots up to and including its own."""
+  s = key_valid.shape[1]
+  q_slot = index + jnp.arange(num_new)
+  ok = jnp.arange(s)[None, :] <= q_slot[:, None]
+  return key_valid[:, None, :] & ok[None]

@@ -1,0 +1,310 @@
+"""`musicjax prepare --codec-workdir`: token shards from a (tiny) trained codec."""
+import copy
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+
+from musicjax.codec import chunked
+from musicjax.data import audio
+from musicjax.data import melody as melody_lib
+from musicjax.data import prepare_tokens
+from musicjax.data import sources
+from musicjax.data import text
+from musicjax.data import token_records
+from musicjax.errors import UserError
+from musicjax.train import trainer
+from tests import audio_fixtures as fx
+from tests import codec_fixtures as cf
+
+SR = 8000  # codec_fixtures.small_config
+SECONDS = 0.6  # every good file this long: one encoder compile for all of them
+LYRICS = 'Grüß Gott, schöne Welt — 日本語の歌 ♪'
+# Paths chosen so that each split holds good files (checked in the tests):
+# folder_split puts a, b, e, broken in train and c, d, badmeta in eval.
+PLAIN_FILES = ('a', 'b', 'c', 'd', 'e')
+STEM_SONGS_GOOD = ('song_a', 'song_b')  # train, eval
+
+
+@pytest.fixture(scope='module')
+def codec(tmp_path_factory):
+  """(workdir, codec config, model): a tiny codec trained for 2 steps."""
+  tmp = tmp_path_factory.mktemp('codec')
+  data = str(tmp / 'data')
+  fx.good_folder(data, 4, seconds=1.0, sample_rate=SR)
+  c = cf.small_config()
+  c.data.kind, c.data.path, c.data.eval_fraction = 'folder', data, 0.25
+  c.data.batch_size = c.data.eval_batch_size = 8  # one per forced CPU device
+  c.loss.mel_windows, c.loss.mel_bins = (64,), (10,)
+  c.loss.adv_start_step = 1000  # no discriminator: a shorter compile
+  c.train.steps, c.train.checkpoint_every = 2, 2
+  c.train.log_every, c.train.eval_every, c.train.eval_steps = 1, 1000, 1
+  wd = str(tmp / 'run')
+  trainer.train(c, wd)
+  from musicjax import config as config_lib
+  saved = config_lib.load_saved(wd)
+  task, _, state = trainer.restore_for_inference(saved, wd)
+  return wd, saved, task.inference_model(state)
+
+
+def _data_config(codec_config, path, **data):
+  c = copy.deepcopy(codec_config)
+  c.data.kind, c.data.path = 'folder', path
+  c.data.eval_fraction, c.data.records_per_shard = 0.3, 2
+  for k, v in data.items():
+    c.data[k] = v
+  return c
+
+
+def _plain_folder(root):
+  """Good files a..e (a with non-ASCII lyrics), a corrupt wav, bad metadata."""
+  paths = {}
+  for i, name in enumerate(PLAIN_FILES):
+    paths[name] = fx.write(os.path.join(root, f'{name}.wav'),
+                           fx.tone(SECONDS, SR, 220.0 * 2 ** (i / 12)), SR)
+  with open(os.path.join(root, 'a.json'), 'w', encoding='utf-8') as f:
+    json.dump({'title': 'Grüße', 'lyrics': LYRICS, 'tags': 'genre: pop; mood: happy'},
+              f, ensure_ascii=False)
+  broken = os.path.join(root, 'broken.wav')
+  with open(broken, 'wb') as f:
+    f.write(b'RIFF\x00\x00\x00\x00WAVEjunk' + b'\x13' * 100)
+  badmeta = fx.write(os.path.join(root, 'badmeta.wav'),
+                     fx.tone(SECONDS, SR, 300.0), SR)
+  with open(os.path.join(root, 'badmeta.json'), 'w') as f:
+    json.dump({'sections': 'not a list'}, f)
+  split = sources.folder_split(sources.list_audio_files(root), root, 0.3)
+  assert {os.path.basename(p) for p in split['train']} == {
+      'a.wav', 'b.wav', 'e.wav', 'broken.wav'}, split
+  return paths, broken, badmeta
+
+
+def _records(out):
+  """{origin: record} over both splits."""
+  found = {}
+  for split in sources.SPLITS:
+    ds = token_records.source(out, split)
+    for i in range(len(ds)):
+      r = ds[i]
+      assert 'error' not in r, r
+      found[r['meta']['origin']] = dict(r, split=split)
+  return found
+
+
+def test_prepare_folder_codes_melody_meta_and_bad_files(tmp_path, codec):
+  wd, codec_config, model = codec
+  paths, broken, badmeta = _plain_folder(str(tmp_path / 'src'))
+  out = str(tmp_path / 'tokens')
+  c = _data_config(codec_config, str(tmp_path / 'src'))
+  result = prepare_tokens.prepare_tokens_main(wd, out, c)
+
+  assert result['train'] == 3 and result['eval'] == 2, result
+  assert result['bad_files'] == 2
+  # train [a, b], [e]; eval [c, d], [badmeta]: a shard may end up empty.
+  shards = glob.glob(os.path.join(out, '*.array_record'))
+  assert sorted(os.path.basename(p) for p in shards) == [
+      'eval-p000-00000.array_record', 'eval-p000-00001.array_record',
+      'train-p000-00000.array_record', 'train-p000-00001.array_record']
+  bad = audio.bad_files()
+  assert broken in bad and 'corrupt' in bad[broken]
+  assert 'unusable metadata' in bad[badmeta]
+
+  records = _records(out)
+  assert sorted(records) == sorted(paths.values())  # every good file, once
+  hop = model.hop_length
+  for origin, r in records.items():
+    x = audio.load_audio(origin, SR, 1)
+    want = chunked.encode_array(model, x)
+    assert r['codes'].dtype == np.int16
+    np.testing.assert_array_equal(r['codes'], want)
+    frames = int(np.ceil(x.shape[0] / hop))
+    assert r['codes'].shape == (frames, 3)
+    assert r['melody'].dtype == np.int8 and r['melody'].shape == (frames,)
+    np.testing.assert_array_equal(r['melody'], melody_lib.chroma_tokens(x, SR, hop))
+    m = r['meta']
+    assert (m['num_frames'], m['frame_rate'], m['sample_rate']) == (frames, SR / hop, SR)
+    assert m['id'] == os.path.splitext(os.path.basename(origin))[0]
+    assert 'vocal_codes' not in r
+  a = records[paths['a']]['meta']
+  assert (a['lyrics'], a['title'], a['tags']) == (
+      LYRICS, 'Grüße', 'genre: pop; mood: happy')
+  # The mix is a 220 Hz tone (A): its melody says A wherever it is not silent.
+  assert np.mean(records[paths['a']]['melody'] == 9) > 0.9
+
+  info = token_records.read_dataset_info(out)
+  assert info['format'] == 'musicjax-tokens-v1'
+  assert (info['num_codebooks'], info['codebook_size']) == (3, 32)
+  assert info['hop_length'] == hop
+  assert (info['sample_rate'], info['channels'], info['frame_rate']) == (SR, 1, SR / hop)
+  assert info['splits'] == {'train': 3, 'eval': 2} and info['stems'] is False
+  assert set(info['bad_files']) == {broken, badmeta}
+  assert info['codec_workdir'] == os.path.abspath(wd)
+  # The text tokenizer learned the train lyrics: they round-trip.
+  tok = text.TextTokenizer.load(out)
+  assert tok.decode(tok.encode(LYRICS)) == LYRICS
+
+
+def _stem_folder(root):
+  """song_a: vocals + accompaniment (no mix); song_b: + mix; uneven: stems of
+  different lengths; lonely: no accompaniment."""
+  vocal = fx.tone(SECONDS, SR, 440.0, amplitude=0.2)          # A
+  accomp = fx.tone(SECONDS, SR, 261.63, amplitude=0.6)        # C, louder
+  w = lambda song, stem, x: fx.write(os.path.join(root, song, f'{stem}.wav'), x, SR)
+  files = {
+      'song_a': {'vocal': w('song_a', 'vocals', vocal),
+                 'accompaniment': w('song_a', 'accompaniment', accomp)},
+      'song_b': {'vocal': w('song_b', 'vocals', vocal),
+                 'accompaniment': w('song_b', 'accompaniment', accomp),
+                 'mix': w('song_b', 'mix', 0.5 * (vocal + accomp))},
+  }
+  w('uneven', 'vocals', vocal)
+  w('uneven', 'accompaniment', accomp[:len(accomp) // 2])
+  w('lonely', 'vocals', vocal)
+  with open(os.path.join(root, 'song_a', 'meta.json'), 'w', encoding='utf-8') as f:
+    json.dump({'lyrics': LYRICS}, f, ensure_ascii=False)
+  return files, vocal, accomp
+
+
+def test_stem_folders_give_stem_codes_and_bad_songs_are_skipped(tmp_path, codec):
+  wd, codec_config, model = codec
+  root = str(tmp_path / 'songs')
+  files, vocal, accomp = _stem_folder(root)
+  out = str(tmp_path / 'tokens')
+  c = _data_config(codec_config, root)
+  result = prepare_tokens.prepare_tokens_main(wd, out, c, stems=True)
+  assert (result['train'], result['eval'], result['bad_files']) == (1, 1, 2)
+
+  bad = audio.bad_files()
+  assert 'stem lengths differ' in bad[os.path.join(root, 'uneven')]
+  assert 'missing stem accompaniment.<' in bad[os.path.join(root, 'lonely')]
+  records = _records(out)
+  assert sorted(records) == [os.path.join(root, s) for s in STEM_SONGS_GOOD]
+  assert [records[os.path.join(root, s)]['split'] for s in STEM_SONGS_GOOD] == [
+      'train', 'eval']
+  enc = lambda x: chunked.encode_array(model, x)
+  for song, stems in files.items():
+    r = records[os.path.join(root, song)]
+    np.testing.assert_array_equal(r['vocal_codes'], enc(vocal))
+    np.testing.assert_array_equal(r['accompaniment_codes'], enc(accomp))
+    mix = audio.load_audio(stems['mix'], SR, 1) if 'mix' in stems else vocal + accomp
+    np.testing.assert_array_equal(r['codes'], enc(mix))
+    # The melody follows the vocal (A = 9), not the louder accompaniment (C).
+    assert np.mean(r['melody'] == 9) > 0.9, r['melody']
+    assert r['meta']['stem_origins'] == stems
+  assert records[os.path.join(root, 'song_a')]['meta']['lyrics'] == LYRICS
+  assert records[os.path.join(root, 'song_a')]['meta']['id'] == 'song_a'
+  assert token_records.read_dataset_info(out)['stems'] is True
+
+
+def _decoded(out):
+  return {split: [(r['meta'], r['codes'].tolist(), r['melody'].tolist())
+                  for r in (token_records.source(out, split)[i]
+                            for i in range(len(token_records.source(out, split))))]
+          for split in sources.SPLITS}
+
+
+def test_resume_reencodes_only_missing_shards_and_equals_clean_run(
+    tmp_path, codec, monkeypatch):
+  wd, codec_config, _ = codec
+  _plain_folder(str(tmp_path / 'src'))
+  c = _data_config(codec_config, str(tmp_path / 'src'))
+  clean = str(tmp_path / 'clean')
+  prepare_tokens.prepare_tokens_main(wd, clean, c)
+
+  out = str(tmp_path / 'resumed')
+  prepare_tokens.prepare_tokens_main(wd, out, c)
+  shards = [p for split in sources.SPLITS
+            for p in token_records.shard_paths(out, split)]
+  before = {p: os.stat(p).st_mtime_ns for p in shards}
+  gone = os.path.join(out, 'train-p000-00001.array_record')
+  os.remove(gone)
+  os.remove(os.path.join(out, token_records.DATASET_INFO))
+  # The deleted shard's interrupted write left its temporary file behind.
+  stale = os.path.join(out, '.train-p000-00001.array_record.tmp')
+  with open(stale, 'wb') as f:
+    f.write(b'half a shard')
+  with pytest.raises(UserError, match='dataset.json not found'):
+    token_records.read_dataset_info(out)  # not finished: no description yet
+  encoded = []
+  real = prepare_tokens.encode_item
+
+  def counting(item, *args, **kwargs):
+    encoded.append(item['name'])
+    return real(item, *args, **kwargs)
+
+  monkeypatch.setattr(prepare_tokens, 'encode_item', counting)
+  result = prepare_tokens.prepare_tokens_main(wd, out, c)
+
+  assert encoded == [os.path.join(str(tmp_path / 'src'), 'e.wav')]  # shard 1 only
+  assert all(os.stat(p).st_mtime_ns == t for p, t in before.items() if p != gone)
+  assert (result['train'], result['eval']) == (3, 2)
+  assert _decoded(out) == _decoded(clean)
+  assert token_records.read_dataset_info(out) == token_records.read_dataset_info(clean)
+  # The temporary file was overwritten and became the shard.
+  assert not os.path.exists(stale) and os.path.isfile(gone)
+
+  # Other settings on the same --out are refused instead of mixed in.
+  c.data.records_per_shard = 3
+  with pytest.raises(UserError, match='records_per_shard.*new --out'):
+    prepare_tokens.prepare_tokens_main(wd, out, c)
+
+
+def test_record_round_trip_and_damage_without_a_codec():
+  codes = np.arange(12).reshape(6, 2)
+  melody = np.array([0, 1, -1, 11, 3, 3])
+  meta = {'lyrics': LYRICS, 'origin': '/x/song.wav'}
+  stems = {'vocal_codes': codes + 1, 'accompaniment_codes': codes + 2}
+  raw = token_records.encode_record(codes, melody, meta, 40000, stems)
+  r = token_records.decode_record(raw, 'shard#0')
+  assert r['name'] == 'shard#0 (/x/song.wav)' and r['meta'] == meta
+  assert r['codes'].dtype == np.int32  # codebook_size > 32767
+  np.testing.assert_array_equal(r['codes'], codes)
+  np.testing.assert_array_equal(r['vocal_codes'], codes + 1)
+  np.testing.assert_array_equal(r['accompaniment_codes'], codes + 2)
+  assert r['melody'].dtype == np.int8 and r['melody'].tolist() == melody.tolist()
+  small = token_records.decode_record(
+      token_records.encode_record(codes, melody, {}, 1024), 'n')
+  assert small['codes'].dtype == np.int16 and 'vocal_codes' not in small
+
+  damaged = token_records.decode_record(raw[:len(raw) // 2], 'shard#7')
+  assert damaged['name'] == 'shard#7' and 'damaged record' in damaged['error']
+  assert 'damaged record' in token_records.decode_record(b'garbage', 'g')['error']
+  # A readable archive with inconsistent arrays is damaged too.
+  import io
+  buf = io.BytesIO()
+  np.savez(buf, codes=codes, melody=melody[:3], meta_json=np.frombuffer(b'{}', np.uint8))
+  assert 'melody' in token_records.decode_record(buf.getvalue(), 'n')['error']
+
+
+def test_source_decodes_records_and_damaged_ones_do_not_raise(tmp_path):
+  from array_record.python import array_record_module
+  out = str(tmp_path / 'tokens')
+  os.makedirs(out)
+  w = array_record_module.ArrayRecordWriter(
+      os.path.join(out, token_records.shard_name('train', 0, 0)), 'group_size:1')
+  w.write(token_records.encode_record(np.zeros((4, 2)), np.zeros(4), {'i': 0}, 32))
+  w.write(b'not a record')
+  w.close()
+  ds = token_records.source(out, 'train')
+  assert len(ds) == 2
+  assert ds[0]['meta'] == {'i': 0} and ds[0]['codes'].shape == (4, 2)
+  assert 'damaged record' in ds[1]['error']
+  with pytest.raises(UserError, match=r'no eval-p\*.*musicjax prepare --codec-workdir'):
+    token_records.source(out, 'eval')
+
+
+def test_missing_inputs_are_user_errors(tmp_path):
+  nowhere = str(tmp_path / 'nowhere')
+  with pytest.raises(UserError, match=f"{nowhere}.*musicjax prepare --codec-workdir"):
+    token_records.source(nowhere, 'train')
+  with pytest.raises(UserError, match='dataset.json not found'):
+    token_records.read_dataset_info(str(tmp_path))
+  with pytest.raises(UserError, match=f"--codec-workdir '{nowhere}' has no config.json"):
+    prepare_tokens.prepare_tokens_main(nowhere, str(tmp_path / 'out'))
+  untrained = tmp_path / 'untrained'
+  untrained.mkdir()
+  (untrained / 'config.json').write_text('{}')
+  with pytest.raises(UserError, match='has no checkpoint'):
+    prepare_tokens.prepare_tokens_main(str(untrained), str(tmp_path / 'out'))
+  assert not os.path.exists(tmp_path / 'out')
