@@ -1,9 +1,16 @@
-"""`make demo`: render chorales, train the tiny codec, evaluate it, write a listening kit.
+"""`make demo`: the codec, then the LM, on real chorales, on this machine.
 
     python -m musicjax.demo --workdir runs/demo [--config.train.steps=200 ...]
 
-Writes WORKDIR/{metrics.jsonl, eval.json, original.wav, reconstruction.wav,
-spectrograms.png} plus checkpoints and TensorBoard files. Re-running resumes.
+1. render chorales, train the tiny codec, evaluate it, reconstruct an eval
+   chorale: WORKDIR/{eval.json, original.wav, reconstruction.wav, spectrograms.png}
+2. tokenize the chorales with that codec: WORKDIR/tokens
+3. train the tiny LM on the tokens: WORKDIR/lm
+4. generate 10 s from an eval chorale's tags + lyrics (lm_song.*) and 10 s
+   following that chorale's soprano melody (lm_melody.*), with the chroma
+   agreement of the melody clip against the melody (and of an unconditional
+   clip, as the baseline) in WORKDIR/lm_eval.json.
+Re-running resumes every stage. --config.* overrides apply to the codec config.
 """
 from __future__ import annotations
 
@@ -18,6 +25,7 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, 'configs', 'codec', 'tiny.py')
+DEFAULT_LM_CONFIG = os.path.join(REPO, 'configs', 'lm', 'tiny.py')
 
 
 def spectrogram_png(original: np.ndarray, recon: np.ndarray, sr: int, path: str,
@@ -68,12 +76,77 @@ def listening_kit(config, workdir: str, seconds: float) -> dict:
           'seconds': wave.shape[0] / sr, 'codes_shape': list(codes.shape)}
 
 
+def chroma_agreement(codes: np.ndarray, melody: np.ndarray, ctx) -> float:
+  """Share of the melody's voiced frames whose chroma class the audio decoded
+  from `codes` matches."""
+  from musicjax.codec import chunked
+  from musicjax.data import melody as melody_lib
+  wave = chunked.decode_array(ctx.codec(), codes)
+  got = melody_lib.chroma_tokens(wave, int(ctx.info['sample_rate']),
+                                 int(ctx.info['hop_length']))
+  n = min(len(got), len(melody))
+  voiced = melody[:n] >= 0
+  return float(np.mean(got[:n][voiced] == melody[:n][voiced])) if voiced.any() else 0.0
+
+
+def lm_stage(lm_config, workdir: str, seconds: float) -> dict:
+  """Tokenize, train the LM, generate from an eval chorale's conditions."""
+  from musicjax.data import chorales
+  from musicjax.data import melody as melody_lib
+  from musicjax.data import prepare_tokens
+  from musicjax.data import song_text
+  from musicjax.lm import song
+  from musicjax.train import trainer
+  from musicjax import config as cfg
+  tokens, lm_dir = os.path.join(workdir, 'tokens'), os.path.join(workdir, 'lm')
+  print(f'[demo] 4/6 tokenize the chorales with the codec -> {tokens}', flush=True)
+  prepare_tokens.prepare_tokens_main(workdir, tokens)
+  with lm_config.unlocked():
+    lm_config.data.path = tokens
+  print(f'[demo] 5/6 train the tiny LM ({lm_config.train.steps} steps) in {lm_dir}',
+        flush=True)
+  trainer.train(lm_config, lm_dir)
+  print(f'[demo] 6/6 generate {seconds:g} s clips from an eval chorale', flush=True)
+  codec_config = cfg.load_saved(workdir)
+  piece = chorales.chorale_manifest(codec_config, 'eval')[0]
+  meta = piece['meta']
+  tags = song_text.format_tags(song_text.derive_tags(meta)).replace(
+      '<tag>', '').replace('</tag>', '')
+  secs = song_text.sections(meta, 1.0, int(meta.get('duration_seconds', seconds)) + 1)
+  lyrics = song_text.format_lyrics([x for x in secs if x.start_frame < seconds])
+  ctx = song.SongContext(lm_config, lm_dir, codec_workdir=workdir)
+  out = {'piece': meta.get('title'), 'tags': tags}
+  out['song'] = song.generate_song(ctx, song.SongRequest(
+      tags=tags, lyrics=lyrics, seconds=seconds, seed=0),
+      os.path.join(workdir, 'lm_song.wav'))
+  # Melody: the chorale's soprano stem, as chroma classes per frame.
+  sop = ctx.load_wave(piece['stems']['vocal'])[:int(seconds * ctx.info['sample_rate'])]
+  target = melody_lib.chroma_tokens(sop, int(ctx.info['sample_rate']),
+                                    int(ctx.info['hop_length']))
+  req = song.SongRequest(tags=tags, melody_path=piece['stems']['vocal'],
+                         seconds=seconds, seed=0)
+  out['melody'] = song.generate_song(ctx, req, os.path.join(workdir, 'lm_melody.wav'))
+  with np.load(os.path.join(workdir, 'lm_melody.npz')) as z:
+    with_melody = z['codes']
+  without = song.sample_codes(ctx, song.SongRequest(tags=tags, seconds=seconds,
+                                                    seed=0), progress=False)
+  out['chroma_agreement_with_melody'] = chroma_agreement(with_melody, target, ctx)
+  out['chroma_agreement_without_melody'] = chroma_agreement(without, target, ctx)
+  out['eval'] = trainer.evaluate(lm_config, lm_dir)
+  with open(os.path.join(workdir, 'lm_eval.json'), 'w') as f:
+    json.dump(out, f, indent=2, sort_keys=True, default=str)
+  return out
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--workdir', default='runs/demo')
   p.add_argument('--config', default=DEFAULT_CONFIG)
+  p.add_argument('--lm-config', default=DEFAULT_LM_CONFIG)
   p.add_argument('--listen-seconds', type=float, default=8.0)
+  p.add_argument('--lm-seconds', type=float, default=10.0)
+  p.add_argument('--skip-lm', action='store_true', help='stop after the codec')
   args, rest = p.parse_known_args(argv)
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
   logging.getLogger('absl').setLevel(logging.WARNING)
@@ -81,25 +154,33 @@ def main(argv=None) -> int:
   from musicjax import config as cfg
   from musicjax.errors import UserError
   from musicjax.train import trainer
+  lm = None
   try:
     config = cfg.load(args.config, rest)
     t0 = time.time()
-    print(f'[demo] 1/3 render chorales + train the tiny codec ({config.train.steps} steps) '
+    print(f'[demo] 1/6 render chorales + train the tiny codec ({config.train.steps} steps) '
           f'in {args.workdir}', flush=True)
     trainer.train(config, args.workdir)
-    print('[demo] 2/3 evaluate on the eval split (held-out BWV numbers)', flush=True)
+    print('[demo] 2/6 evaluate on the eval split (held-out BWV numbers)', flush=True)
     metrics = trainer.evaluate(config, args.workdir)
     with open(os.path.join(args.workdir, 'eval.json'), 'w') as f:
       json.dump(metrics, f, indent=2, sort_keys=True)
-    print('[demo] 3/3 reconstruct an eval chorale', flush=True)
+    print('[demo] 3/6 reconstruct an eval chorale', flush=True)
     kit = listening_kit(config, args.workdir, args.listen_seconds)
+    if not args.skip_lm:
+      lm = lm_stage(cfg.load(args.lm_config), args.workdir, args.lm_seconds)
   except UserError as e:
     print(f'demo: error: {e}', file=sys.stderr)
     return 2
-  print(json.dumps({'eval': metrics, 'listen': kit,
-                    'minutes': round((time.time() - t0) / 60, 1)}, sort_keys=True))
+  summary = {'eval': metrics, 'listen': kit,
+             'minutes': round((time.time() - t0) / 60, 1)}
+  if lm:
+    summary['lm'] = {k: lm[k] for k in ('chroma_agreement_with_melody',
+                                         'chroma_agreement_without_melody')}
+    summary['lm']['eval_loss'] = lm['eval'].get('loss')
+  print(json.dumps(summary, sort_keys=True, default=str))
   print(f'[demo] done: listen to {args.workdir}/original.wav vs reconstruction.wav, '
-        f'look at {args.workdir}/spectrograms.png, '
+        f'{args.workdir}/lm_song.wav and lm_melody.wav (+ .png spectrograms); '
         f'`tensorboard --logdir {args.workdir}` for curves.')
   return 0
 

@@ -143,8 +143,14 @@ class AudioLM(nnx.Module):
     return (out @ w[k - 1]).astype(jnp.float32)
 
   # -------------------------------------------------------------- training
-  def __call__(self, batch: dict) -> dict:
-    """Teacher-forced logits of a training batch (see musicjax/lm/layout.py)."""
+  def __call__(self, batch: dict, local_slots: int | None = None) -> dict:
+    """Teacher-forced logits of a training batch (see musicjax/lm/layout.py).
+
+    The local transformer runs only where the next slot is a real frame (not
+    condition text, END or padding): at most `local_slots` such slots per row
+    (default: every slot), gathered in order. 'local' is [B, F, K-1, V] with
+    'local_index' [B, F] (the slot of each row of 'local'; -1 if unused).
+    """
     ref = ref_valid = None
     if 'ref_codes' in batch:
       ref = self.reference_embedding(batch['ref_codes'])
@@ -155,16 +161,30 @@ class AudioLM(nnx.Module):
     if self.variant == 'single_stream':
       return {'stream': self.stream_logits(h)}
     nxt = next_slots(batch['audio'], valid)
-    b, s, _ = nxt.shape
-    li = self.local_inputs(h, nxt)                       # [B,S,K,El]
-    flat = rules.reshape(li, (b * s,) + li.shape[2:])
+    index = frame_slots(nxt, self.codebook_size, local_slots or nxt.shape[1])
+    rows = jnp.maximum(index, 0)
+    h_l = jnp.take_along_axis(h, rows[..., None], axis=1)
+    nxt_l = jnp.take_along_axis(nxt, rows[..., None], axis=1)
+    b, f, _ = nxt_l.shape
+    li = self.local_inputs(h_l, nxt_l)                   # [B,F,K,El]
+    flat = rules.reshape(li, (b * f,) + li.shape[2:])
     kk = self.num_codebooks
-    pos = jnp.broadcast_to(jnp.arange(kk), (b * s, kk))
-    lmask = transformer.causal_mask(jnp.ones((b * s, kk), bool))
+    pos = jnp.broadcast_to(jnp.arange(kk), (b * f, kk))
+    lmask = transformer.causal_mask(jnp.ones((b * f, kk), bool))
     out, _ = self.local(flat, pos, lmask)
-    out = rules.reshape(out, (b, s) + out.shape[1:])
+    out = rules.reshape(out, (b, f) + out.shape[1:])
     return {'global': self.global_logits(h),
-            'local': self.local_logits(out[:, :, 1:])}
+            'local': self.local_logits(out[:, :, 1:]), 'local_index': index}
+
+
+def frame_slots(nxt: jax.Array, codebook_size: int, count: int) -> jax.Array:
+  """Indices [B, count] of the slots whose next slot is a real frame, in
+  order, padded with -1."""
+  is_frame = (nxt[..., 0] >= 0) & (nxt[..., 0] < codebook_size)
+  s = nxt.shape[1]
+  order = jnp.argsort(jnp.where(is_frame, jnp.arange(s), s + jnp.arange(s)),
+                      axis=1)[:, :count]
+  return jnp.where(jnp.take_along_axis(is_frame, order, axis=1), order, -1)
 
 
 def next_slots(audio: jax.Array, valid: jax.Array) -> jax.Array:
@@ -202,8 +222,15 @@ def token_log_probs(model: AudioLM, batch: dict, logits: dict):
     return -glob, -loc, ce, mask
   nxt = next_slots(audio, valid)
   ce0, m0 = _ce(logits['global'], nxt[..., 0], nxt[..., 0] < 0)
-  # The END frame has codebooks 1..K-1 EMPTY: no local loss there.
-  cek, mk = _ce(logits['local'], nxt[..., 1:], (nxt[..., 1:] < 0) | (nxt[..., 1:] >= v))
+  index = logits['local_index']
+  tgt = jnp.take_along_axis(nxt, jnp.maximum(index, 0)[..., None], axis=1)
+  cek, mk = _ce(logits['local'], tgt[..., 1:],
+                (tgt[..., 1:] < 0) | (index < 0)[..., None])     # [B,F,K-1]
+  # Back to slots (every frame slot appears once in `index`).
+  b, s = ce0.shape
+  scatter = lambda x: jnp.zeros((b, s + 1) + x.shape[2:], x.dtype).at[
+      jnp.arange(b)[:, None], jnp.where(index < 0, s, index)].add(x)[:, :s]
+  cek, mk = scatter(cek), scatter(mk.astype(jnp.int32)) > 0
   ce = jnp.concatenate([ce0[..., None], cek], axis=-1)
   mask = jnp.concatenate([m0[..., None], mk], axis=-1)
   return -ce0, -jnp.sum(cek, axis=-1), ce, mask
@@ -221,9 +248,9 @@ def local_weights(num_codebooks: int, weighting: str) -> jnp.ndarray:
 
 
 def loss_and_metrics(model: AudioLM, batch: dict, global_weight: float,
-                     weighting: str):
+                     weighting: str, local_slots: int | None = None):
   """L = λ0 L0 + 1/(K-1) Σ_k λk Lk (eq. 8), plus per-codebook CE/perplexity."""
-  logits = model(batch)
+  logits = model(batch, local_slots)
   _, _, ce, mask = token_log_probs(model, batch, logits)
   k = model.num_codebooks
   per_k = _mean(ce, mask, axes=(0, 1))                      # [K]

@@ -199,8 +199,11 @@ class LMTask(Task):
 
   def _loss(self, model, batch):
     lo = self.config.loss
+    # A window holds at most max_frames real frames: the local transformer
+    # runs on those slots only.
     return model_lib.loss_and_metrics(model, batch, lo.global_weight,
-                                      lo.local_weighting)
+                                      lo.local_weighting,
+                                      self.config.data.max_frames)
 
   def train_step(self, state: LMState, batch, rng):
     del rng  # condition dropout happens in the data pipeline (seeded, resumable)

@@ -16,6 +16,8 @@ preemption and the non-finite guard. A task owns everything model-specific:
   * `batch_spec(batch_size)`: name -> (shape, dtype, logical axes) of a global
     batch, so the trainer can shard it before any data arrives.
   * `summaries(state, batch, rng) -> dict`: optional host-side audio/images.
+  * `warm_start(state, shardings)`: optional; a fresh run starts from what it
+    returns (pretrained weights for fine-tuning); resumed runs skip it.
   * `dataset(split, shard_index, shard_count)`: a Grain IterDataset of this
     process's share of each global batch, as numpy dicts matching
     `batch_spec`. The default reads audio with `musicjax.data.pipeline`.
@@ -80,6 +82,13 @@ class Task(abc.ABC):
     deterministic). Its iterator state is saved in every checkpoint."""
     from musicjax.data import pipeline  # data is a sibling layer, loaded lazily
     return pipeline.audio_dataset(self.config, split, shard_index, shard_count)
+
+  def warm_start(self, state: nnx.State, shardings: Any) -> nnx.State:
+    """Called once on a fresh run (no checkpoint yet) with the initialised,
+    sharded state; returns the state to train from. Default: unchanged.
+    Fine-tuning tasks (e.g. DPO) load pretrained weights here."""
+    del shardings
+    return state
 
   def inference_model(self, state: nnx.Module) -> nnx.Module:
     """The module that encode/decode/generate commands run (e.g. the generator)."""

@@ -243,7 +243,7 @@ def init_state(s: Setup) -> nnx.State:
 def _initial_state(s: Setup, manager, data_iter) -> tuple[Any, int, _Counters]:
   latest = manager.latest_step()
   if latest is None:
-    return init_state(s), 0, _Counters()
+    return s.task.warm_start(init_state(s), s.state_shardings), 0, _Counters()
   state = ckpt_lib.restore(manager, latest, s.abstract_state,
                            s.state_shardings, data_iter)
   meta = ckpt_lib.restore_meta(manager, latest)
