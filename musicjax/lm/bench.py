@@ -63,13 +63,13 @@ def decode(config, repeats: int = 3, frames: int = DECODE_FRAMES) -> dict:
   s = config.sample
   out = {'benchmark': f'lm decode, batch 1, {PROMPT_TOKENS}-token prompt, '
                       f'{frames} frames, median of {repeats} after a warm-up',
-         'frames': frames, 'top_k': s.top_k}
+         'frames': frames, 'top_k': s.top_k, 'head_dtype': s.head_dtype}
   for name, scale in (('cfg', s.cfg_scale if s.cfg_scale != 1 else 1.5),
                       ('nocfg', 1.0)):
     rows = 2 if scale != 1 else 1
     sampling = gen.Sampling(temperature=s.temperature, top_k=s.top_k,
                             top_p=s.top_p, cfg_scale=scale, max_frames=frames,
-                            min_frames=frames)
+                            min_frames=frames, head_dtype=s.head_dtype)
     fn = gen.make_generate_fn(model, sampling, num_cond=1)
     prompt = _prompt(config, rows, rng)
     t = _median_time(lambda: fn(prompt, jax.random.key(0))['codes'], repeats)

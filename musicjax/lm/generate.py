@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from musicjax.lm import layout
+from musicjax.lm import model as model_lib
 from musicjax.lm import patterns
 from musicjax.nn import transformer
 
@@ -42,6 +43,7 @@ class Sampling:
   max_frames: int = 250
   min_frames: int = 0        # END is not sampled before this many frames
   stream_every: int = 0      # frames between streaming callbacks (0 = off)
+  head_dtype: str = 'float32'  # output-head weights in the loop: float32 | bfloat16
 
   def validate(self) -> None:
     if self.temperature < 0:
@@ -52,6 +54,9 @@ class Sampling:
       raise ValueError(f'top_p must be in (0, 1], got {self.top_p}')
     if self.max_frames < 1:
       raise ValueError(f'max_frames must be >= 1, got {self.max_frames}')
+    if self.head_dtype not in ('float32', 'bfloat16'):
+      raise ValueError("head_dtype must be 'float32' or 'bfloat16', got "
+                       f'{self.head_dtype!r}')
 
 
 def sample_tokens(logits: jax.Array, rng: jax.Array, s: Sampling) -> jax.Array:
@@ -148,13 +153,15 @@ def generate(model, prompt: dict, *, rng: jax.Array, sampling: Sampling,
   h, cache = model.backbone(x, prompt['positions'], mask, cache, 0)
   rope_pos = jnp.sum(prompt['valid'], axis=1).astype(jnp.int32)
 
+  dv = model_lib.DecodeView(model, jnp.dtype(sampling.head_dtype))
+
   def local_frame(h_last, rng, forced, count):
     """Codebooks 0..K-1 of the next frame from the global hidden [B,E].
 
     `forced` [B,K] (teacher forcing) replaces the samples when given.
     Returns (codes [B,K], global logits [n,V+1], local logits [n,K-1,V])."""
     r0, rl = jax.random.split(rng)
-    g0 = _guide(model.global_logits(h_last), num_cond, sampling.cfg_scale)
+    g0 = _guide(dv.global_logits(h_last), num_cond, sampling.cfg_scale)
     if sampling.min_frames:
       early = (count[:num_cond] < sampling.min_frames)[:, None]
       g0 = jnp.where(early & (jnp.arange(v + 1) == end), -jnp.inf, g0)
@@ -165,24 +172,24 @@ def generate(model, prompt: dict, *, rng: jax.Array, sampling: Sampling,
     lcache = model.local.init_cache(b, k)
     lvalid = jnp.ones((b, k), bool)
     # Position 0: the global hidden state; position 1: codebook 0's embedding.
-    xin = jnp.stack([model.local_in_hidden(h_last), model.local_in_code(0, c0)], 1)
+    xin = jnp.stack([dv.local_in_hidden(h_last), dv.local_in_code(0, c0)], 1)
     pos = jnp.broadcast_to(jnp.arange(2), (b, 2))
-    out, lcache = model.local(xin, pos, transformer.cache_mask(lvalid, 0, 2),
-                              lcache, 0)
+    out, lcache = dv.local_step(xin, pos, transformer.cache_mask(lvalid, 0, 2),
+                                lcache, 0)
     last = out[:, 1]
     for i in range(1, k):
-      logits = _guide(model.local_logits(last, i), num_cond, sampling.cfg_scale)
+      logits = _guide(dv.local_logits(last, i), num_cond, sampling.cfg_scale)
       local_logits.append(logits)
       ci = _tile(sample_tokens(logits, jax.random.fold_in(rl, i), sampling), b)
       if forced is not None:
         ci = forced[:, i]
       codes.append(ci)
       if i + 1 < k:
-        xin = model.local_in_code(i, ci)[:, None]
+        xin = dv.local_in_code(i, ci)[:, None]
         pos = jnp.full((b, 1), i + 1, jnp.int32)
-        out, lcache = model.local(xin, pos,
-                                  transformer.cache_mask(lvalid, i + 1, 1),
-                                  lcache, i + 1)
+        out, lcache = dv.local_step(xin, pos,
+                                    transformer.cache_mask(lvalid, i + 1, 1),
+                                    lcache, i + 1)
         last = out[:, 0]
     return jnp.stack(codes, axis=-1), g0, jnp.stack(local_logits, axis=1)
 
@@ -243,10 +250,10 @@ def generate(model, prompt: dict, *, rng: jax.Array, sampling: Sampling,
                     layout.EMPTY)
     index = p + step
     key_valid = st['key_valid'].at[:, index].set(slot_valid)
-    xin = model.embed(text_slot[:, None], audio_slot[:, None], mel[:, None])
-    hh, cache = model.backbone(xin, st['rope'][:, None],
-                               transformer.cache_mask(key_valid, index, 1),
-                               st['cache'], index)
+    xin = dv.embed(text_slot[:, None], audio_slot[:, None], mel[:, None])
+    hh, cache = dv.backbone_step(xin, st['rope'][:, None],
+                                 transformer.cache_mask(key_valid, index, 1),
+                                 st['cache'], index)
     if callback is not None and sampling.stream_every:
       tick = emit[0] & (count[0] % sampling.stream_every == 0)
       jax.lax.cond(tick, lambda: _stream(callback, frames[:num_cond],
@@ -296,6 +303,7 @@ def _generate_stream(model, prompt, *, rng, sampling, num_cond, melody,
   h, cache = model.backbone(x, prompt['positions'],
                             transformer.cache_mask(key_valid, 0, p), cache, 0)
   rows = jnp.arange(b)
+  dv = model_lib.DecodeView(model, jnp.dtype(sampling.head_dtype))
   state = dict(cache=cache, key_valid=key_valid, h=h[:, -1],
                rope=jnp.sum(prompt['valid'], axis=1).astype(jnp.int32),
                grid=jnp.zeros((b, nf + 1, k), jnp.int32),
@@ -309,7 +317,7 @@ def _generate_stream(model, prompt, *, rng, sampling, num_cond, melody,
 
   def body(st):
     s = st['step']
-    logits = _guide(model.stream_logits(st['h']), num_cond, sampling.cfg_scale)
+    logits = _guide(dv.stream_logits(st['h']), num_cond, sampling.cfg_scale)
     if sampling.min_frames:
       early = patterns.step_slots(pat, s)[0][0] < sampling.min_frames
       logits = logits.at[:, 0, end].set(jnp.where(early, -jnp.inf,
@@ -331,11 +339,11 @@ def _generate_stream(model, prompt, *, rng, sampling, num_cond, melody,
     key_valid = st['key_valid'].at[:, index].set(slot_valid)
     nxt = jnp.minimum(s + 1, steps - 1)
     mel = melody[rows, frame_of[nxt]]
-    xin = model.embed(jnp.full((b, 1), layout.EMPTY, jnp.int32), toks[:, None],
-                      mel[:, None])
-    hh, cache = model.backbone(xin, st['rope'][:, None],
-                               transformer.cache_mask(key_valid, index, 1),
-                               st['cache'], index)
+    xin = dv.embed(jnp.full((b, 1), layout.EMPTY, jnp.int32), toks[:, None],
+                   mel[:, None])
+    hh, cache = dv.backbone_step(xin, st['rope'][:, None],
+                                 transformer.cache_mask(key_valid, index, 1),
+                                 st['cache'], index)
     if callback is not None and sampling.stream_every:
       c0 = jnp.minimum(complete[s], end_frame[0])
       tick = (complete[s] > 0) & (c0 % sampling.stream_every == 0) & ~st['done'][0]

@@ -187,6 +187,67 @@ def frame_slots(nxt: jax.Array, codebook_size: int, count: int) -> jax.Array:
   return jnp.where(jnp.take_along_axis(is_frame, order, axis=1), order, -1)
 
 
+class DecodeView:
+  """An AudioLM's arrays laid out for a decode loop: per-layer blocks,
+  per-codebook embedding tables and heads, each sliced once before the loop
+  (slices taken inside the loop body are copies, repeated every step)."""
+
+  def __init__(self, model: AudioLM, head_dtype=jnp.float32):
+    self.model = model
+    self.head_dtype = head_dtype
+    k = model.num_codebooks
+    audio = model.audio_embed[...]
+    self.tables = [audio[i] for i in range(k)]
+    self.text_table = model.text_embed[...]
+    self.melody_table = model.melody_embed[...]
+    self.backbone = transformer.fuse(model.backbone)
+    if model.variant == 'global_local':
+      self.local = transformer.fuse(model.local)
+      # Output heads are most of a decode step's weight reads (K x width x
+      # vocab); `head_dtype` bfloat16 halves them (accumulation stays float32).
+      self.head0 = model.head0[...].astype(head_dtype)
+      self.proj = model.local_proj[...]
+      heads = model.local_heads[...].astype(head_dtype)
+      self.local_heads = [heads[i] for i in range(k - 1)]
+    else:
+      heads = model.heads[...].astype(head_dtype)
+      self.heads = [heads[i] for i in range(k)]
+
+  def embed(self, text, audio, melody) -> jax.Array:
+    x = _lookup(self.text_table, text) + _lookup(self.melody_table, melody)
+    for i, table in enumerate(self.tables):
+      x = x + _lookup(table, audio[..., i])
+    return x
+
+  def backbone_step(self, x, positions, mask, cache, index):
+    return transformer.run_fused(self.backbone, self.model.backbone.norm, x,
+                                    positions, mask, cache, index)
+
+  def local_step(self, x, positions, mask, cache, index):
+    return transformer.run_fused(self.local, self.model.local.norm, x,
+                                    positions, mask, cache, index)
+
+  def _head(self, h, w):
+    return jnp.dot(h.astype(self.head_dtype), w,
+                   preferred_element_type=jnp.float32)
+
+  def global_logits(self, h):
+    return self._head(h, self.head0)
+
+  def local_logits(self, out, k: int):
+    return self._head(out, self.local_heads[k - 1])
+
+  def stream_logits(self, h):
+    return jnp.stack([self._head(h, w) for w in self.heads], axis=-2)
+
+  def local_in_hidden(self, h):
+    return h @ self.proj.astype(h.dtype)
+
+  def local_in_code(self, i: int, code):
+    e = _lookup(self.tables[i], code)
+    return e @ self.proj.astype(e.dtype)
+
+
 def next_slots(audio: jax.Array, valid: jax.Array) -> jax.Array:
   """Codes of the next slot for every slot: [B,S,K], EMPTY where none."""
   nxt = jnp.concatenate([audio[:, 1:], jnp.full_like(audio[:, :1], layout.EMPTY)], 1)

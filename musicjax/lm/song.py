@@ -242,7 +242,8 @@ def sample_codes(ctx: SongContext, req: SongRequest, progress: bool = True):
       temperature=s.temperature if req.temperature is None else req.temperature,
       top_k=s.top_k if req.top_k is None else req.top_k,
       top_p=s.top_p if req.top_p is None else req.top_p,
-      cfg_scale=scale, max_frames=frames, stream_every=every)
+      cfg_scale=scale, max_frames=frames, stream_every=every,
+      head_dtype=s.head_dtype)
   cb = _Progress(frames, ctx.frame_rate) if progress else None
   fn = gen.make_generate_fn(ctx.model, sampling, num_cond=1, callback=cb)
   j = lambda x: None if x is None else jnp.asarray(x)

@@ -89,6 +89,9 @@ def default_config() -> ConfigDict:
   s.top_p = 1.0
   s.cfg_scale = 1.5               # 3.0 is MusicGen's default for the delay pattern
   s.stream_every = 0              # frames between streaming callbacks (0 = off)
+  # Output-head weights in the decode loop. bfloat16 halves the step's largest
+  # memory reads (logits accumulate in float32); float32 is exact.
+  s.head_dtype = 'float32'
   return c
 
 
