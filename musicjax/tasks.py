@@ -9,6 +9,7 @@ _TASKS = {
     'codec': 'musicjax.codec.task:CodecTask',
     'toy': 'musicjax.train.toy_task:ToyTask',
     'lm': 'musicjax.lm.task:LMTask',
+    'lm_dpo': 'musicjax.lm.dpo:DPOTask',
 }
 
 

@@ -84,7 +84,8 @@ def test_teacher_forced_decode_equals_training_forward_global_local(layout_name)
   # The training pass gathers frame slots: row j of 'local' is slot index[j].
   row_of = {int(sl): j for j, sl in enumerate(np.asarray(train['local_index'])[0])}
   np.testing.assert_allclose(np.asarray(out['logits_local'])[0, frame_steps],
-                             np.asarray(train['local'])[0, [row_of[qq] for qq in frame_q]],
+                             np.moveaxis(np.asarray(train['local']), 0, 2)[
+                                 0, [row_of[qq] for qq in frame_q]],
                              atol=2e-4, rtol=2e-4)
   assert int(out['num_frames'][0]) == len(mel) - 2
   np.testing.assert_array_equal(np.asarray(out['codes'])[0, :len(mel) - 2],

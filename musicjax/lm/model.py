@@ -134,6 +134,12 @@ class AudioLM(nnx.Module):
     e = _lookup(self.audio_embed[...][i], code)
     return e @ self.local_proj[...].astype(e.dtype)
 
+  def local_logits_kmajor(self, out: jax.Array) -> jax.Array:
+    """out [B, F, K-1, El] (local positions 1..K-1) -> logits [K-1, B, F, V]."""
+    w = self.local_heads[...].astype(out.dtype)
+    o = jnp.moveaxis(out, 2, 0)
+    return jnp.einsum('kbfe,kev->kbfv', o, w).astype(jnp.float32)
+
   def local_logits(self, out: jax.Array, k: int | None = None) -> jax.Array:
     """Local outputs -> logits. out [..., K-1, El] (positions 1..K-1) ->
     [..., K-1, V]; or, with k, out [..., El] at position k -> [..., V]."""
@@ -148,8 +154,10 @@ class AudioLM(nnx.Module):
 
     The local transformer runs only where the next slot is a real frame (not
     condition text, END or padding): at most `local_slots` such slots per row
-    (default: every slot), gathered in order. 'local' is [B, F, K-1, V] with
-    'local_index' [B, F] (the slot of each row of 'local'; -1 if unused).
+    (default: every slot), gathered in order. 'local' is codebook-major
+    [K-1, B, F, V] (so each codebook's head is one plain GEMM and the large
+    logits are never transposed) with 'local_index' [B, F] (the slot of each
+    frame row; -1 if unused).
     """
     ref = ref_valid = None
     if 'ref_codes' in batch:
@@ -174,7 +182,8 @@ class AudioLM(nnx.Module):
     out, _ = self.local(flat, pos, lmask)
     out = rules.reshape(out, (b, f) + out.shape[1:])
     return {'global': self.global_logits(h),
-            'local': self.local_logits(out[:, :, 1:]), 'local_index': index}
+            'local': self.local_logits_kmajor(out[:, :, 1:]),
+            'local_index': index}
 
 
 def frame_slots(nxt: jax.Array, codebook_size: int, count: int) -> jax.Array:
@@ -285,8 +294,9 @@ def token_log_probs(model: AudioLM, batch: dict, logits: dict):
   ce0, m0 = _ce(logits['global'], nxt[..., 0], nxt[..., 0] < 0)
   index = logits['local_index']
   tgt = jnp.take_along_axis(nxt, jnp.maximum(index, 0)[..., None], axis=1)
-  cek, mk = _ce(logits['local'], tgt[..., 1:],
-                (tgt[..., 1:] < 0) | (index < 0)[..., None])     # [B,F,K-1]
+  tk = jnp.moveaxis(tgt[..., 1:], 2, 0)                    # [K-1,B,F]
+  cek, mk = _ce(logits['local'], tk, (tk < 0) | (index < 0)[None])
+  cek, mk = jnp.moveaxis(cek, 0, 2), jnp.moveaxis(mk, 0, 2)  # [B,F,K-1]
   # Back to slots (every frame slot appears once in `index`).
   b, s = ce0.shape
   scatter = lambda x: jnp.zeros((b, s + 1) + x.shape[2:], x.dtype).at[
