@@ -22,6 +22,8 @@ _EPILOG = """examples:
   musicjax generate --workdir runs/lm --tags 'chorale, bright' --lyrics lyrics.txt \
       --seconds 10 --seed 0 --out song.wav
   musicjax bench lm-decode --config configs/lm/bench_tiny.py
+  musicjax prefs --workdir runs/lm --out pairs.jsonl --prompts 64 --candidates 4 --seconds 4
+  musicjax train --config configs/lm/dpo_tiny.py --workdir runs/dpo
 
 Any --config.a.b=value overrides one key of the config (its type is checked).
 Multi-host: launch/local.sh N -- musicjax train ...  (see README)."""
@@ -102,6 +104,26 @@ def _parser() -> argparse.ArgumentParser:
                  help='codec for decoding (default: the one that made the tokens)')
   g.add_argument('--out', required=True, help='song.wav; also writes .npz and .png')
 
+  pf = sub.add_parser('prefs', help='DPO preference pairs: sample candidates '
+                      'per prompt with a trained LM, score them, write pairs')
+  pf.add_argument('--workdir', required=True, help='a trained LM workdir')
+  add_config(pf, required=False)
+  pf.add_argument('--out', required=True,
+                  help='pairs.jsonl, or a directory for ArrayRecord shards')
+  pf.add_argument('--prompts', type=int, default=64,
+                  help='prompts (token records of --split) to sample')
+  pf.add_argument('--candidates', type=int, default=4, help='samples per prompt')
+  pf.add_argument('--seconds', type=float, default=10.0)
+  pf.add_argument('--metric', default='chroma', choices=['chroma'])
+  pf.add_argument('--margin', type=float, default=0.1,
+                  help='keep a pair only if best - worst score > margin')
+  pf.add_argument('--min-winner', type=float, default=0.0,
+                  help='... and the best score > this')
+  pf.add_argument('--seed', type=int, default=0)
+  pf.add_argument('--split', default='eval', choices=['train', 'eval'])
+  pf.add_argument('--codec-workdir', default=None,
+                  help='codec for scoring (default: the one that made the tokens)')
+
   b = sub.add_parser('bench', help='speed benchmarks (prints JSON)')
   b.add_argument('what', choices=['codec', 'lm-decode', 'lm-train', 'lm-memory'])
   add_config(b, required=True)
@@ -138,6 +160,14 @@ def _run(args, overrides) -> int:
       result = lm_bench.run(args.what, config, repeats=args.repeats,
                             devices=args.devices)
     print(json.dumps(result))
+    return 0
+  if args.verb == 'prefs':
+    from musicjax.lm import prefs
+    config = _load_config(args, overrides)
+    print(json.dumps(prefs.prefs_main(
+        config, args.workdir, args.out, args.prompts, args.candidates,
+        args.seconds, args.metric, args.margin, args.min_winner, args.seed,
+        args.split, codec_workdir=args.codec_workdir)))
     return 0
   if args.verb == 'generate':
     from musicjax.lm import song

@@ -81,7 +81,7 @@ def chroma_agreement(codes: np.ndarray, melody: np.ndarray, ctx) -> float:
   from `codes` matches."""
   from musicjax.codec import chunked
   from musicjax.data import melody as melody_lib
-  wave = chunked.decode_array(ctx.codec(), codes)
+  wave = chunked.decode_array(ctx.codec(), codes, progress=False)
   got = melody_lib.chroma_tokens(wave, int(ctx.info['sample_rate']),
                                  int(ctx.info['hop_length']))
   n = min(len(got), len(melody))

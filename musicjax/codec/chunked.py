@@ -37,7 +37,7 @@ def _windows(total: int, chunk: int, context: int) -> list[tuple[int, int, int]]
 
 def _run_chunked(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, unit: int,
                  chunk: int, context: int, out_per_unit: int, batch: int,
-                 desc: str) -> np.ndarray:
+                 desc: str, progress: bool = True) -> np.ndarray:
   """Applies `fn` ([n, L*unit, ...] -> [n, L*out_per_unit, ...]) over windows of x."""
   total = x.shape[0] // unit
   length = chunk + 2 * context
@@ -46,7 +46,7 @@ def _run_chunked(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, unit: in
   plan = _windows(total, chunk, context)
   outs = []
   for g in tqdm(range(0, len(plan), batch), desc=desc, unit='batch',
-                disable=len(plan) <= batch):
+                disable=not progress or len(plan) <= batch):
     group = plan[g:g + batch]
     wins = [x[w0 * unit:(w0 + length) * unit] for w0, _, _ in group]
     wins += [wins[-1]] * (batch - len(wins))  # fixed shape: one compile
@@ -86,14 +86,15 @@ def encode_array(model, audio: np.ndarray, *, n_q: int | None = None,
 
 
 def decode_array(model, codes: np.ndarray, *, chunk_seconds: float = 10.0,
-                 context_seconds: float = 1.0, batch: int = 1) -> np.ndarray:
+                 context_seconds: float = 1.0, batch: int = 1,
+                 progress: bool = True) -> np.ndarray:
   """codes [F, K'] -> audio [F * hop, C]."""
   graphdef, state = nnx.split(model)
   _, dec = make_codec_fns(graphdef, state, None)
   chunk = max(1, round(chunk_seconds * model.frame_rate))
   context = math.ceil(context_seconds * model.frame_rate)
   return _run_chunked(dec, codes.astype(np.int32), 1, chunk, context,
-                      model.hop_length, batch, 'decode')
+                      model.hop_length, batch, 'decode', progress)
 
 
 def _load_model(config, workdir):
