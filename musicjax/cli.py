@@ -152,6 +152,10 @@ def _run(args, overrides) -> int:
   if args.verb == 'bench':
     from musicjax import bench
     from musicjax import config as cfg
+    if args.what == 'lm-memory' and args.devices:
+      import jax
+      # CPU-only hosts simulate the target topology (accelerators ignore this).
+      jax.config.update('jax_num_cpu_devices', args.devices)
     config = cfg.load(args.config, overrides)
     if args.what == 'codec':
       result = bench.codec(config, seconds=args.seconds, repeats=args.repeats)

@@ -43,6 +43,7 @@ def get_config():
   d.max_text_tokens = 1024
   d.reference_frames = 125        # 10 s (seed 001 §3.2)
   d.batch_size = 64
+  d.eval_batch_size = 64
 
   c.mesh.data = 1
   c.mesh.fsdp = 16

@@ -345,8 +345,12 @@ def _generate_stream(model, prompt, *, rng, sampling, num_cond, melody,
                                  transformer.cache_mask(key_valid, index, 1),
                                  st['cache'], index)
     if callback is not None and sampling.stream_every:
+      # Only on the step that completes a new frame (flatten completes one
+      # frame every K steps).
       c0 = jnp.minimum(complete[s], end_frame[0])
-      tick = (complete[s] > 0) & (c0 % sampling.stream_every == 0) & ~st['done'][0]
+      prev = jnp.minimum(jnp.where(s > 0, complete[jnp.maximum(s - 1, 0)], 0),
+                         end_frame[0])
+      tick = (c0 > prev) & (c0 % sampling.stream_every == 0) & ~st['done'][0]
       jax.lax.cond(tick, lambda: _stream(
           callback, grid[:num_cond, :nf],
           jnp.minimum(complete[s], end_frame[:num_cond])), lambda: None)
