@@ -266,6 +266,11 @@ def next_slots(audio: jax.Array, valid: jax.Array) -> jax.Array:
 
 def _ce(logits: jax.Array, labels: jax.Array, ignore: jax.Array):
   """Per-position cross-entropy and its mask; labels outside range are ignored."""
+  # The vocabulary may be tensor-parallel; the label gather needs it whole.
+  lead = ('batch',) + (None,) * (labels.ndim - 1)
+  logits = rules.shard_activation(logits, lead + (None,))
+  labels = rules.shard_activation(labels, lead)
+  ignore = rules.shard_activation(ignore, lead)
   mask = ~ignore
   ce = optax.softmax_cross_entropy_with_integer_labels(
       logits, jnp.where(mask, labels, 0))
@@ -297,11 +302,12 @@ def token_log_probs(model: AudioLM, batch: dict, logits: dict):
   tk = jnp.moveaxis(tgt[..., 1:], 2, 0)                    # [K-1,B,F]
   cek, mk = _ce(logits['local'], tk, (tk < 0) | (index < 0)[None])
   cek, mk = jnp.moveaxis(cek, 0, 2), jnp.moveaxis(mk, 0, 2)  # [B,F,K-1]
-  # Back to slots (every frame slot appears once in `index`).
-  b, s = ce0.shape
-  scatter = lambda x: jnp.zeros((b, s + 1) + x.shape[2:], x.dtype).at[
-      jnp.arange(b)[:, None], jnp.where(index < 0, s, index)].add(x)[:, :s]
-  cek, mk = scatter(cek), scatter(mk.astype(jnp.int32)) > 0
+  # Back to slots (every frame slot appears once in `index`): a one-hot
+  # contraction rather than a scatter, so it shards like any batched matmul.
+  onehot = (index[..., None] == jnp.arange(ce0.shape[1])).astype(jnp.float32)
+  to_slots = lambda x: rules.einsum('bfs,bfk->bsk', onehot, x.astype(jnp.float32),
+                                    ('batch', None, None))
+  cek, mk = to_slots(cek), to_slots(mk) > 0.5
   ce = jnp.concatenate([ce0[..., None], cek], axis=-1)
   mask = jnp.concatenate([m0[..., None], mk], axis=-1)
   return -ce0, -jnp.sum(cek, axis=-1), ce, mask

@@ -226,6 +226,15 @@ class LMTask(Task):
     _, metrics = self._loss(state.model, batch)
     return metrics
 
+  def finalize_metrics(self, averaged):
+    # Perplexity of the window is exp of its mean cross-entropy, not the mean
+    # of per-step perplexities.
+    out = dict(averaged)
+    for key, value in averaged.items():
+      if key.startswith('ce/') and key != 'ce/mean':
+        out['ppl/' + key[3:]] = float(np.exp(value))
+    return out
+
   def dataset(self, split: str, shard_index: int, shard_count: int):
     from musicjax.lm import data  # pylint: disable=g-import-not-at-top
     return data.lm_dataset(self.config, split, shard_index, shard_count)

@@ -96,7 +96,8 @@ class RMSNorm(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-    return (y * self.scale[...]).astype(x.dtype)
+    scale = rules.shard_activation(self.scale[...], (None,))
+    return (y * scale).astype(x.dtype)
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -162,8 +163,9 @@ class Attention(nnx.Module):
       k = jax.lax.dynamic_index_in_dim(cache['k'], layer, 0, keepdims=False)
       v = jax.lax.dynamic_index_in_dim(cache['v'], layer, 0, keepdims=False)
     o = attend(q, k.astype(dt), v.astype(dt), mask)
-    out = jnp.einsum('bthd,hde->bte', o, self._w(self.wo, ('heads', None, None)))
-    return rules.shard_activation(out, ('batch', 'time', 'embed')), cache
+    out = rules.einsum('bthd,hde->bte', o, self._w(self.wo, ('heads', None, None)),
+                       ('batch', 'time', 'embed'))
+    return out, cache
 
 
 class MLP(nnx.Module):
@@ -237,6 +239,7 @@ class Transformer(nnx.Module):
     Returns (normed output [B,T,E], updated cache or None).
     """
     gdef, params = nnx.split(self.layers)
+    x = rules.shard_activation(x, ('batch', 'time', 'embed'))
 
     def body(carry, layer_params):
       h, cache, i = carry
@@ -315,7 +318,8 @@ def run_fused(blocks: list[FusedBlock], norm: RMSNorm, x, positions, mask,
 
 
 def causal_mask(valid: jax.Array, causal: bool = True) -> jax.Array:
-  """[B,T,T] mask for a whole sequence: valid keys, and earlier ones if causal."""
+  """Mask for a whole sequence: valid keys, and earlier ones if causal.
+  [B,T,T] when causal, else [B,1,T] (broadcasts over queries)."""
   t = valid.shape[1]
   m = valid[:, None, :]
   if causal:

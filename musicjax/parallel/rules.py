@@ -197,6 +197,24 @@ def matmul(x: jax.Array, w: jax.Array, out_axes: Sequence[str | None],
   return jax.lax.with_sharding_constraint(x @ w, spec)
 
 
+def einsum(expr: str, a: jax.Array, b: jax.Array,
+           out_axes: Sequence[str | None], rules: Rules | None = None) -> jax.Array:
+  """`jnp.einsum(expr, a, b)` with its output laid out by logical names (for
+  contractions over tensor-parallel dims; see `matmul`)."""
+  rules, mesh = _active(rules)
+  if rules is None:
+    return jnp.einsum(expr, a, b)
+  ins, out = expr.replace(' ', '').split('->')
+  sizes = {}
+  for letters, arr in zip(ins.split(','), (a, b)):
+    sizes.update(zip(letters, arr.shape))
+  shape = tuple(sizes[ch] for ch in out)
+  spec = logical_to_spec(out_axes, shape, mesh, rules, 'einsum output')
+  if all(t == AxisType.Explicit for t in mesh.axis_types):
+    return jnp.einsum(expr, a, b, out_sharding=spec)
+  return jax.lax.with_sharding_constraint(jnp.einsum(expr, a, b), spec)
+
+
 def gather(tree: Any, rules: Rules | None = None) -> Any:
   """All-gathers every array of a (parameter) tree to replicated, inside jit.
 

@@ -83,6 +83,11 @@ class Task(abc.ABC):
     from musicjax.data import pipeline  # data is a sibling layer, loaded lazily
     return pipeline.audio_dataset(self.config, split, shard_index, shard_count)
 
+  def finalize_metrics(self, averaged: dict[str, float]) -> dict[str, float]:
+    """Metrics averaged over steps/batches -> what is logged. For metrics
+    that are not means (e.g. perplexity = exp(mean cross-entropy))."""
+    return averaged
+
   def warm_start(self, state: nnx.State, shardings: Any) -> nnx.State:
     """Called once on a fresh run (no checkpoint yet) with the initialised,
     sharded state; returns the state to train from. Default: unchanged.

@@ -191,7 +191,7 @@ def _eval(s: Setup, eval_fn, state, num_batches: int) -> dict[str, float]:
   key = jax.random.key(s.config.train.seed + 1)
   outs = [eval_fn(state, global_batch(next(it), spec, s.eval_batch_shardings),
                   jax.random.fold_in(key, i)) for i in range(num_batches)]
-  return metrics_lib.average(jax.device_get(outs))
+  return s.task.finalize_metrics(metrics_lib.average(jax.device_get(outs)))
 
 
 class _Preemption:
@@ -329,7 +329,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
           _drain(pending, window, counters, c.max_nonfinite, workdir)
         if is_log:
           now = time.perf_counter()
-          record.update(metrics_lib.average(window) if window else
+          record.update(s.task.finalize_metrics(metrics_lib.average(window))
+                        if window else
                         {'loss': float('nan')})
           record['steps_per_sec'] = n_window / max(now - t_window, 1e-9)
           record['train/nonfinite_skipped'] = counters.nonfinite_skipped
