@@ -288,3 +288,19 @@ def test_lm_task_reports_transformer_errors_by_full_key():
   with pytest.raises(ConfigError, match=r'config\.model\.backbone: head_dim 7 '
                      r'must be even'):
     tasks.get('lm')(c)
+
+
+def test_swiglu_mlp_hand_written_backward_matches_autodiff():
+  from musicjax.nn.transformer import swiglu_mlp
+  ks = jax.random.split(jax.random.key(7), 4)
+  x = jax.random.normal(ks[0], (37, 16))
+  g = 0.3 * jax.random.normal(ks[1], (16, 24))
+  u = 0.3 * jax.random.normal(ks[2], (16, 24))
+  d = 0.3 * jax.random.normal(ks[3], (24, 16))
+  plain = lambda x, g, u, d: (jax.nn.silu(x @ g) * (x @ u)) @ d
+  loss = lambda f: (lambda *a: jnp.sum(jnp.sin(f(*a))))
+  np.testing.assert_allclose(swiglu_mlp(x, g, u, d), plain(x, g, u, d), rtol=1e-6)
+  got = jax.grad(loss(swiglu_mlp), argnums=(0, 1, 2, 3))(x, g, u, d)
+  want = jax.grad(loss(plain), argnums=(0, 1, 2, 3))(x, g, u, d)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

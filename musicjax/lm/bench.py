@@ -83,60 +83,68 @@ def decode(config, repeats: int = 3, frames: int = DECODE_FRAMES) -> dict:
 
 
 def breakdown(config, model, iters: int = 200) -> dict:
-  """Where a CFG frame's time goes: each part run `iters` times in one
-  compiled loop, so dispatch is amortised as in the real decode loop."""
-  m = config.model
+  """Where a CFG frame's time goes, with the decode loop's own pieces
+  (`DecodeView`): each part runs `iters` times in one compiled loop whose
+  input depends on the previous output, so nothing is hoisted and dispatch is
+  amortised as in the real loop."""
+  from musicjax.lm import model as model_lib  # pylint: disable=g-import-not-at-top
+  m, s = config.model, config.sample
   b, cache_len = 2, PROMPT_TOKENS + DECODE_FRAMES
+  k, v = m.num_codebooks, m.codebook_size
+  sampling = gen.Sampling(top_k=s.top_k)
+  head_dtype = jnp.dtype(s.head_dtype)
   gdef, params = nnx.split(model)
-  h = jnp.zeros((b, m.backbone.dim))
-  sampling = gen.Sampling(top_k=config.sample.top_k)
 
-  def loop(body):
-    return jax.jit(lambda p, x: jax.lax.fori_loop(
-        0, iters, lambda i, c: body(nnx.merge(gdef, p), i, c), x))
+  def loop(body, init):
+    def run(p):
+      dv = model_lib.DecodeView(nnx.merge(gdef, p), head_dtype)
+      return jax.lax.fori_loop(0, iters, lambda i, c: body(dv, i, c), init)
+    return jax.jit(run)
 
-  def global_step(mod, i, carry):
+  h0 = jnp.zeros((b, m.backbone.dim))
+  kv = jnp.ones((b, cache_len), bool)
+
+  def global_step(dv, i, carry):
     cache, x = carry
-    kv = jnp.ones((b, cache_len), bool)
-    y, cache = mod.backbone(x[:, None], jnp.full((b, 1), i), transformer.cache_mask(
-        kv, i % cache_len, 1), cache, i % cache_len)
+    idx = i % cache_len
+    y, cache = dv.backbone_step(x[:, None], jnp.full((b, 1), idx),
+                                transformer.cache_mask(kv, idx, 1), cache, idx)
     return cache, y[:, 0]
 
-  def local_steps(mod, i, x):
-    lc = mod.local.init_cache(b, m.num_codebooks)
-    lv = jnp.ones((b, m.num_codebooks), bool)
-    y = x[:, None] @ mod.local_proj[...]
-    for k in range(m.num_codebooks - 1):
-      y, lc = mod.local(y[:, -1:], jnp.full((b, 1), k), transformer.cache_mask(
-          lv, k, 1), lc, k)
-    return x + y[:, 0, :1] * 0 + y[:, 0].mean() * 0
+  def local_steps(dv, i, x):
+    lc = dv.model.local.init_cache(b, k)
+    lv = jnp.ones((b, k), bool)
+    y = jnp.stack([dv.local_in_hidden(x), dv.local_in_hidden(x)], 1)
+    y, lc = dv.local_step(y, jnp.broadcast_to(jnp.arange(2), (b, 2)),
+                          transformer.cache_mask(lv, 0, 2), lc, 0)
+    for j in range(2, k):
+      y, lc = dv.local_step(y[:, -1:], jnp.full((b, 1), j),
+                            transformer.cache_mask(lv, j, 1), lc, j)
+    return x + 1e-6 * y[:, -1, :x.shape[-1]]
 
-  def heads(mod, i, x):
-    lg = mod.global_logits(x)
-    acc = lg[:, :1]
-    for k in range(1, m.num_codebooks):
-      acc = acc + mod.local_logits(x, k)[:, :1]
-    return x + acc.mean() * 0
+  def heads(dv, i, x):
+    acc = dv.global_logits(x)[:, :x.shape[-1]]
+    for j in range(1, k):
+      acc = acc + dv.local_logits(x, j)[:, :x.shape[-1]]
+    return x + 1e-6 * acc
 
-  def sample(mod, i, x):
-    key = jax.random.key(i)
-    logits = jnp.broadcast_to(x[:1, :1], (1, m.codebook_size)) + jnp.arange(
-        m.codebook_size, dtype=jnp.float32) * 1e-3
-    tot = 0
-    for k in range(m.num_codebooks):
-      tot = tot + gen.sample_tokens(logits, jax.random.fold_in(key, k), sampling)
-    return x + tot.sum() * 0
+  def sample(dv, i, x):
+    logits = jnp.tile(x[:1], (1, v // x.shape[-1] + 1))[:, :v]
+    tot = 0.0
+    for j in range(k):
+      tot = tot + gen.sample_tokens(logits + j, jax.random.fold_in(
+          jax.random.key(0), i * k + j), sampling)
+    return x + 1e-6 * tot
 
-  cache = model.backbone.init_cache(b, cache_len)
   parts = {
-      'global_step': (loop(global_step), (cache, h)),
-      'local_steps': (loop(local_steps), h),
-      'output_heads': (loop(heads), h),
-      'sampling_topk': (loop(sample), h),
+      'global_step': loop(global_step, (model.backbone.init_cache(b, cache_len), h0)),
+      'local_steps': loop(local_steps, h0 + 0.1),
+      'output_heads': loop(heads, h0 + 0.1),
+      'sampling_topk': loop(sample, h0 + 0.1),
   }
   out = {}
-  for name, (fn, x) in parts.items():
-    t = _median_time(lambda: fn(params, x), 3)
+  for name, fn in parts.items():
+    t = _median_time(lambda: fn(params), 3)
     out[f'breakdown_ms_per_frame_{name}'] = 1e3 * t / iters
   return out
 
