@@ -42,7 +42,7 @@ def get_config():
 
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 100
-  c.train.steps = 1500
+  c.train.steps = 1000
   c.train.log_every = 50
   c.train.eval_every = 500
   c.train.checkpoint_every = 500
