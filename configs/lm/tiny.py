@@ -42,11 +42,12 @@ def get_config():
 
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 100
-  c.train.steps = 1000
+  c.train.steps = 800
   c.train.log_every = 50
-  c.train.eval_every = 500
-  c.train.checkpoint_every = 500
-  c.train.eval_steps = 2
+  c.train.eval_every = 400
+  c.train.checkpoint_every = 400
+  c.train.eval_steps = 4
+  c.train.eval_at_start = True
   c.sample.cfg_scale = 1.5
   c.sample.top_k = 50
   return c
