@@ -25,7 +25,12 @@ import tempfile
 from typing import Any, Iterable, Sequence
 
 import ml_collections
-import tokenizers
+
+# Grain worker processes fork after the tokenizer may have used its Rust
+# thread pool, which the tokenizers library warns can deadlock the children;
+# our texts are short, so its intra-call parallelism buys nothing.
+os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+import tokenizers  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from musicjax.data import song_text
