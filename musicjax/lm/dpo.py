@@ -77,9 +77,12 @@ JSONL_SUFFIX = '.jsonl'
 SHARD_SUFFIX = '.array_record'
 # Model keys that may differ from the init run: they change neither the
 # parameters' shapes nor the function they compute.
+# Keys that do not change the weights' layout (scanned or unrolled layers
+# share the same stacked parameters).
 _FREE_MODEL_KEYS = ('embed_init_std', 'max_seq_len', 'backbone.init_std',
-                    'backbone.dtype', 'backbone.remat', 'local.init_std',
-                    'local.dtype', 'local.remat')
+                    'backbone.dtype', 'backbone.remat', 'backbone.scan_layers',
+                    'local.init_std', 'local.dtype', 'local.remat',
+                    'local.scan_layers')
 # Tasks whose checkpoints hold an AudioLM under `model`.
 _INIT_TASKS = ('lm', 'lm_dpo')
 # Eval split: records whose index hash (in [0, 1)) is below dpo.eval_fraction.
