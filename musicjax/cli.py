@@ -24,6 +24,11 @@ _EPILOG = """examples:
   musicjax bench lm-decode --config configs/lm/bench_tiny.py
   musicjax prefs --workdir runs/lm --out pairs.jsonl --prompts 64 --candidates 4 --seconds 4
   musicjax train --config configs/lm/dpo_tiny.py --workdir runs/dpo
+  musicjax train --config configs/accomp/tiny.py --workdir runs/accomp
+  musicjax accompany --workdir runs/accomp --vocal vocal.wav --tags 'chorale' \
+      --steps 60 --seed 0 --out mix.wav --stem accomp.wav
+  musicjax eval --workdir runs/accomp --songs 8 --seconds 10
+  musicjax bench accomp --config configs/accomp/tiny.py
 
 Any --config.a.b=value overrides one key of the config (its type is checked).
 Multi-host: launch/local.sh N -- musicjax train ...  (see README)."""
@@ -49,6 +54,15 @@ def _parser() -> argparse.ArgumentParser:
   e.add_argument('--workdir', required=True)
   e.add_argument('--num-batches', type=int, default=None,
                  help='eval batches (default: config.train.eval_steps)')
+  e.add_argument('--songs', type=int, default=8,
+                 help='accomp: held-out songs to accompany for the audio '
+                 'metrics (0 = loss only)')
+  e.add_argument('--seconds', type=float, default=10.0,
+                 help='accomp: seconds of each held-out song')
+  e.add_argument('--steps', type=int, default=None,
+                 help='accomp: sampler steps (default config.sample.steps)')
+  e.add_argument('--out', default='',
+                 help='accomp: write the table (Markdown) and the clips here')
 
   en = sub.add_parser('encode', help='audio file -> codes (.npz)')
   en.add_argument('--workdir', required=True, help='a trained codec workdir')
@@ -104,6 +118,29 @@ def _parser() -> argparse.ArgumentParser:
                  help='codec for decoding (default: the one that made the tokens)')
   g.add_argument('--out', required=True, help='song.wav; also writes .npz and .png')
 
+  ac = sub.add_parser('accompany', help='accompaniment for a vocal recording '
+                      '(trained accomp run); writes the mix and the stem')
+  ac.add_argument('--workdir', required=True, help='a trained accomp workdir')
+  add_config(ac, required=False)
+  ac.add_argument('--vocal', required=True, metavar='WAV',
+                  help='the vocal recording (left unchanged in the mix)')
+  ac.add_argument('--tags', default='', help="e.g. 'genre: chorale' (empty: "
+                  'unconditional text prefix)')
+  ac.add_argument('--reference', default='', metavar='WAV',
+                  help='audio whose style the accompaniment follows')
+  ac.add_argument('--steps', type=int, default=None,
+                  help='sampler steps (default config.sample.steps, 60)')
+  ac.add_argument('--seed', type=int, default=0)
+  ac.add_argument('--cfg', type=float, default=None,
+                  help='guidance over the prefix (default config.sample.cfg_scale;'
+                  ' 1 = off)')
+  ac.add_argument('--temperature', type=float, default=None)
+  ac.add_argument('--codec-workdir', default=None,
+                  help='codec (default: the one that made the training tokens)')
+  ac.add_argument('--out', required=True, help='the mix (float WAV, vocal rate)')
+  ac.add_argument('--stem', required=True,
+                  help='the accompaniment alone; also writes .npz and .png')
+
   pf = sub.add_parser('prefs', help='DPO preference pairs: sample candidates '
                       'per prompt with a trained LM, score them, write pairs')
   pf.add_argument('--workdir', required=True, help='a trained LM workdir')
@@ -125,7 +162,8 @@ def _parser() -> argparse.ArgumentParser:
                   help='codec for scoring (default: the one that made the tokens)')
 
   b = sub.add_parser('bench', help='speed benchmarks (prints JSON)')
-  b.add_argument('what', choices=['codec', 'lm-decode', 'lm-train', 'lm-memory'])
+  b.add_argument('what', choices=['codec', 'lm-decode', 'lm-train', 'lm-memory',
+                                  'accomp'])
   add_config(b, required=True)
   b.add_argument('--devices', type=int, default=0,
                  help='lm-memory: number of devices of the target topology')
@@ -159,6 +197,9 @@ def _run(args, overrides) -> int:
     config = cfg.load(args.config, overrides)
     if args.what == 'codec':
       result = bench.codec(config, seconds=args.seconds, repeats=args.repeats)
+    elif args.what == 'accomp':
+      from musicjax.accomp import bench as accomp_bench
+      result = accomp_bench.run(config, repeats=args.repeats)
     else:
       from musicjax.lm import bench as lm_bench
       result = lm_bench.run(args.what, config, repeats=args.repeats,
@@ -172,6 +213,16 @@ def _run(args, overrides) -> int:
         config, args.workdir, args.out, args.prompts, args.candidates,
         args.seconds, args.metric, args.margin, args.min_winner, args.seed,
         args.split, codec_workdir=args.codec_workdir)))
+    return 0
+  if args.verb == 'accompany':
+    from musicjax.accomp import song as accomp_song
+    config = _load_config(args, overrides)
+    ctx = accomp_song.AccompContext(config, args.workdir, args.codec_workdir)
+    req = accomp_song.AccompRequest(
+        vocal_path=args.vocal, tags=args.tags, reference_path=args.reference,
+        steps=args.steps, seed=args.seed, cfg_scale=args.cfg,
+        temperature=args.temperature)
+    print(json.dumps(accomp_song.accompany_file(ctx, req, args.out, args.stem)))
     return 0
   if args.verb == 'generate':
     from musicjax.lm import song
@@ -236,6 +287,11 @@ def _run(args, overrides) -> int:
     return 0
   if args.verb == 'eval':
     metrics = trainer.evaluate(config, args.workdir, num_batches=args.num_batches)
+    if config.task == 'accomp' and args.songs:
+      from musicjax.accomp import evaluate as accomp_eval
+      metrics['audio'] = accomp_eval.evaluate_audio(
+          config, args.workdir, songs=args.songs, seconds=args.seconds,
+          steps=args.steps, out_dir=args.out)
     print(json.dumps(metrics, sort_keys=True))
     return 0
   raise AssertionError(args.verb)

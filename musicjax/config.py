@@ -46,6 +46,18 @@ def base_config() -> ConfigDict:
   c.data.render_tempo_bpm = 80.0    # chorales: quarter-note tempo for rendering
   c.data.shuffle_seed = 0
   c.data.records_per_shard = 256    # `musicjax prepare`: audio records per ArrayRecord shard
+  # `musicjax prepare --codec-workdir`: audio augmentation before the codec
+  # runs (models train on tokens; musicjax/data/augment.py).
+  c.data.augment = ConfigDict()
+  # --stems: frequency-balance (EQ) copies of each accompaniment, stored as
+  # accompaniment_eq_codes [N, F, K] (seed 003 A.2; 0 = none).
+  c.data.augment.eq_copies = 0
+  # Tempo factors a tempo copy draws from (seed 003 A.2: x0.8/0.9/1.1/1.2).
+  c.data.augment.stretch_rates = (0.8, 0.9, 1.1, 1.2)
+  # Semitones a pitch copy draws from (seed 003 A.2: +-1, +-2).
+  c.data.augment.pitch_steps = (-2, -1, 1, 2)
+  # Share of train songs that get one tempo and one pitch copy (paper 0.2).
+  c.data.augment.speed_pitch_fraction = 0.0
 
   c.mesh = ConfigDict()
   c.mesh.data = -1                  # -1 fills the rest of the devices
@@ -266,6 +278,19 @@ def load_saved(workdir: str, overrides: Iterable[str] = ()) -> ConfigDict:
         node = node.get(p, {})
       if isinstance(node.get(leaf), list):
         node[leaf] = _to_tuple(node[leaf])
+  # Keys added to the schema after the run was saved take their defaults
+  # (new keys default to the old behaviour), so upgrading musicjax never
+  # strands a finished run.
+  for key, value in _flatten(schema).items():
+    node = raw
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node.setdefault(p, {})
+      if not isinstance(node, dict):
+        break
+    else:
+      if leaf not in node:
+        node[leaf] = value.to_dict() if isinstance(value, ConfigDict) else value
   config = ConfigDict(raw)
   config = apply_overrides(config, overrides)
   validate(config, schema)
@@ -276,3 +301,8 @@ def _to_tuple(v: Any) -> Any:
   if isinstance(v, list):
     return tuple(_to_tuple(x) for x in v)
   return v
+
+
+def flatten(c: ConfigDict) -> dict[str, Any]:
+  """{'a.b.c': value} for every leaf of a (nested) config."""
+  return _flatten(c)

@@ -10,6 +10,7 @@ _TASKS = {
     'toy': 'musicjax.train.toy_task:ToyTask',
     'lm': 'musicjax.lm.task:LMTask',
     'lm_dpo': 'musicjax.lm.dpo:DPOTask',
+    'accomp': 'musicjax.accomp.task:AccompTask',
 }
 
 

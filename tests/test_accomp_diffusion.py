@@ -207,3 +207,30 @@ def test_filter_logits_top_p_then_top_k():
                              np.asarray(logits)[0, :2])
   with pytest.raises(ValueError, match='top_p'):
     D.filter_logits(logits, 0, 0.0)
+
+
+def _filter_reference(row, top_k, top_p):
+  """Sort-based top-p then top-k (numpy, one row)."""
+  order = np.argsort(-row, kind='stable')
+  srt = row[order]
+  p = np.exp(srt - srt.max())
+  p /= p.sum()
+  before = np.cumsum(p) - p
+  keep = before < top_p
+  if top_k:
+    keep &= np.arange(len(row)) < top_k
+  cut = srt[keep].min()
+  return row >= cut
+
+
+@pytest.mark.parametrize('top_k,top_p', [(100, 0.9), (7, 1.0), (0, 0.5),
+                                         (3, 0.99), (1, 0.9)])
+def test_filter_logits_equals_a_sort_on_random_rows_with_ties(top_k, top_p):
+  rng = np.random.default_rng(top_k)
+  rows = rng.normal(0, 3, (64, 256)).astype(np.float32)
+  rows[::4] = np.round(rows[::4])          # many exact ties
+  rows[1::8, :50] = -np.inf                # impossible tokens
+  got = np.isfinite(np.asarray(D.filter_logits(jnp.asarray(rows), top_k, top_p)))
+  for i in range(len(rows)):
+    np.testing.assert_array_equal(got[i], _filter_reference(rows[i], top_k, top_p),
+                                  err_msg=f'row {i}')

@@ -1,4 +1,5 @@
 """Config errors are caught before compiling, and the message names the key."""
+import json
 import textwrap
 
 import pytest
@@ -85,3 +86,23 @@ def test_saved_config_round_trips(tmp_path):
   assert back.sharding.rules == c.sharding.rules  # tuples survive JSON
   with pytest.raises(cfg.ConfigError, match='config.json'):
     cfg.load_saved(str(tmp_path / 'empty'))
+
+
+def test_a_run_saved_before_a_key_existed_loads_with_its_default(tmp_path):
+  c = cfg.for_task('lm')
+  c.train.steps = 7
+  cfg.save(c, str(tmp_path))
+  path = tmp_path / 'config.json'
+  raw = json.loads(path.read_text())
+  del raw['model']['backbone']['attention_chunk']     # keys added later
+  del raw['data']['augment']
+  path.write_text(json.dumps(raw))
+  back = cfg.load_saved(str(tmp_path))
+  assert back.train.steps == 7
+  assert back.model.backbone.attention_chunk == 0
+  assert back.data.augment.eq_copies == 0
+  # A key the schema does not know is still an error.
+  raw['model']['backbone']['no_such_key'] = 1
+  path.write_text(json.dumps(raw))
+  with pytest.raises(cfg.ConfigError, match='no_such_key'):
+    cfg.load_saved(str(tmp_path))

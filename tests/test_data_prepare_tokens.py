@@ -9,6 +9,7 @@ import pytest
 
 from musicjax.codec import chunked
 from musicjax.data import audio
+from musicjax.data import augment
 from musicjax.data import melody as melody_lib
 from musicjax.data import prepare_tokens
 from musicjax.data import sources
@@ -197,6 +198,129 @@ def test_stem_folders_give_stem_codes_and_bad_songs_are_skipped(tmp_path, codec)
   assert token_records.read_dataset_info(out)['stems'] is True
 
 
+STRETCH, STEPS = 1.25, 2   # the only choices, so the variants are known
+
+
+def _augment_config(codec_config, root, **augment_keys):
+  c = _data_config(codec_config, root)
+  for k, v in augment_keys.items():
+    c.data.augment[k] = v
+  return c
+
+
+def test_stem_stats_eq_copies_and_speed_pitch_variants(tmp_path, codec):
+  wd, codec_config, model = codec
+  root = str(tmp_path / 'songs')
+  files, vocal, accomp = _stem_folder(root)
+  # 'quiet' (a train song): a silent vocal, timed phrases and a key.
+  fx.write(os.path.join(root, 'quiet', 'vocals.wav'), np.zeros_like(vocal), SR)
+  fx.write(os.path.join(root, 'quiet', 'accompaniment.wav'), accomp, SR)
+  with open(os.path.join(root, 'quiet', 'meta.json'), 'w') as f:
+    json.dump({'key': 'D major',
+               'phrases': [{'start': 0.1, 'end': 0.5, 'text': 'la'}]}, f)
+  c = _augment_config(codec_config, root, eq_copies=2, speed_pitch_fraction=1.0,
+                      stretch_rates=(STRETCH,), pitch_steps=(STEPS,))
+  out = str(tmp_path / 'tokens')
+  result = prepare_tokens.prepare_tokens_main(wd, out, c, stems=True)
+  # Train: song_a and quiet, each with a tempo and a pitch copy; eval: song_b.
+  assert (result['train'], result['eval']) == (6, 1), result
+
+  by_id = {}
+  for split in sources.SPLITS:
+    ds = token_records.source(out, split)
+    for i in range(len(ds)):
+      by_id[ds[i]['meta']['id']] = dict(ds[i], split=split)
+  variants = lambda s: [s, f'{s}@x{STRETCH:g}', f'{s}@+{STEPS}st']
+  assert sorted(by_id) == sorted(variants('song_a') + variants('quiet') + ['song_b'])
+  assert by_id['song_b']['split'] == 'eval'
+  assert all(by_id[i]['split'] == 'train' for i in variants('song_a') + variants('quiet'))
+
+  hop = model.hop_length
+  frames = int(np.ceil(len(vocal) / hop))
+  stretched = int(np.ceil(round(len(vocal) / STRETCH) / hop))
+  for song_id, r in by_id.items():
+    f = stretched if '@x' in song_id else frames
+    assert r['codes'].shape == (f, 3), song_id
+    eq = r['accompaniment_eq_codes']
+    assert eq.shape == (2, f, 3) and eq.dtype == r['accompaniment_codes'].dtype
+    # An EQ'd copy (normalised to -16 dBFS) is not the plain stem. (The two
+    # copies of a pure sine only differ in phase: the tiny codec may give both
+    # the same codes; their filters differ, see the check of copy 1 below.)
+    assert not np.array_equal(eq[0], r['accompaniment_codes'])
+    stats = r['meta']['stem_stats']
+    assert set(stats) == {'vocal_rms_db', 'accompaniment_rms_db', 'vocal_active',
+                          'accompaniment_active'}
+    # The accompaniment: a 0.6-amplitude sine, -7.4 dBFS, sounding throughout.
+    assert abs(stats['accompaniment_rms_db'] - 20 * np.log10(0.6 / np.sqrt(2))) < 1.0
+    assert stats['accompaniment_active'] > 0.9
+    if song_id.startswith('quiet'):
+      assert stats['vocal_rms_db'] <= -100 and stats['vocal_active'] == 0.0
+    else:
+      assert abs(stats['vocal_rms_db'] - 20 * np.log10(0.2 / np.sqrt(2))) < 1.0
+      assert stats['vocal_active'] > 0.9
+  # The EQ copies are reproducible from (seed, id, copy): here copy 1 of song_a.
+  a = audio.load_audio(files['song_a']['accompaniment'], SR, 1)
+  rng = augment.song_rng(c.data.shuffle_seed, 'song_a', 'eq', 1)
+  np.testing.assert_array_equal(
+      by_id['song_a']['accompaniment_eq_codes'][1],
+      chunked.encode_array(model, augment.frequency_balance(a, SR, rng)))
+  # The variants' metadata follows them; the origin stays the song's.
+  quiet_x = by_id[f'quiet@x{STRETCH:g}']['meta']
+  assert quiet_x['augment'] == {'time_stretch': STRETCH}
+  assert quiet_x['phrases'][0]['end'] == pytest.approx(0.5 / STRETCH)
+  assert quiet_x['origin'] == os.path.join(root, 'quiet')
+  quiet_p = by_id[f'quiet@+{STEPS}st']['meta']
+  assert quiet_p['key'] == 'E major' and quiet_p['augment'] == {'pitch_shift': STEPS}
+
+  want = {'eq_copies': 2, 'stretch_rates': [STRETCH], 'pitch_steps': [STEPS],
+          'speed_pitch_fraction': 1.0, 'seed': c.data.shuffle_seed}
+  for path in token_records.shard_paths(out, 'train'):
+    with open(path + token_records.SIDECAR_SUFFIX) as f:
+      assert json.load(f)['settings']['augment'] == want
+  assert token_records.read_dataset_info(out)['augment'] == want
+  # Other augment settings on the same --out are refused, not mixed in.
+  c.data.augment.eq_copies = 1
+  with pytest.raises(UserError, match='augment.*new --out'):
+    prepare_tokens.prepare_tokens_main(wd, out, c, stems=True)
+
+
+def test_augment_settings_are_checked(codec, tmp_path):
+  wd, codec_config, _ = codec
+  c = _augment_config(codec_config, str(tmp_path), eq_copies=1)
+  with pytest.raises(UserError, match=r'eq_copies=1 needs --stems'):
+    prepare_tokens.augment_settings(c, stems=False)
+  c = _augment_config(codec_config, str(tmp_path), speed_pitch_fraction=1.5)
+  with pytest.raises(UserError, match=r'speed_pitch_fraction must be in \[0, 1\]'):
+    prepare_tokens.augment_settings(c, stems=True)
+  c = _augment_config(codec_config, str(tmp_path), speed_pitch_fraction=0.2,
+                      pitch_steps=())
+  with pytest.raises(UserError, match='non-empty'):
+    prepare_tokens.augment_settings(c, stems=True)
+  # Off by default, and then the seed does not pin the run.
+  off = prepare_tokens.augment_settings(_data_config(codec_config, ''), stems=True)
+  assert off['eq_copies'] == 0 and off['speed_pitch_fraction'] == 0.0
+  assert off['seed'] is None
+
+
+def test_speed_pitch_choice_is_a_deterministic_share_of_songs(codec):
+  _, codec_config, _ = codec
+  c = _augment_config(codec_config, '/data', speed_pitch_fraction=0.2)
+  settings = prepare_tokens.augment_settings(c, stems=True)
+  items = [{'name': f'/data/s{i}.wav', 'source': f'/data/s{i}.wav', 'meta': {}}
+           for i in range(500)]
+  out = prepare_tokens.speed_pitch_variants(items, c, settings)
+  assert out == prepare_tokens.speed_pitch_variants(items, c, settings)
+  chosen = [it for it in out if it.get('variant')]
+  assert 0.15 < len(chosen) / 2 / len(items) < 0.25
+  for it in chosen:
+    v = it['variant']
+    assert v['amount'] in (c.data.augment.stretch_rates if v['kind'] == 'time_stretch'
+                           else c.data.augment.pitch_steps)
+    assert it['name'] == v['of'] + v['suffix']
+    _, song_id = prepare_tokens.item_identity(it, c)
+    assert song_id == os.path.splitext(os.path.basename(v['of']))[0] + v['suffix']
+
+
 def _decoded(out):
   return {split: [(r['meta'], r['codes'].tolist(), r['melody'].tolist())
                   for r in (token_records.source(out, split)[i]
@@ -275,6 +399,50 @@ def test_record_round_trip_and_damage_without_a_codec():
   buf = io.BytesIO()
   np.savez(buf, codes=codes, melody=melody[:3], meta_json=np.frombuffer(b'{}', np.uint8))
   assert 'melody' in token_records.decode_record(buf.getvalue(), 'n')['error']
+
+
+def test_eq_copies_round_trip_and_metadata_alone():
+  codes = np.arange(12).reshape(6, 2)
+  eq = np.stack([codes + 3, codes + 4])
+  stems = {'vocal_codes': codes + 1, 'accompaniment_codes': codes + 2,
+           'accompaniment_eq_codes': eq}
+  raw = token_records.encode_record(codes, np.zeros(6), {'origin': '/x'}, 32, stems)
+  r = token_records.decode_record(raw, 'n')
+  assert r['accompaniment_eq_codes'].dtype == np.int16
+  np.testing.assert_array_equal(r['accompaniment_eq_codes'], eq)
+  assert token_records.decode_meta(raw, 'n') == {'name': 'n (/x)',
+                                                  'meta': {'origin': '/x'}}
+  assert 'damaged' in token_records.decode_meta(b'junk', 'n')['error']
+  with pytest.raises(ValueError, match=r'accompaniment_eq_codes.*\[N, F, K\]'):
+    token_records.encode_record(codes, np.zeros(6), {}, 32,
+                                {'accompaniment_eq_codes': codes})
+  import io
+  buf = io.BytesIO()
+  np.savez(buf, codes=codes, melody=np.zeros(6, np.int8),
+           accompaniment_eq_codes=eq[:, :3], meta_json=np.frombuffer(b'{}', np.uint8))
+  assert 'accompaniment_eq_codes' in token_records.decode_record(
+      buf.getvalue(), 'n')['error']
+
+
+def test_source_of_chosen_records_keeps_their_numbers(tmp_path):
+  from array_record.python import array_record_module
+  out = str(tmp_path / 'tokens')
+  os.makedirs(out)
+  for shard in range(2):
+    w = array_record_module.ArrayRecordWriter(
+        os.path.join(out, token_records.shard_name('train', 0, shard)), 'group_size:1')
+    for i in range(3):
+      w.write(token_records.encode_record(np.zeros((2, 1)), np.zeros(2),
+                                          {'i': 3 * shard + i}, 32))
+    w.close()
+  metas = token_records.metas(out, 'train')
+  assert [m['meta']['i'] for m in metas] == list(range(6))
+  assert metas[4]['name'].endswith('train-*.array_record#4')
+  ds = token_records.source(out, 'train', keep=[5, 1])
+  assert len(ds) == 2 and [ds[i]['meta']['i'] for i in range(2)] == [5, 1]
+  assert ds[0]['name'].endswith('#5') and ds[3]['name'].endswith('#1')  # repeats
+  with pytest.raises(UserError, match='left'):
+    token_records.source(out, 'train', keep=[])
 
 
 def test_source_decodes_records_and_damaged_ones_do_not_raise(tmp_path):

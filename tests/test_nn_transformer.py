@@ -304,3 +304,25 @@ def test_swiglu_mlp_hand_written_backward_matches_autodiff():
   want = jax.grad(loss(plain), argnums=(0, 1, 2, 3))(x, g, u, d)
   for a, b in zip(got, want):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('mask_kind', ['keys', 'causal'])
+def test_query_blocked_attention_equals_full_attention(mask_kind):
+  """attention_chunk only changes memory: outputs and gradients are those of
+  the full [T, T] attention, also when T is not a multiple of the block."""
+  rng = np.random.default_rng(0)
+  b, t, h, kv, d = 2, 37, 4, 2, 8
+  q = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(b, kv, t, d)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(b, kv, t, d)), jnp.float32)
+  valid = jnp.asarray(np.arange(t)[None] < np.array([[t], [29]]))
+  mask = T.causal_mask(valid, causal=mask_kind == 'causal')
+  full = T.attend(q, k, v, mask)
+  for chunk in (8, 16, 64):
+    np.testing.assert_allclose(T.attend(q, k, v, mask, chunk), full,
+                               rtol=1e-5, atol=1e-6)
+  loss = lambda q, k, v, c: jnp.sum(jnp.sin(T.attend(q, k, v, mask, c)))
+  g_full = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, 0)
+  g_blk = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, 8)
+  for a, c in zip(g_blk, g_full):
+    np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-5)

@@ -340,14 +340,44 @@ def remask(rng: jax.Array, confidence: jax.Array, still_masked: jax.Array,
   return (rank < n[:, None]) & still_masked
 
 
+# Bisection steps for the filtering thresholds: float32 intervals of logit
+# ranges shrink to adjacent floats well within 32 halvings.
+_BISECT_STEPS = 32
+
+
+def _threshold(logits: jax.Array, measure, target) -> jax.Array:
+  """The largest logit value v with measure(logits >= v) >= target, per row.
+
+  Bisection keeps measure(>= lo) >= target > measure(>= hi); the result is
+  snapped to the smallest logit >= lo, so it is an exact element value (a
+  sort would give the same cut, at ~10-30x the cost on XLA:CPU for V = 256).
+  """
+  finite = jnp.isfinite(logits)
+  lo = jnp.min(jnp.where(finite, logits, jnp.inf), -1, keepdims=True)
+  hi = jnp.max(jnp.where(finite, logits, -jnp.inf), -1, keepdims=True)
+  hi = hi + jnp.maximum(jnp.abs(hi), 1.0)          # strictly above the max
+
+  def body(_, c):
+    lo, hi = c
+    mid = 0.5 * (lo + hi)
+    ok = measure(logits >= mid) >= target
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+  lo, _ = jax.lax.fori_loop(0, _BISECT_STEPS, body, (lo, hi))
+  return jnp.min(jnp.where(logits >= lo, logits, jnp.inf), -1, keepdims=True)
+
+
 def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0
                   ) -> jax.Array:
   """Top-p then top-k filtering (the released code's order); -inf elsewhere.
 
   Top-p keeps the smallest set of most likely tokens whose probability
   reaches top_p (a token is kept while the mass before it is < top_p);
-  top-k then keeps the k largest of those. Both cut at a value threshold, so
-  tokens tied with the last kept one are kept too.
+  top-k then keeps the k largest of those. Both sets are prefixes of the
+  descending order, so the result is the shorter prefix: the cut is the
+  larger of the two thresholds (`_threshold`: the k-th largest logit, and the
+  largest logit whose at-or-above mass reaches top_p). Tokens tied with the
+  last kept one are kept too.
 
   Args:
     logits: [..., V].
@@ -362,14 +392,15 @@ def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0
   if not 0 < top_p <= 1:
     raise ValueError(f'top_p must be in (0, 1], got {top_p}')
   vocab = logits.shape[-1]
-  if top_k in (0, vocab) and top_p == 1.0:
+  k_on = top_k not in (0, vocab) and top_k < vocab
+  if not k_on and top_p == 1.0:
     return logits
-  srt = -jnp.sort(-logits, axis=-1)                      # descending
+  cut = jnp.full(logits.shape[:-1] + (1,), -jnp.inf, logits.dtype)
+  if k_on:
+    count = lambda m: jnp.sum(m, -1, keepdims=True)
+    cut = jnp.maximum(cut, _threshold(logits, count, top_k))
   if top_p < 1.0:
-    probs = jax.nn.softmax(srt.astype(jnp.float32), axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs
-    srt = jnp.where(before < top_p, srt, -jnp.inf)
-  k = vocab if top_k == 0 else min(top_k, vocab)
-  kept = (jnp.arange(vocab) < k) & (srt > -jnp.inf)   # the top-p cut too
-  cut = jnp.min(jnp.where(kept, srt, jnp.inf), axis=-1, keepdims=True)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    mass = lambda m: jnp.sum(jnp.where(m, probs, 0.0), -1, keepdims=True)
+    cut = jnp.maximum(cut, _threshold(logits, mass, top_p).astype(cut.dtype))
   return jnp.where(logits >= cut, logits, -jnp.inf)

@@ -40,8 +40,18 @@ def default_config() -> ml_collections.ConfigDict:
   c.codebook_size = 1024
   c.text_vocab_size = 1024
   c.embed_init_std = 0.02
+  # Codec frames per second of the tokens (checked against the data's
+  # dataset.json; benchmarks turn seconds into frames with it).
+  c.frame_rate = 62.5
+  # 'diffusion': bidirectional masked model (LaDA-Band). 'ar': the ablation of
+  # seed 003 table 3, a causal model over the same dual-track frames whose
+  # accompaniment input is shifted one frame right, decoded frame by frame.
+  c.decode = 'diffusion'
   c.backbone = transformer.default_config()
   return c
+
+
+DECODE_MODES = ('diffusion', 'ar')
 
 
 def _normal(rngs, shape, std, names):
@@ -61,6 +71,9 @@ class AccompModel(nnx.Module):
     if d % 2:
       raise ValueError(f'backbone.dim must be even (two tracks of dim/2), got {d}')
     self.num_codebooks, self.codebook_size = k, v
+    if c.decode not in DECODE_MODES:
+      raise ValueError(f'model.decode must be one of {DECODE_MODES}, got {c.decode!r}')
+    self.causal = c.decode == 'ar'
     std = float(c.embed_init_std)
     half = d // 2
     self.vocal_embed = _normal(rngs, (k, v + 1, half), std, ('codebook', 'vocab', 'embed'))
@@ -100,7 +113,8 @@ class AccompModel(nnx.Module):
     return jnp.stack([text, ref], axis=1)
 
   def hidden(self, vocal, accomp, valid, prefix) -> jax.Array:
-    """Backbone output over the T frames [B, T, D] (prefix positions dropped)."""
+    """Backbone output over the T frames [B, T, D] (prefix positions dropped).
+    Bidirectional, or causal for the 'ar' ablation."""
     x = jnp.concatenate([self.track_embedding(self.vocal_embed[...], vocal),
                          self.track_embedding(self.accomp_embed[...], accomp)], -1)
     x = jnp.concatenate([prefix.astype(x.dtype), x], axis=1)
@@ -108,7 +122,7 @@ class AccompModel(nnx.Module):
     full_valid = jnp.concatenate([jnp.ones((b, prefix.shape[1]), bool), valid], 1)
     positions = jnp.broadcast_to(jnp.arange(n), (b, n))
     h, _ = self.backbone(x, positions,
-                         transformer.causal_mask(full_valid, causal=False))
+                         transformer.causal_mask(full_valid, causal=self.causal))
     return h[:, prefix.shape[1]:]
 
   def logits(self, h: jax.Array) -> jax.Array:

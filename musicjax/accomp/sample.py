@@ -11,6 +11,7 @@ prefix, rows [n, 2n) with the learned nulls): u + scale * (c - u).
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -37,13 +38,19 @@ class Sampling:
 
 def accompany(model: model_lib.AccompModel, vocal: jax.Array, valid: jax.Array,
               prefix: jax.Array, rng: jax.Array, s: Sampling,
-              null_prefix: jax.Array | None = None, trace: bool = False):
+              null_prefix: jax.Array | None = None, trace: bool = False,
+              known: jax.Array | None = None,
+              callback: Callable[[jax.Array], None] | None = None):
   """Accompaniment codes [B, T, K] for vocal codes [B, T, K] (traceable).
 
   `prefix` [B, 2, D] from `model.prefix`; `null_prefix` [B, 2, D] (the learned
   nulls) turns on guidance: the batch is doubled with unconditional rows and
-  the logits are guided with `s.cfg_scale`. Invalid frames stay PAD. With
-  `trace`, also returns the tokens after every step [steps, B, T, K].
+  the logits are guided with `s.cfg_scale`. Invalid frames stay PAD.
+  `known` [B, T, K]: tokens already decided (>= 0; e.g. the overlap with the
+  previous window of a long song) start committed and are kept; the schedule
+  runs over the rest. With `trace`, also returns the tokens after every step
+  [steps, B, T, K]. `callback(step)` runs on the host after every step
+  (progress lines).
   """
   b, t, k = vocal.shape
   v = model.codebook_size
@@ -51,7 +58,9 @@ def accompany(model: model_lib.AccompModel, vocal: jax.Array, valid: jax.Array,
   cfg = null_prefix is not None
   token_valid = jnp.broadcast_to(valid[..., None], (b, t, k))
   x0 = jnp.where(token_valid, mask_tok, pad_tok).astype(jnp.int32)
-  total = jnp.sum(token_valid.reshape(b, -1), axis=1)
+  if known is not None:
+    x0 = jnp.where(token_valid & (known >= 0), known.astype(jnp.int32), x0)
+  total = jnp.sum((x0 == mask_tok).reshape(b, -1), axis=1)
 
   def logits_of(x):
     if not cfg:
@@ -76,6 +85,8 @@ def accompany(model: model_lib.AccompModel, vocal: jax.Array, valid: jax.Array,
     new_mask = diffusion.remask(
         r_mask, jnp.maximum(conf, 1e-30).reshape(b, -1), masked.reshape(b, -1),
         keep, diffusion.gumbel_scale(i, s.steps, s.mask_temperature))
+    if callback is not None:
+      jax.debug.callback(callback, i)
     return jnp.where(new_mask.reshape(b, t, k), mask_tok, tokens)
 
   if trace:
@@ -85,3 +96,39 @@ def accompany(model: model_lib.AccompModel, vocal: jax.Array, valid: jax.Array,
     out, states = jax.lax.scan(scan_step, x0, jnp.arange(s.steps))
     return out, states
   return jax.lax.fori_loop(0, s.steps, step, x0)
+
+
+def accompany_ar(model: model_lib.AccompModel, vocal: jax.Array, valid: jax.Array,
+                 prefix: jax.Array, rng: jax.Array, s: Sampling,
+                 null_prefix: jax.Array | None = None):
+  """The 'ar' ablation's decoding: frame by frame, left to right.
+
+  Each of the T steps runs the causal model over the whole window (no key/
+  value cache: this path exists to compare quality, not speed) and samples
+  frame i's K codes from its logits with the same temperature / top-p /
+  top-k filtering and guidance as the diffusion sampler.
+  """
+  b, t, k = vocal.shape
+  v = model.codebook_size
+  pad_tok, bos = model_lib.pad_id(v), model_lib.mask_id(v)
+  cfg = null_prefix is not None
+  token_valid = jnp.broadcast_to(valid[..., None], (b, t, k))
+
+  def logits_of(x):
+    inp = jnp.concatenate([jnp.full_like(x[:, :1], bos), x[:, :-1]], axis=1)
+    if not cfg:
+      return model.logits(model.hidden(vocal, inp, valid, prefix))
+    both = model.logits(model.hidden(
+        jnp.concatenate([vocal, vocal]), jnp.concatenate([inp, inp]),
+        jnp.concatenate([valid, valid]), jnp.concatenate([prefix, null_prefix])))
+    return both[b:] + s.cfg_scale * (both[:b] - both[b:])
+
+  def step(i, x):
+    lg = jax.lax.dynamic_index_in_dim(logits_of(x), i, 1, keepdims=False)
+    lg = diffusion.filter_logits(lg / s.temperature, s.top_k, s.top_p)
+    frame = jax.random.categorical(jax.random.fold_in(rng, i), lg, axis=-1)
+    return jax.lax.dynamic_update_index_in_dim(x, frame.astype(jnp.int32), i, 1)
+
+  x0 = jnp.full((b, t, k), pad_tok, jnp.int32)
+  out = jax.lax.fori_loop(0, t, step, x0)
+  return jnp.where(token_valid, out, pad_tok)

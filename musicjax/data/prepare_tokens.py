@@ -34,6 +34,27 @@ within the tolerance are cut to the shortest.
 Melody: chroma classes of the vocal stem whenever the source has one (chorales
 always do, with or without --stems), else of the mix.
 
+Stem statistics (--stems): meta['stem_stats'] holds each stem's RMS level over
+the whole song (dBFS, `augment.rms`) and the share of codec frames (one hop
+each) whose RMS is above `ACTIVE_THRESHOLD_DBFS` ('vocal_rms_db',
+'accompaniment_rms_db', 'vocal_active', 'accompaniment_active'); training
+pipelines use them to skip silent vocals and to filter for quality.
+
+Augmentation (`config.data.augment`, `musicjax.data.augment`), decided per
+song from (`data.shuffle_seed`, song id) so a rerun makes the same copies:
+  * eq_copies N (--stems only): the record also holds the codes of N
+    frequency-balance copies of the accompaniment, accompaniment_eq_codes
+    [N, F, K]; copy i's filters are drawn from (seed, song id, i).
+  * speed_pitch_fraction p: in the train split, a share p of the songs (by a
+    hash of the id) gets two extra items, a tempo copy (rate from
+    stretch_rates, id '<id>@x1.1') and a pitch copy (semitones from
+    pitch_steps, id '<id>@+2st'). Every stem is transformed the same way;
+    with --stems the mix is the sum of the transformed stems (otherwise the
+    mix is transformed), the melody is recomputed, and the metadata follows
+    (`augment.stretch_meta`: timings / rate; `augment.shift_meta`: the key).
+The augment settings are part of the run settings: changing them on an
+existing --out is an error like any other setting.
+
 Bad items (unreadable audio, bad stems, metadata the LM cannot turn into text,
 see `song_text.BadSongMetadata`) are reported with `audio.report_bad`, listed
 in the shard's sidecar and in dataset.json, and skipped.
@@ -57,6 +78,7 @@ import ml_collections
 import numpy as np
 
 from musicjax.data import audio
+from musicjax.data import augment
 from musicjax.data import sources
 from musicjax.data import token_records
 from musicjax.errors import UserError
@@ -74,6 +96,11 @@ STEM_LENGTH_TOLERANCE_FRAMES = 2
 STEM_FILES = {'vocal': 'vocals', 'accompaniment': 'accompaniment', 'mix': 'mix'}
 REQUIRED_STEMS = ('vocal', 'accompaniment')
 SONG_META_FILE = 'meta.json'
+# A codec frame counts as active (stem_stats) when its RMS is above this level:
+# well over dither and reverb tails, well under any sung or played note.
+ACTIVE_THRESHOLD_DBFS = -40.0
+# Item 'variant' kinds: a tempo copy and a pitch copy of a train song.
+TIME_STRETCH, PITCH_SHIFT = 'time_stretch', 'pitch_shift'
 _TMP_PREFIX = '.'
 _TMP_SUFFIX = '.tmp'
 
@@ -120,12 +147,25 @@ class _Encoder:
     self.model = model
     self.sample_rate, self.channels = sample_rate, channels
     self.hop = int(model.hop_length)
-    self._chunk, self._context, self._batch = chunk_seconds, context_seconds, batch
+    self._chunk = max(1, round(chunk_seconds * model.frame_rate))
+    self._context = math.ceil(context_seconds * model.frame_rate)
+    self._batch = batch
+    self._encode = None
 
   def codes(self, wave: np.ndarray) -> np.ndarray:
+    """[T, C] -> [ceil(T / hop), K], exactly as `chunked.encode_array`."""
+    from flax import nnx  # pylint: disable=g-import-not-at-top
     from musicjax.codec import chunked  # pylint: disable=g-import-not-at-top
-    return chunked.encode_array(self.model, wave, chunk_seconds=self._chunk,
-                                context_seconds=self._context, batch=self._batch)
+    if self._encode is None:
+      # One jitted encoder for the run: encode_array builds (and compiles) a
+      # new one per call, about a second per stem even for a tiny codec.
+      graphdef, state = nnx.split(self.model)
+      self._encode, _ = chunked.make_codec_fns(graphdef, state, None)
+    frames = math.ceil(wave.shape[0] / self.hop)
+    x = np.pad(wave, ((0, frames * self.hop - wave.shape[0]), (0, 0)))
+    return chunked._run_chunked(  # pylint: disable=protected-access
+        self._encode, x.astype(np.float32), self.hop, self._chunk,
+        self._context, 1, self._batch, 'encode')
 
   def melody(self, wave: np.ndarray) -> np.ndarray:
     from musicjax.data import melody  # pylint: disable=g-import-not-at-top
@@ -213,6 +253,118 @@ def split_items(config: ml_collections.ConfigDict, split: str,
   return items
 
 
+# -------------------------------------------------------------- augmentation
+
+
+def augment_settings(config: ml_collections.ConfigDict,
+                     stems: bool) -> dict[str, Any]:
+  """The validated `config.data.augment`, as stored in the run settings.
+
+  Raises:
+    UserError: a value out of range, or eq_copies without --stems.
+  """
+  from musicjax import config as config_lib  # pylint: disable=g-import-not-at-top
+  a = config.data.get('augment') or config_lib.base_config().data.augment
+  key = 'config.data.augment'
+  eq, fraction = int(a.eq_copies), float(a.speed_pitch_fraction)
+  rates = [float(r) for r in a.stretch_rates]
+  steps = list(a.pitch_steps)
+  if eq < 0:
+    raise UserError(f'{key}.eq_copies must be >= 0, got {eq}')
+  if eq and not stems:
+    raise UserError(f'{key}.eq_copies={eq} needs --stems (the copies are of the '
+                    'accompaniment stem); pass --stems or set '
+                    f'--{key}.eq_copies=0')
+  if not 0.0 <= fraction <= 1.0:
+    raise UserError(f'{key}.speed_pitch_fraction must be in [0, 1], got {fraction}')
+  if fraction and (not rates or not steps):
+    raise UserError(f'{key}.speed_pitch_fraction={fraction} needs non-empty '
+                    f'{key}.stretch_rates and {key}.pitch_steps')
+  if any(r <= 0 for r in rates):
+    raise UserError(f'{key}.stretch_rates must all be > 0, got {tuple(rates)}')
+  active = bool(eq or fraction)
+  # The seed only matters (and only pins the run) when something is drawn.
+  seed = int(config.data.shuffle_seed) if active else None
+  return {'eq_copies': eq, 'stretch_rates': rates, 'pitch_steps': steps,
+          'speed_pitch_fraction': fraction, 'seed': seed}
+
+
+def _variant(item: dict[str, Any], kind: str, amount: float,
+             suffix: str) -> dict[str, Any]:
+  base = item.get('variant', {}).get('of', item['name'])
+  return dict(item, name=base + suffix,
+              variant={'kind': kind, 'amount': amount, 'suffix': suffix,
+                       'of': base})
+
+
+def speed_pitch_variants(items: list[dict[str, Any]],
+                         config: ml_collections.ConfigDict,
+                         settings: dict[str, Any]) -> list[dict[str, Any]]:
+  """`items` with a tempo and a pitch copy after each chosen song.
+
+  A song is chosen when `augment.unit_hash(seed, id, ...)` < the fraction;
+  its rate and semitones are drawn from (seed, id).
+  """
+  fraction, seed = settings['speed_pitch_fraction'], settings['seed']
+  if not fraction:
+    return items
+  out = []
+  for item in items:
+    out.append(item)
+    song_id = item_identity(item, config)[1]
+    if augment.unit_hash(seed, song_id, 'speed_pitch') >= fraction:
+      continue
+    rng = augment.song_rng(seed, song_id, 'speed_pitch')
+    rate = float(settings['stretch_rates'][rng.integers(len(settings['stretch_rates']))])
+    steps = settings['pitch_steps'][rng.integers(len(settings['pitch_steps']))]
+    out.append(_variant(item, TIME_STRETCH, rate, f'@x{rate:g}'))
+    out.append(_variant(item, PITCH_SHIFT, steps, f'@{steps:+g}st'))
+  return out
+
+
+def _transformed(waves: dict[str, np.ndarray], variant: dict[str, Any],
+                 sample_rate: int, want_stems: bool) -> dict[str, np.ndarray]:
+  """Every wave of a song through the variant's transform.
+
+  With stems the mix is rebuilt as their sum: a phase vocoder does not
+  commute with addition, and the mix must stay the sum of its stems.
+  """
+  fn = augment.time_stretch if variant['kind'] == TIME_STRETCH else augment.pitch_shift
+  names = REQUIRED_STEMS if want_stems else tuple(waves)
+  out = {s: fn(waves[s], sample_rate, variant['amount']) for s in names}
+  if want_stems:
+    out['mix'] = out['vocal'] + out['accompaniment']
+  return out
+
+
+def _variant_meta(meta: dict[str, Any], variant: dict[str, Any]) -> dict[str, Any]:
+  if variant['kind'] == TIME_STRETCH:
+    return augment.stretch_meta(meta, variant['amount'])
+  return augment.shift_meta(meta, variant['amount'])
+
+
+def stem_stats(vocal: np.ndarray, accompaniment: np.ndarray,
+               hop: int) -> dict[str, float]:
+  """meta['stem_stats'] of a song (see the module docstring)."""
+  stats = {}
+  for name, wave in (('vocal', vocal), ('accompaniment', accompaniment)):
+    stats[f'{name}_rms_db'] = augment.to_dbfs(augment.rms(wave))
+    stats[f'{name}_active'] = augment.active_fraction(wave, hop,
+                                                      ACTIVE_THRESHOLD_DBFS)
+  return stats
+
+
+def _eq_codes(enc: _Encoder, accompaniment: np.ndarray, song_id: str,
+              settings: dict[str, Any]) -> np.ndarray:
+  """[N, F, K] codes of N frequency-balance copies of the accompaniment."""
+  copies = []
+  for i in range(settings['eq_copies']):
+    rng = augment.song_rng(settings['seed'], song_id, 'eq', i)
+    copies.append(enc.codes(augment.frequency_balance(
+        accompaniment, enc.sample_rate, rng)))
+  return np.stack(copies)
+
+
 # ------------------------------------------------------------------ encoding
 
 
@@ -270,16 +422,38 @@ def _check_text_metadata(item: dict[str, Any], num_frames: int,
     raise audio.BadAudio(item['name'], f'unusable metadata ({e})') from None
 
 
+def item_identity(item: dict[str, Any],
+                  config: ml_collections.ConfigDict) -> tuple[str | None, str]:
+  """(origin, id) a record of `item` gets; a variant's id has its suffix.
+
+  origin: the source path (None for items read from records), unless the
+  metadata names one; id: meta['id'], else the path relative to the data
+  folder without extension (`_default_id`).
+  """
+  variant = item.get('variant') or {}
+  name = variant.get('of', item['name'])
+  origin = name if isinstance(item['source'], (str, type(None))) else None
+  origin = item['meta'].get('origin', origin)
+  root = config.data.path if config.data.kind == 'folder' else None
+  base = str(item['meta'].get('id') or _default_id(origin or name, root))
+  return origin, base + variant.get('suffix', '')
+
+
 def encode_item(item: dict[str, Any], enc: _Encoder, config: ml_collections.ConfigDict,
                 want_stems: bool, codebook_size: int) -> bytes:
-  """One item as record bytes.
+  """One item (or a tempo / pitch variant of one) as record bytes.
 
   Raises:
     audio.BadAudio: the item cannot be used (named by path, with the reason).
   """
   if 'error' in item:  # a damaged input record (data.kind=array_record)
     raise audio.BadAudio(item['name'], item['error'])
+  settings = augment_settings(config, want_stems)
+  origin, song_id = item_identity(item, config)
   waves = _load_waves(item, enc, want_stems, config.data.max_file_seconds)
+  if item.get('variant'):
+    waves = _transformed(waves, item['variant'], enc.sample_rate, want_stems)
+    item = dict(item, meta=_variant_meta(item['meta'], item['variant']))
   _check_text_metadata(item, math.ceil(waves['mix'].shape[0] / enc.hop),
                        float(enc.model.frame_rate))
   codes = enc.codes(waves['mix'])
@@ -287,15 +461,17 @@ def encode_item(item: dict[str, Any], enc: _Encoder, config: ml_collections.Conf
   if melody.shape != (codes.shape[0],):
     raise RuntimeError(f'melody.chroma_tokens gave {melody.shape[0]} frames for '
                        f'{codes.shape[0]} codec frames (hop {enc.hop})')
+  meta = dict(item['meta'])
   stem_codes = None
   if want_stems:
     stem_codes = {'vocal_codes': enc.codes(waves['vocal']),
                   'accompaniment_codes': enc.codes(waves['accompaniment'])}
-  origin = item['name'] if isinstance(item['source'], (str, type(None))) else None
-  meta = dict(item['meta'])
-  meta['origin'] = meta.get('origin', origin)
-  root = config.data.path if config.data.kind == 'folder' else None
-  meta['id'] = str(meta.get('id') or _default_id(meta['origin'] or item['name'], root))
+    if settings['eq_copies']:
+      stem_codes[token_records.ACCOMPANIMENT_EQ_KEY] = _eq_codes(
+          enc, waves['accompaniment'], song_id, settings)
+    meta['stem_stats'] = stem_stats(waves['vocal'], waves['accompaniment'],
+                                    enc.hop)
+  meta['origin'], meta['id'] = origin, song_id
   if item.get('stems'):
     meta['stem_origins'] = dict(item['stems'])
   meta.update(num_frames=int(codes.shape[0]), frame_rate=float(enc.model.frame_rate),
@@ -457,7 +633,8 @@ def prepare_tokens_main(codec_workdir: str, out_dir: str,
   Args:
     codec_workdir: a codec training workdir (config.json + checkpoints).
     out_dir: the output directory; rerunning with the same one resumes.
-    config: which data to encode (`config.data`); None: the codec's own.
+    config: which data to encode (`config.data`) and how to augment it
+      (`config.data.augment`, module docstring); None: the codec's own.
     stems: also store vocal/accompaniment codes (chorales, or folder with the
       song-folder convention of the module docstring).
     chunk_seconds: encoder window length (see `codec.chunked`).
@@ -478,7 +655,8 @@ def prepare_tokens_main(codec_workdir: str, out_dir: str,
               'codec_workdir': os.path.abspath(codec_workdir), 'codec_step': step,
               'data': sources.describe(config), 'stems': bool(stems),
               'records_per_shard': int(config.data.records_per_shard),
-              'process_count': jax.process_count()}
+              'process_count': jax.process_count(),
+              'augment': augment_settings(config, stems)}
   if settings['records_per_shard'] < 1:
     raise UserError('config.data.records_per_shard must be >= 1, got '
                     f'{settings["records_per_shard"]}')
@@ -489,6 +667,8 @@ def prepare_tokens_main(codec_workdir: str, out_dir: str,
   split_settings = {}
   for split in sources.SPLITS:
     items = split_items(config, split, stems)
+    if split == 'train':  # evaluation sees the songs as they are
+      items = speed_pitch_variants(items, config, settings['augment'])
     split_settings[split] = _split_settings(settings, split, items)
     _prepare_split(split, items, out_dir, split_settings[split], encode)
   _barrier('musicjax prepare tokens: shards written')
@@ -504,6 +684,7 @@ def prepare_tokens_main(codec_workdir: str, out_dir: str,
             'frame_rate': float(model.frame_rate), 'hop_length': enc.hop,
             'sample_rate': enc.sample_rate, 'channels': enc.channels,
             'stems': bool(stems), 'data': settings['data'],
+            'augment': settings['augment'],
             'tokenizer': os.path.basename(tokenizer), **summary}
     _atomic_write_json(os.path.join(out_dir, token_records.DATASET_INFO), info)
   _barrier('musicjax prepare tokens: dataset.json written')

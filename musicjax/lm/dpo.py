@@ -42,7 +42,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from musicjax import config as config_lib
@@ -81,8 +80,8 @@ SHARD_SUFFIX = '.array_record'
 # share the same stacked parameters).
 _FREE_MODEL_KEYS = ('embed_init_std', 'max_seq_len', 'backbone.init_std',
                     'backbone.dtype', 'backbone.remat', 'backbone.scan_layers',
-                    'local.init_std', 'local.dtype', 'local.remat',
-                    'local.scan_layers')
+                    'backbone.attention_chunk', 'local.init_std', 'local.dtype',
+                    'local.remat', 'local.scan_layers', 'local.attention_chunk')
 # Tasks whose checkpoints hold an AudioLM under `model`.
 _INIT_TASKS = ('lm', 'lm_dpo')
 # Eval split: records whose index hash (in [0, 1)) is below dpo.eval_fraction.
@@ -307,16 +306,6 @@ def _init_dir(config: ConfigDict) -> str:
   return os.path.expanduser(d)
 
 
-def _flat(c: ConfigDict, prefix: str = '') -> dict[str, Any]:
-  out = {}
-  for k, v in c.items():
-    if isinstance(v, ConfigDict):
-      out.update(_flat(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
-
-
 def check_architecture(config: ConfigDict, init_config: ConfigDict,
                        init_dir: str) -> None:
   """config.model must describe the same network as the init run's."""
@@ -324,7 +313,8 @@ def check_architecture(config: ConfigDict, init_config: ConfigDict,
     raise ConfigError(f'config.dpo.init_workdir={init_dir!r} is a '
                       f'{init_config.task!r} run; DPO needs an LM run '
                       f'(task one of {_INIT_TASKS})')
-  ours, theirs = _flat(config.model), _flat(init_config.model)
+  ours = config_lib.flatten(config.model)
+  theirs = config_lib.flatten(init_config.model)
   for key in sorted(set(ours) | set(theirs)):
     if key in _FREE_MODEL_KEYS or ours.get(key) == theirs.get(key):
       continue
@@ -345,20 +335,11 @@ def restore_init_model(config: ConfigDict, state: nnx.State,
   init_dir = _init_dir(config)
   init_config = config_lib.load_saved(init_dir)
   check_architecture(config, init_config, init_dir)
-  manager = ckpt_lib.make_manager(init_dir, init_config.checkpoint.keep, False)
-  try:
-    step = ckpt_lib.latest_step_or_raise(manager, init_dir)
-    target = ckpt_lib.abstract_target(state['model'], shardings['model'])
-    args = ocp.args.PyTreeRestore(
-        item={'model': target},
-        restore_args=ocp.checkpoint_utils.construct_restore_args(
-            {'model': target}),
-        partial_restore=True)
-    restored = manager.restore(step, args=ocp.args.Composite(state=args))
-  finally:
-    manager.close()
+  restored, step = ckpt_lib.restore_subtree(
+      init_dir, init_config.checkpoint.keep, 'model', state['model'],
+      shardings['model'])
   _say(f'policy and reference start from {init_dir} step {step}')
-  return restored['state']['model']
+  return restored
 
 
 # -------------------------------------------------------------------- data

@@ -56,6 +56,11 @@ def default_config() -> ml_collections.ConfigDict:
   # stacks: XLA:CPU lays out the scanned backward with transposing copies that
   # cost more than the matmuls, measured on configs/lm/bench_tiny.py).
   c.scan_layers = True
+  # Queries per attention block (0 = all at once). Long sequences (a full song
+  # of a bidirectional model) would otherwise hold [heads, T, T] scores; in
+  # blocks the peak is [heads, chunk, T], and the backward recomputes a block's
+  # scores instead of storing them.
+  c.attention_chunk = 0
   return c
 
 
@@ -81,6 +86,9 @@ def check_config(c: ml_collections.ConfigDict, where: str) -> None:
   if c.dtype not in _DTYPES:
     raise ConfigError(f'config.{where}.dtype must be one of {sorted(_DTYPES)}, '
                       f'got {c.dtype!r}')
+  if int(c.get('attention_chunk', 0)) < 0:
+    raise ConfigError(f'config.{where}.attention_chunk must be >= 0 (0 = off), '
+                      f'got {c.attention_chunk}')
   if c.remat not in ('none', 'full', 'dots'):
     raise ConfigError(f"config.{where}.remat must be 'none', 'full' or 'dots', "
                       f'got {c.remat!r}')
@@ -115,11 +123,7 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return out.astype(x.dtype)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-  """Grouped-query attention. q [B,T,H,D]; k, v [B,KV,S,D]; mask [B,T,S] bool.
-
-  The query heads of a group share one KV head. Scores and softmax in float32.
-  """
+def _attend_full(q, k, v, mask):
   b, t, h, d = q.shape
   kv = k.shape[1]
   q = q.reshape(b, t, kv, h // kv, d)
@@ -129,6 +133,33 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
   p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
   o = jnp.einsum('bkgts,bksd->btkgd', p, v)
   return o.reshape(b, t, h, d)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+           chunk: int = 0) -> jax.Array:
+  """Grouped-query attention. q [B,T,H,D]; k, v [B,KV,S,D]; mask [B,T,S] or
+  [B,1,S] (the same keys for every query) bool.
+
+  The query heads of a group share one KV head. Scores and softmax in float32.
+  With `chunk` > 0 and T > chunk, queries run in blocks of `chunk` (exact:
+  each query's softmax is over all its keys either way).
+  """
+  b, t, h, d = q.shape
+  if chunk <= 0 or t <= chunk:
+    return _attend_full(q, k, v, mask)
+  n = -(-t // chunk)
+  pad = n * chunk - t
+  qb = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  qb = jnp.moveaxis(qb.reshape(b, n, chunk, h, d), 1, 0)
+  if mask.shape[1] == 1:
+    block = jax.checkpoint(lambda qc: _attend_full(qc, k, v, mask))
+    out = jax.lax.map(block, qb)
+  else:
+    mb = jnp.pad(mask, ((0, 0), (0, pad), (0, 0)))
+    mb = jnp.moveaxis(mb.reshape(b, n, chunk, mask.shape[-1]), 1, 0)
+    block = jax.checkpoint(lambda a: _attend_full(a[0], k, v, a[1]))
+    out = jax.lax.map(block, (qb, mb))
+  return jnp.moveaxis(out, 0, 1).reshape(b, n * chunk, h, d)[:, :t]
 
 
 class Attention(nnx.Module):
@@ -142,6 +173,7 @@ class Attention(nnx.Module):
     self.wo = _param(rngs, (h, d, e), std, ('heads', None, 'embed'))
     self.theta = float(c.rope_theta)
     self.dtype = _DTYPES[c.dtype]
+    self.chunk = int(c.get('attention_chunk', 0))
 
   def _w(self, w: nnx.Param, names) -> jax.Array:
     # FSDP: the 'embed' dim lives sharded between steps; gather it here.
@@ -166,7 +198,7 @@ class Attention(nnx.Module):
                        cache['v'], v[None].astype(cache['v'].dtype), start))
       k = jax.lax.dynamic_index_in_dim(cache['k'], layer, 0, keepdims=False)
       v = jax.lax.dynamic_index_in_dim(cache['v'], layer, 0, keepdims=False)
-    o = attend(q, k.astype(dt), v.astype(dt), mask)
+    o = attend(q, k.astype(dt), v.astype(dt), mask, self.chunk)
     out = rules.einsum('bthd,hde->bte', o, self._w(self.wo, ('heads', None, None)),
                        ('batch', 'time', 'embed'))
     return out, cache

@@ -85,3 +85,25 @@ def latest_step_or_raise(manager: ocp.CheckpointManager, workdir: str,
     raise ConfigError(f'checkpoint step {step} not in {checkpoint_dir(workdir)}; '
                       f'available: {sorted(steps)}')
   return step
+
+
+def restore_subtree(workdir: str, keep: int, key: str, abstract: nnx.State,
+                    shardings: Any) -> tuple[dict, int]:
+  """(pure dict of `state[key]` at the latest step of `workdir`, that step).
+
+  Only that subtree is read (partial restore), on `shardings`: e.g. a
+  fine-tuning run takes a finished run's model weights without ever loading
+  its optimizer moments.
+  """
+  manager = make_manager(workdir, keep, False)
+  try:
+    step = latest_step_or_raise(manager, workdir)
+    target = abstract_target(abstract, shardings)
+    args = ocp.args.PyTreeRestore(
+        item={key: target},
+        restore_args=ocp.checkpoint_utils.construct_restore_args({key: target}),
+        partial_restore=True)
+    restored = manager.restore(step, args=ocp.args.Composite(state=args))
+  finally:
+    manager.close()
+  return restored['state'][key], int(step)

@@ -1,0 +1,333 @@
+"""LaDA-Band vocal-to-accompaniment as a trainer task (seed 003 §3-4).
+
+One train step (the default 'diffusion' model):
+  1. time r from a Cranley-Patterson-rotated Sobol sequence indexed by the
+     step counter (`diffusion.sobol_r`: low-discrepancy over consecutive
+     steps, and a resumed run draws the same r), mask ratio t = cos(pi r / 2);
+  2. every valid accompaniment token (frame x codebook) masked independently
+     with probability t; the vocal track is always visible;
+  3. the two prefix tokens [text, reference] each replaced by its learned null
+     with probability `cond.drop_text` / `cond.drop_reference` (classifier-free
+     conditioning dropout, drawn on device from the step rng);
+  4. masked-modeling loss with the `loss.weighting` of `diffusion.masked_ce_loss`;
+  5. replaced-token detection: the masked positions are filled with the
+     first pass's argmax, a second forward of the same backbone (with
+     gradient, unless `loss.rtd_backbone_grad` is off as in the released
+     code) feeds the detector head, loss weight `loss.rtd_weight`.
+The 'ar' model (the seed's table-3 ablation) is a causal model over the same
+frames, trained with next-frame cross entropy on every token; it has no RTD.
+
+Stage 2 of the curriculum (`init.workdir`) starts from a stage-1 run's
+weights (fresh optimizer), see configs/accomp/.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from musicjax import config as config_lib
+from musicjax.accomp import diffusion
+from musicjax.accomp import model as model_lib
+from musicjax.config import ConfigError
+from musicjax.lm import task as lm_task
+from musicjax.nn import transformer
+from musicjax.train import checkpoint as ckpt_lib
+from musicjax.train.task import ArraySpec, Task
+
+ConfigDict = ml_collections.ConfigDict
+
+# Model keys that may differ from the stage-1 run: they change neither the
+# parameters' shapes nor the function they compute.
+_FREE_MODEL_KEYS = ('embed_init_std', 'backbone.init_std', 'backbone.dtype',
+                    'backbone.scan_layers', 'backbone.remat',
+                    'backbone.attention_chunk')
+
+
+def default_config() -> ConfigDict:
+  """Every accompaniment-model number; defaults are the tiny scale."""
+  from musicjax.accomp import data as data_lib  # pylint: disable=g-import-not-at-top
+  c = ConfigDict()
+  c.model = model_lib.default_config()
+  c.data = data_lib.default_data_config()
+  # data.kind: 'tokens' (musicjax prepare --stems) | 'synthetic' (tests).
+  c.data.synthetic_min_frames = 1   # synthetic: shortest example (padding)
+
+  lm = lm_task.default_config()
+  cd = c.cond = ConfigDict()
+  cd.tag_probs = lm.cond.tag_probs     # tags kept per category (seed 001 table 6)
+  cd.extra_tag_prob = lm.cond.extra_tag_prob
+  cd.drop_text = 0.5                   # prefix dropout (seed 003 stage 2: 0.5 each)
+  cd.drop_reference = 0.5
+
+  lo = c.loss = ConfigDict()
+  # none (released code: mean CE over masked tokens) | inv_t (paper eq. 3) |
+  # elbo (exact weight for the cosine schedule); the default is from the
+  # experiment in README ("Loss weighting").
+  lo.weighting = 'none'
+  lo.rtd_weight = 0.2                  # seed 003 eq. 4 (0 = no RTD, an ablation)
+  lo.rtd_backbone_grad = True          # False = the released code (head only)
+  lo.mask_eps = 1e-10                  # t is clipped to [eps, 1]
+  lo.sobol_seed = 0                    # rotation of the Sobol time sequence
+
+  c.optim = lm.optim
+  c.optim.b2 = 0.999                   # the released s1/s2 configs
+  c.optim.weight_decay = 0.01
+
+  s = c.sample = ConfigDict()
+  s.steps = 60
+  s.temperature = 1.0
+  s.top_k = 100
+  s.top_p = 0.9
+  s.mask_temperature = 10.5
+  s.cfg_scale = 1.0                    # 1.0 = no guidance (the released code)
+  # Long songs (musicjax/accomp/song.py): 0 = the whole song in one pass;
+  # else windows of this many frames, each overlapping the previous one by
+  # overlap_frames (those start committed to the previous window's tokens).
+  s.window_frames = 0
+  s.overlap_frames = 0
+
+  i = c.init = ConfigDict()
+  i.workdir = ''                       # stage 2: start from this stage-1 run
+  return c
+
+
+def check_config(config: ConfigDict) -> None:
+  m = config.model
+  if m.decode not in model_lib.DECODE_MODES:
+    raise ConfigError(f'config.model.decode must be one of '
+                      f'{model_lib.DECODE_MODES}, got {m.decode!r}')
+  if m.num_codebooks < 1 or m.codebook_size < 2:
+    raise ConfigError('config.model.num_codebooks must be >= 1 and '
+                      'codebook_size >= 2')
+  if m.backbone.dim % 2:
+    raise ConfigError(f'config.model.backbone.dim={m.backbone.dim} must be '
+                      'even: the vocal and accompaniment tracks get dim/2 each')
+  transformer.check_config(m.backbone, 'model.backbone')
+  lo = config.loss
+  if lo.weighting not in diffusion.LOSS_KINDS:
+    raise ConfigError(f'config.loss.weighting must be one of '
+                      f'{diffusion.LOSS_KINDS}, got {lo.weighting!r}')
+  if lo.rtd_weight < 0:
+    raise ConfigError(f'config.loss.rtd_weight must be >= 0, got {lo.rtd_weight}')
+  if m.decode == 'ar' and lo.rtd_weight:
+    raise ConfigError("config.loss.rtd_weight must be 0 with model.decode='ar' "
+                      '(the autoregressive ablation has no masked positions to '
+                      'detect); set --config.loss.rtd_weight=0')
+  if not 0 < lo.mask_eps < 1:
+    raise ConfigError(f'config.loss.mask_eps must be in (0, 1), got {lo.mask_eps}')
+  for key in ('drop_text', 'drop_reference'):
+    if not 0 <= config.cond[key] <= 1:
+      raise ConfigError(f'config.cond.{key} must be in [0, 1], got '
+                        f'{config.cond[key]}')
+  if config.data.max_frames < 1:
+    raise ConfigError('config.data.max_frames must be >= 1')
+  if config.data.kind not in ('tokens', 'synthetic'):
+    raise ConfigError("config.data.kind must be 'tokens' (musicjax prepare "
+                      "--stems) or 'synthetic' for the accomp task, got "
+                      f'{config.data.kind!r}')
+  sampling(config).validate()
+
+
+def sampling(config: ConfigDict):
+  from musicjax.accomp import sample  # pylint: disable=g-import-not-at-top
+  s = config.sample
+  return sample.Sampling(steps=int(s.steps), temperature=float(s.temperature),
+                         top_k=int(s.top_k), top_p=float(s.top_p),
+                         mask_temperature=float(s.mask_temperature),
+                         cfg_scale=float(s.cfg_scale))
+
+
+class AccompState(nnx.Module):
+
+  def __init__(self, config: ConfigDict, rngs: nnx.Rngs):
+    self.model = model_lib.AccompModel(config.model, rngs)
+    self.opt = nnx.Optimizer(self.model, lm_task.make_optimizer(
+        config.optim, config.train.steps), wrt=nnx.Param)
+    self.step = lm_task.StepCounter(jnp.zeros((), jnp.int32))
+
+
+def token_valid(batch) -> jax.Array:
+  """[B, T, K] bool: frames of the window (and codes present)."""
+  return batch['valid'][..., None] & (batch['accomp'] >= 0)
+
+
+def prefix_of(model: model_lib.AccompModel, batch, use_text, use_ref):
+  text = batch['text']
+  return model.prefix(text, jnp.any(text >= 0, axis=1), batch['ref'],
+                      batch['ref_valid'], use_text, use_ref)
+
+
+def shift_right(accomp: jax.Array, bos: int) -> jax.Array:
+  """The 'ar' input: frame t sees the accompaniment of frame t - 1 (BOS first)."""
+  first = jnp.full_like(accomp[:, :1], bos)
+  return jnp.concatenate([first, accomp[:, :-1]], axis=1)
+
+
+def diffusion_loss(model: model_lib.AccompModel, batch, step, rng, lo: ConfigDict,
+                   use_text, use_ref) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """MLM (+ RTD) loss of one batch; `step` indexes the Sobol times."""
+  accomp, vocal, valid = batch['accomp'], batch['vocal'], batch['valid']
+  b = accomp.shape[0]
+  v = model.codebook_size
+  tv = token_valid(batch)
+  t = diffusion.cosine_mask_ratio(
+      diffusion.sobol_r(step, b, int(lo.sobol_seed)), float(lo.mask_eps))
+  mask = diffusion.mask_tokens(rng, tv, t)
+  pad = model_lib.pad_id(v)
+  clean = jnp.where(tv, accomp, pad)
+  inp = jnp.where(mask, model_lib.mask_id(v), clean)
+  prefix = prefix_of(model, batch, use_text, use_ref)
+  logits = model.logits(model.hidden(vocal, inp, valid, prefix))
+  mlm, m = diffusion.masked_ce_loss(logits, clean, mask, t, tv, lo.weighting)
+  hit = (jnp.argmax(logits, -1) == clean) & mask
+  metrics = {'mlm': mlm, 'ce_masked': m['ce_masked'],
+             'masked_fraction': m['masked_fraction'],
+             'acc_masked': hit.sum() / jnp.maximum(mask.sum(), 1),
+             't_mean': jnp.mean(t)}
+  loss = mlm
+  if lo.rtd_weight:
+    replaced, labels = diffusion.rtd_inputs(logits, clean, mask)
+    h2 = model.hidden(vocal, jnp.where(tv, replaced, pad), valid, prefix)
+    if not lo.rtd_backbone_grad:
+      h2 = jax.lax.stop_gradient(h2)
+    rl = model.rtd_logits(h2)
+    rtd = diffusion.rtd_loss(rl, labels, tv)
+    loss = loss + lo.rtd_weight * rtd
+    metrics['rtd'] = rtd
+    metrics['rtd_acc'] = jnp.sum(((rl > 0) == labels) & tv) / jnp.maximum(
+        tv.sum(), 1)
+    metrics['replaced_fraction'] = jnp.sum(labels & tv) / jnp.maximum(tv.sum(), 1)
+  metrics['loss'] = loss
+  return loss, metrics
+
+
+def ar_loss(model: model_lib.AccompModel, batch, use_text, use_ref):
+  """Next-frame cross entropy on every valid token (the 'ar' ablation)."""
+  v = model.codebook_size
+  tv = token_valid(batch)
+  clean = jnp.where(tv, batch['accomp'], model_lib.pad_id(v))
+  inp = shift_right(clean, model_lib.mask_id(v))
+  prefix = prefix_of(model, batch, use_text, use_ref)
+  logits = model.logits(model.hidden(batch['vocal'], inp, batch['valid'], prefix))
+  ones = jnp.ones(clean.shape[:1], jnp.float32)
+  ce, _ = diffusion.masked_ce_loss(logits, clean, tv, ones, tv, 'none')
+  hit = (jnp.argmax(logits, -1) == clean) & tv
+  return ce, {'loss': ce, 'ce': ce,
+              'acc': hit.sum() / jnp.maximum(tv.sum(), 1)}
+
+
+class AccompTask(Task):
+  name = 'accomp'
+  progress_metrics = ('loss', 'ce_masked', 'rtd')
+
+  @classmethod
+  def default_config(cls) -> ConfigDict:
+    return default_config()
+
+  def __init__(self, config: ConfigDict):
+    super().__init__(config)
+    check_config(config)
+    if config.model.decode == 'ar':
+      self.progress_metrics = ('loss', 'acc')
+
+  def create_state(self, rngs: nnx.Rngs) -> AccompState:
+    return AccompState(self.config, rngs)
+
+  def inference_model(self, state: AccompState) -> model_lib.AccompModel:
+    return state.model
+
+  def batch_spec(self, batch_size: int) -> Mapping[str, ArraySpec]:
+    d, k = self.config.data, self.config.model.num_codebooks
+    t, r = d.max_frames, max(d.reference_frames, 1)
+    return {
+        'vocal': ArraySpec((batch_size, t, k), np.int32, ('batch', 'time', None)),
+        'accomp': ArraySpec((batch_size, t, k), np.int32, ('batch', 'time', None)),
+        'valid': ArraySpec((batch_size, t), bool, ('batch', 'time')),
+        'text': ArraySpec((batch_size, d.max_text_tokens), np.int32,
+                          ('batch', None)),
+        'ref': ArraySpec((batch_size, r, k), np.int32, ('batch', None, None)),
+        'ref_valid': ArraySpec((batch_size,), bool, ('batch',)),
+    }
+
+  def _loss(self, model, batch, step, rng, use_text, use_ref):
+    if self.config.model.decode == 'ar':
+      return ar_loss(model, batch, use_text, use_ref)
+    return diffusion_loss(model, batch, step, rng, self.config.loss,
+                          use_text, use_ref)
+
+  def train_step(self, state: AccompState, batch, rng):
+    cd = self.config.cond
+    b = batch['valid'].shape[0]
+    r_mask, r_text, r_ref = jax.random.split(rng, 3)
+    use_text = jax.random.uniform(r_text, (b,)) >= cd.drop_text
+    use_ref = jax.random.uniform(r_ref, (b,)) >= cd.drop_reference
+    step = state.step[...]
+    gdef, params, rest = nnx.split(state.model, nnx.Param, ...)
+
+    def loss_fn(p):
+      return self._loss(nnx.merge(gdef, p, rest), batch, step, r_mask,
+                        use_text, use_ref)
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    state.opt.update(state.model, grads)
+    state.step[...] = step + 1
+    metrics['optim/grad_norm'] = optax.global_norm(grads)
+    return metrics
+
+  def eval_step(self, state: AccompState, batch, rng):
+    # Every condition kept; the Sobol times of step 0 stratify t over the batch,
+    # so the eval loss covers the whole schedule the same way every time.
+    b = batch['valid'].shape[0]
+    keep = jnp.ones((b,), bool)
+    _, metrics = self._loss(state.model, batch, jnp.int32(0), rng, keep, keep)
+    return metrics
+
+  def warm_start(self, state: nnx.State, shardings: Any) -> nnx.State:
+    """Stage 2: the model weights of the stage-1 run `init.workdir`."""
+    init_dir = self.config.init.workdir
+    if not init_dir:
+      return state
+    init_dir = os.path.expanduser(init_dir)
+    init_config = config_lib.load_saved(init_dir)
+    check_same_model(self.config, init_config, init_dir)
+    restored, step = ckpt_lib.restore_subtree(
+        init_dir, init_config.checkpoint.keep, 'model', state['model'],
+        shardings['model'])
+    nnx.replace_by_pure_dict(state['model'], restored)
+    print(f'[accomp] model starts from {init_dir} step {step}', file=sys.stderr,
+          flush=True)
+    return jax.device_put(state, shardings)
+
+  def dataset(self, split: str, shard_index: int, shard_count: int):
+    # pylint: disable=g-import-not-at-top
+    if self.config.data.kind == 'synthetic':
+      from musicjax.accomp import synthetic
+      return synthetic.synthetic_dataset(self.config, split, shard_index,
+                                         shard_count)
+    from musicjax.accomp import data
+    return data.accomp_dataset(self.config, split, shard_index, shard_count)
+
+
+def check_same_model(config: ConfigDict, init_config: ConfigDict,
+                     init_dir: str) -> None:
+  """config.model must describe the network trained in `init_dir`."""
+  if init_config.task != 'accomp':
+    raise ConfigError(f'config.init.workdir={init_dir!r} is a '
+                      f'{init_config.task!r} run, not an accomp run')
+  ours = config_lib.flatten(config.model)
+  theirs = config_lib.flatten(init_config.model)
+  for key in sorted(set(ours) | set(theirs)):
+    if key in _FREE_MODEL_KEYS or ours.get(key) == theirs.get(key):
+      continue
+    raise ConfigError(
+        f'config.model.{key} = {ours.get(key)!r}, but the run in {init_dir} '
+        f'(config.init.workdir) was trained with {theirs.get(key)!r}; stage 2 '
+        f'starts from its weights: set --config.model.{key}={theirs.get(key)!r}')
