@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(VENV)/bin/musicjax bench codec --config configs/codec/base.py
 	$(VENV)/bin/musicjax bench lm-decode --config configs/lm/bench_tiny.py
 	$(VENV)/bin/musicjax bench lm-train --config configs/lm/bench_tiny.py
+	$(VENV)/bin/musicjax bench accomp --config configs/accomp/tiny.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -163,12 +163,16 @@ def _parser() -> argparse.ArgumentParser:
 
   b = sub.add_parser('bench', help='speed benchmarks (prints JSON)')
   b.add_argument('what', choices=['codec', 'lm-decode', 'lm-train', 'lm-memory',
-                                  'accomp'])
-  add_config(b, required=True)
+                                  'accomp', 'accomp-weighting'])
+  add_config(b, required=False)
   b.add_argument('--devices', type=int, default=0,
                  help='lm-memory: number of devices of the target topology')
   b.add_argument('--seconds', type=float, default=10.0, help='audio length per call')
   b.add_argument('--repeats', type=int, default=5)
+  b.add_argument('--steps', type=int, default=300,
+                 help='accomp-weighting: train steps per run')
+  b.add_argument('--seeds', type=int, default=2,
+                 help='accomp-weighting: runs per weighting')
   return p
 
 
@@ -190,6 +194,13 @@ def _run(args, overrides) -> int:
   if args.verb == 'bench':
     from musicjax import bench
     from musicjax import config as cfg
+    if args.what == 'accomp-weighting':
+      from musicjax.accomp import bench as accomp_bench
+      print(json.dumps(accomp_bench.weighting_experiment(
+          steps=args.steps, seeds=args.seeds)))
+      return 0
+    if not args.config:
+      raise cfg.ConfigError(f'bench {args.what} needs --config')
     if args.what == 'lm-memory' and args.devices:
       import jax
       # CPU-only hosts simulate the target topology (accelerators ignore this).

@@ -1,15 +1,22 @@
-"""`make demo`: the codec, then the LM, on real chorales, on this machine.
+"""`make demo`: the codec, the LM and the accompaniment model, on real chorales.
 
     python -m musicjax.demo --workdir runs/demo [--config.train.steps=200 ...]
 
 1. render chorales, train the tiny codec, evaluate it, reconstruct an eval
    chorale: WORKDIR/{eval.json, original.wav, reconstruction.wav, spectrograms.png}
-2. tokenize the chorales with that codec: WORKDIR/tokens
+2. tokenize the chorales with that codec, mix and stems (soprano = vocal,
+   alto + tenor + bass = accompaniment): WORKDIR/stems
 3. train the tiny LM on the tokens: WORKDIR/lm
 4. generate 10 s from an eval chorale's tags + lyrics (lm_song.*) and 10 s
    following that chorale's soprano melody (lm_melody.*), with the chroma
    agreement of the melody clip against the melody (and of an unconditional
    clip, as the baseline) in WORKDIR/lm_eval.json.
+5. train the tiny accompaniment model on the stem tokens: WORKDIR/accomp
+6. accompany a held-out chorale's soprano: WORKDIR/accomp_mix.wav (the
+   soprano + the generated accompaniment), accomp_stem.wav, accomp_true.wav
+   (the real alto + tenor + bass), accomp_spectrograms.png (generated vs
+   true), and the audio metrics against baselines on held-out chorales in
+   WORKDIR/accomp_eval.{md,json}.
 Re-running resumes every stage. --config.* overrides apply to the codec config.
 """
 from __future__ import annotations
@@ -26,16 +33,18 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, 'configs', 'codec', 'tiny.py')
 DEFAULT_LM_CONFIG = os.path.join(REPO, 'configs', 'lm', 'tiny.py')
+DEFAULT_ACCOMP_CONFIG = os.path.join(REPO, 'configs', 'accomp', 'tiny.py')
+STEPS = 8
 
 
 def spectrogram_png(original: np.ndarray, recon: np.ndarray, sr: int, path: str,
-                    title: str) -> None:
+                    title: str, names=('original', 'reconstruction')) -> None:
   import librosa
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   fig, axes = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
-  for ax, wave, name in ((axes[0], original, 'original'), (axes[1], recon, 'reconstruction')):
+  for ax, wave, name in ((axes[0], original, names[0]), (axes[1], recon, names[1])):
     mel = librosa.feature.melspectrogram(y=wave, sr=sr, n_fft=1024, hop_length=256, n_mels=80)
     img = librosa.power_to_db(mel, ref=np.max)
     ax.imshow(img, origin='lower', aspect='auto', cmap='magma',
@@ -98,18 +107,22 @@ def lm_stage(lm_config, workdir: str, seconds: float) -> dict:
   from musicjax.lm import song
   from musicjax.train import trainer
   from musicjax import config as cfg
-  tokens, lm_dir = os.path.join(workdir, 'tokens'), os.path.join(workdir, 'lm')
+  tokens, lm_dir = os.path.join(workdir, 'stems'), os.path.join(workdir, 'lm')
   # The codec trains on a subset; the LM needs every chorale (with 40 songs
-  # the tiny LM memorises its training set within a few hundred steps).
+  # the tiny LM memorises its training set within a few hundred steps). One
+  # tokenization serves both models: the LM reads the mix, the accompaniment
+  # model the stems.
   codec_config = cfg.load_saved(workdir, ['--config.data.max_pieces=0'])
-  print(f'[demo] 4/6 tokenize all chorales with the codec -> {tokens}', flush=True)
-  prepare_tokens.prepare_tokens_main(workdir, tokens, codec_config)
+  print(f'[demo] 4/{STEPS} tokenize all chorales (mix + stems) with the codec '
+        f'-> {tokens}', flush=True)
+  prepare_tokens.prepare_tokens_main(workdir, tokens, codec_config, stems=True)
   with lm_config.unlocked():
     lm_config.data.path = tokens
-  print(f'[demo] 5/6 train the tiny LM ({lm_config.train.steps} steps) in {lm_dir}',
-        flush=True)
+  print(f'[demo] 5/{STEPS} train the tiny LM ({lm_config.train.steps} steps) in '
+        f'{lm_dir}', flush=True)
   trainer.train(lm_config, lm_dir)
-  print(f'[demo] 6/6 generate {seconds:g} s clips from an eval chorale', flush=True)
+  print(f'[demo] 6/{STEPS} generate {seconds:g} s clips from an eval chorale',
+        flush=True)
   piece = chorales.chorale_manifest(codec_config, 'eval')[0]
   meta = piece['meta']
   tags = song_text.format_tags(song_text.derive_tags(meta)).replace(
@@ -146,6 +159,52 @@ def lm_stage(lm_config, workdir: str, seconds: float) -> dict:
   return out
 
 
+def accomp_stage(accomp_config, workdir: str, seconds: float,
+                 eval_songs: int) -> dict:
+  """Train the tiny accompaniment model; accompany a held-out soprano."""
+  from musicjax import config as cfg
+  from musicjax.accomp import evaluate
+  from musicjax.accomp import song as accomp_song
+  from musicjax.data import chorales
+  from musicjax.data import song_text
+  from musicjax.train import trainer
+  import soundfile as sf
+  accomp_dir = os.path.join(workdir, 'accomp')
+  with accomp_config.unlocked():
+    accomp_config.data.path = os.path.join(workdir, 'stems')
+  print(f'[demo] 7/{STEPS} train the tiny accompaniment model '
+        f'({accomp_config.train.steps} steps) in {accomp_dir}', flush=True)
+  trainer.train(accomp_config, accomp_dir)
+  print(f'[demo] 8/{STEPS} accompany a held-out chorale\'s soprano; audio '
+        f'metrics on {eval_songs} held-out chorales', flush=True)
+  codec_config = cfg.load_saved(workdir, ['--config.data.max_pieces=0'])
+  piece = chorales.chorale_manifest(codec_config, 'eval')[0]
+  ctx = accomp_song.AccompContext(accomp_config, accomp_dir, codec_workdir=workdir)
+  sr = int(ctx.info['sample_rate'])
+  n = int(seconds * sr)
+  vocal = ctx.load_wave(piece['stems']['vocal'])[:n]
+  clip = os.path.join(workdir, 'accomp_vocal.wav')
+  sf.write(clip, vocal, sr, subtype='FLOAT')
+  tags = song_text.format_tags(song_text.derive_tags(piece['meta'])).replace(
+      '<tag>', '').replace('</tag>', '')
+  out = accomp_song.accompany_file(
+      ctx, accomp_song.AccompRequest(vocal_path=clip, tags=tags, seed=0),
+      os.path.join(workdir, 'accomp_mix.wav'),
+      os.path.join(workdir, 'accomp_stem.wav'))
+  true = ctx.load_wave(piece['stems']['accompaniment'])[:n]
+  sf.write(os.path.join(workdir, 'accomp_true.wav'), true, sr)
+  stem, _ = sf.read(out['stem'], dtype='float32', always_2d=True)
+  spectrogram_png(true[:, 0], stem[:len(true), 0], sr,
+                  os.path.join(workdir, 'accomp_spectrograms.png'),
+                  f'{piece["meta"].get("title")}: accompaniment of the soprano',
+                  names=('true alto + tenor + bass', 'generated'))
+  out['piece'] = piece['meta'].get('title')
+  out['audio_eval'] = evaluate.evaluate_audio(
+      accomp_config, accomp_dir, songs=eval_songs, seconds=seconds,
+      out_dir=workdir)['metrics']
+  return out
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -154,7 +213,12 @@ def main(argv=None) -> int:
   p.add_argument('--lm-config', default=DEFAULT_LM_CONFIG)
   p.add_argument('--listen-seconds', type=float, default=8.0)
   p.add_argument('--lm-seconds', type=float, default=10.0)
+  p.add_argument('--accomp-config', default=DEFAULT_ACCOMP_CONFIG)
+  p.add_argument('--accomp-seconds', type=float, default=10.0)
+  p.add_argument('--accomp-eval-songs', type=int, default=8)
   p.add_argument('--skip-lm', action='store_true', help='stop after the codec')
+  p.add_argument('--skip-accomp', action='store_true',
+                 help='stop after the LM')
   args, rest = p.parse_known_args(argv)
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
   logging.getLogger('absl').setLevel(logging.WARNING)
@@ -162,21 +226,24 @@ def main(argv=None) -> int:
   from musicjax import config as cfg
   from musicjax.errors import UserError
   from musicjax.train import trainer
-  lm = None
+  lm = accomp = None
   try:
     config = cfg.load(args.config, rest)
     t0 = time.time()
-    print(f'[demo] 1/6 render chorales + train the tiny codec ({config.train.steps} steps) '
+    print(f'[demo] 1/{STEPS} render chorales + train the tiny codec ({config.train.steps} steps) '
           f'in {args.workdir}', flush=True)
     trainer.train(config, args.workdir)
-    print('[demo] 2/6 evaluate on the eval split (held-out BWV numbers)', flush=True)
+    print(f'[demo] 2/{STEPS} evaluate on the eval split (held-out BWV numbers)', flush=True)
     metrics = trainer.evaluate(config, args.workdir)
     with open(os.path.join(args.workdir, 'eval.json'), 'w') as f:
       json.dump(metrics, f, indent=2, sort_keys=True)
-    print('[demo] 3/6 reconstruct an eval chorale', flush=True)
+    print(f'[demo] 3/{STEPS} reconstruct an eval chorale', flush=True)
     kit = listening_kit(config, args.workdir, args.listen_seconds)
     if not args.skip_lm:
       lm = lm_stage(cfg.load(args.lm_config), args.workdir, args.lm_seconds)
+      if not args.skip_accomp:
+        accomp = accomp_stage(cfg.load(args.accomp_config), args.workdir,
+                              args.accomp_seconds, args.accomp_eval_songs)
   except UserError as e:
     print(f'demo: error: {e}', file=sys.stderr)
     return 2
@@ -187,9 +254,12 @@ def main(argv=None) -> int:
                                          'chroma_agreement_without_melody',
                                          'chroma_agreement_real_chorale')}
     summary['lm']['eval_loss'] = lm['eval'].get('loss')
+  if accomp:
+    summary['accomp'] = accomp['audio_eval']
   print(json.dumps(summary, sort_keys=True, default=str))
   print(f'[demo] done: listen to {args.workdir}/original.wav vs reconstruction.wav, '
-        f'{args.workdir}/lm_song.wav and lm_melody.wav (+ .png spectrograms); '
+        f'{args.workdir}/lm_song.wav and lm_melody.wav (+ .png spectrograms), '
+        f'{args.workdir}/accomp_mix.wav vs accomp_true.wav; '
         f'`tensorboard --logdir {args.workdir}` for curves.')
   return 0
 

@@ -284,6 +284,7 @@ def test_resume_is_bit_identical(tmp_path):
 def test_ar_ablation_is_causal_trains_and_decodes():
   c = small_config()
   c.model.decode = 'ar'
+  c.model.conv_kernel = 3           # the frame convolution is causal too
   with pytest.raises(ConfigError, match='rtd_weight'):
     task_lib.AccompTask(c)
   c.loss.rtd_weight = 0.0
@@ -292,11 +293,13 @@ def test_ar_ablation_is_causal_trains_and_decodes():
   model, batch = state.model, _batch(c)
   yes = jnp.ones((c.data.batch_size,), bool)
   prefix = task_lib.prefix_of(model, batch, yes, yes)
-  # Causal: changing the last frames leaves earlier hidden states unchanged.
+  # Causal: changing the last frames leaves earlier hidden states unchanged
+  # (and changes the later ones).
   h = model.hidden(batch['vocal'], batch['accomp'], batch['valid'], prefix)
   acc2 = batch['accomp'].at[:, -3:].set(0)
   h2 = model.hidden(batch['vocal'], acc2, batch['valid'], prefix)
   np.testing.assert_allclose(h[:, :-3], h2[:, :-3], atol=1e-6)
+  assert float(jnp.abs(h[:, -3:] - h2[:, -3:]).max()) > 1e-4
   s = sample_lib.Sampling(steps=1, top_k=0, top_p=1.0)
   out = sample_lib.accompany_ar(model, batch['vocal'], batch['valid'], prefix,
                                 jax.random.key(0), s)
@@ -304,6 +307,27 @@ def test_ar_ablation_is_causal_trains_and_decodes():
   o = np.asarray(out)
   assert ((o >= 0) & (o < 16))[tv].all()
   assert (o[~tv] == model_lib.pad_id(16)).all()
+
+
+def test_frame_convolution_mixes_neighbours_both_ways():
+  c = small_config()
+  c.model.conv_kernel = 3
+  model, batch = _model(c), _batch(c)
+  yes = jnp.ones((c.data.batch_size,), bool)
+  prefix = task_lib.prefix_of(model, batch, yes, yes)
+  x = model.hidden(batch['vocal'], batch['accomp'], batch['valid'], prefix)
+  assert x.shape == (8, 16, 64)
+  # The input embedding of frame 5 depends on frames 4 and 6 only through
+  # the convolution: with it, frame 5's embedding-level mix sees both.
+  e = jnp.ones((1, 7, 64))
+  e = e.at[0, 3].set(5.0)
+  y = model._local_mix(e)
+  changed = np.where(np.abs(np.asarray(y - model._local_mix(jnp.ones((1, 7, 64))))
+                            ).max(-1)[0] > 0)[0]
+  assert changed.tolist() == [2, 3, 4]
+  with pytest.raises(ValueError, match='odd'):
+    c.model.conv_kernel = 4
+    _model(c)
 
 
 def test_bad_configs_name_the_key():

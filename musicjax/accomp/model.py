@@ -47,6 +47,12 @@ def default_config() -> ml_collections.ConfigDict:
   # seed 003 table 3, a causal model over the same dual-track frames whose
   # accompaniment input is shifted one frame right, decoded frame by frame.
   c.decode = 'diffusion'
+  # Depthwise convolution over frames on the input embeddings, added to them
+  # (0 = off, the paper's model). A masked position's own input says nothing,
+  # so without it every bit of local context must come through attention,
+  # which a small model learns slowly; SoundStorm's Conformer blocks mix
+  # neighbours with such convolutions for the same reason.
+  c.conv_kernel = 0
   c.backbone = transformer.default_config()
   return c
 
@@ -87,6 +93,12 @@ class AccompModel(nnx.Module):
     self.heads = _normal(rngs, (k, d, v), float(c.backbone.init_std),
                          ('codebook', 'embed', 'vocab'))
     self.rtd_head = _normal(rngs, (d, k), float(c.backbone.init_std), ('embed', None))
+    self.conv_kernel = int(c.get('conv_kernel', 0))
+    if self.conv_kernel:
+      if self.conv_kernel % 2 == 0:
+        raise ValueError(f'conv_kernel must be odd (centred), got {self.conv_kernel}')
+      self.conv = _normal(rngs, (self.conv_kernel, d), self.conv_kernel ** -0.5,
+                          (None, 'embed'))
 
   def track_embedding(self, table: jax.Array, codes: jax.Array) -> jax.Array:
     out = 0.0
@@ -117,6 +129,8 @@ class AccompModel(nnx.Module):
     Bidirectional, or causal for the 'ar' ablation."""
     x = jnp.concatenate([self.track_embedding(self.vocal_embed[...], vocal),
                          self.track_embedding(self.accomp_embed[...], accomp)], -1)
+    if self.conv_kernel:
+      x = x + self._local_mix(x * valid[..., None].astype(x.dtype))
     x = jnp.concatenate([prefix.astype(x.dtype), x], axis=1)
     b, n = x.shape[:2]
     full_valid = jnp.concatenate([jnp.ones((b, prefix.shape[1]), bool), valid], 1)
@@ -124,6 +138,19 @@ class AccompModel(nnx.Module):
     h, _ = self.backbone(x, positions,
                          transformer.causal_mask(full_valid, causal=self.causal))
     return h[:, prefix.shape[1]:]
+
+  def _local_mix(self, x: jax.Array) -> jax.Array:
+    """Depthwise convolution over frames, 'same' padding; causal (only past
+    and current frames) for the 'ar' model."""
+    k = self.conv_kernel
+    w = self.conv[...]
+    t = x.shape[1]
+    if self.causal:
+      xp = jnp.pad(x, ((0, 0), (k - 1, 0), (0, 0)))
+      return sum(xp[:, i:i + t] * w[i] for i in range(k))
+    h = k // 2
+    xp = jnp.pad(x, ((0, 0), (h, h), (0, 0)))
+    return sum(xp[:, i:i + t] * w[i] for i in range(k))
 
   def logits(self, h: jax.Array) -> jax.Array:
     """[B, T, D] -> accompaniment logits [B, T, K, V]."""

@@ -171,6 +171,17 @@ def shift_right(accomp: jax.Array, bos: int) -> jax.Array:
   return jnp.concatenate([first, accomp[:, :-1]], axis=1)
 
 
+def per_codebook_ce(logits, targets, mask) -> dict[str, jax.Array]:
+  """'ce/k': mean cross entropy over the masked tokens of codebook k (the
+  coarse codebook carries the harmony; fine ones are closer to noise)."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+  ce = -jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
+  m = mask.astype(jnp.float32)
+  num = jnp.sum(ce * m, axis=(0, 1))
+  den = jnp.maximum(jnp.sum(m, axis=(0, 1)), 1.0)
+  return {f'ce/{k}': num[k] / den[k] for k in range(logits.shape[2])}
+
+
 def diffusion_loss(model: model_lib.AccompModel, batch, step, rng, lo: ConfigDict,
                    use_text, use_ref) -> tuple[jax.Array, dict[str, jax.Array]]:
   """MLM (+ RTD) loss of one batch; `step` indexes the Sobol times."""
@@ -188,10 +199,11 @@ def diffusion_loss(model: model_lib.AccompModel, batch, step, rng, lo: ConfigDic
   logits = model.logits(model.hidden(vocal, inp, valid, prefix))
   mlm, m = diffusion.masked_ce_loss(logits, clean, mask, t, tv, lo.weighting)
   hit = (jnp.argmax(logits, -1) == clean) & mask
-  metrics = {'mlm': mlm, 'ce_masked': m['ce_masked'],
+  metrics = per_codebook_ce(logits, clean, mask)
+  metrics.update({'mlm': mlm, 'ce_masked': m['ce_masked'],
              'masked_fraction': m['masked_fraction'],
              'acc_masked': hit.sum() / jnp.maximum(mask.sum(), 1),
-             't_mean': jnp.mean(t)}
+             't_mean': jnp.mean(t)})
   loss = mlm
   if lo.rtd_weight:
     replaced, labels = diffusion.rtd_inputs(logits, clean, mask)
@@ -220,13 +232,15 @@ def ar_loss(model: model_lib.AccompModel, batch, use_text, use_ref):
   ones = jnp.ones(clean.shape[:1], jnp.float32)
   ce, _ = diffusion.masked_ce_loss(logits, clean, tv, ones, tv, 'none')
   hit = (jnp.argmax(logits, -1) == clean) & tv
-  return ce, {'loss': ce, 'ce': ce,
-              'acc': hit.sum() / jnp.maximum(tv.sum(), 1)}
+  metrics = per_codebook_ce(logits, clean, tv)
+  metrics.update({'loss': ce, 'ce': ce,
+                  'acc': hit.sum() / jnp.maximum(tv.sum(), 1)})
+  return ce, metrics
 
 
 class AccompTask(Task):
   name = 'accomp'
-  progress_metrics = ('loss', 'ce_masked', 'rtd')
+  progress_metrics = ('loss', 'ce_masked', 'ce/0', 'rtd')
 
   @classmethod
   def default_config(cls) -> ConfigDict:
@@ -236,7 +250,7 @@ class AccompTask(Task):
     super().__init__(config)
     check_config(config)
     if config.model.decode == 'ar':
-      self.progress_metrics = ('loss', 'acc')
+      self.progress_metrics = ('loss', 'acc', 'ce/0')
 
   def create_state(self, rngs: nnx.Rngs) -> AccompState:
     return AccompState(self.config, rngs)

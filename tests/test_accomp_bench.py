@@ -1,0 +1,31 @@
+"""`musicjax bench accomp` measures the sampler on whole songs (tiny shapes
+here; the real figures come from configs/accomp/tiny.py in README)."""
+import json
+
+from musicjax import cli
+from musicjax.accomp import bench
+
+
+def test_bench_reports_rtf_for_both_lengths_with_and_without_guidance(
+    tmp_path, monkeypatch, capsys):
+  cfg = tmp_path / 'c.py'
+  cfg.write_text('''
+from musicjax.config import for_task
+def get_config():
+  c = for_task('accomp')
+  m = c.model
+  m.num_codebooks, m.codebook_size, m.text_vocab_size, m.frame_rate = 2, 16, 8, 20.0
+  b = m.backbone
+  b.num_layers, b.dim, b.num_heads, b.num_kv_heads, b.mlp_dim = 1, 32, 2, 1, 64
+  b.attention_chunk = 16
+  c.data.reference_frames, c.data.max_text_tokens = 4, 4
+  c.sample.steps = 3
+  return c
+''')
+  monkeypatch.setattr(bench, 'SECONDS', (1.0, 2.0))
+  assert cli.main(['bench', 'accomp', '--config', str(cfg), '--repeats', '1']) == 0
+  out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  for key in ('1s_nocfg', '1s_cfg', '2s_nocfg', '2s_cfg'):
+    assert out[f'rtf_{key}'] > 0 and out[f'wall_s_{key}'] > 0
+  assert out['steps'] == 3 and out['attention_chunk'] == 16
+  assert out['machine']['cpu_count'] >= 1
