@@ -44,6 +44,8 @@ def get_config():
   c.train.checkpoint_every = 500
   c.train.eval_steps = 4
 
-  c.sample.window_frames = 1000   # stage-2 windows: long songs go in 16 s windows
-  c.sample.overlap_frames = 250
+  # Songs are sampled in windows of the trained length (positions beyond it
+  # were never seen), each overlapping the previous by 1 s.
+  c.sample.window_frames = 250
+  c.sample.overlap_frames = 62
   return c

@@ -26,6 +26,8 @@ def get_config():
   q.min_vocal_active = 0.6
   q.min_accompaniment_active = 0.6
   q.min_sections = 4
+  c.sample.window_frames = 1000
+  c.sample.overlap_frames = 250
   c.optim.lr = 3e-4
   c.optim.warmup_steps = 50
   c.train.steps = 300
