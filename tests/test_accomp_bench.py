@@ -29,3 +29,12 @@ def get_config():
     assert out[f'rtf_{key}'] > 0 and out[f'wall_s_{key}'] > 0
   assert out['steps'] == 3 and out['attention_chunk'] == 16
   assert out['machine']['cpu_count'] >= 1
+
+
+def test_weighting_experiment_reports_every_weighting(capsys):
+  out = bench.weighting_experiment(steps=2, seeds=1)
+  for kind in ('none', 'inv_t', 'elbo'):
+    assert len(out[f'eval_ce_masked_{kind}']) == 1
+    # Two steps from a random init: near log V, and finite.
+    assert 0 < out[f'eval_ce_masked_{kind}_mean'] < 2 * out['log_v']
+  assert 'none:' in capsys.readouterr().out

@@ -10,7 +10,9 @@ Compilation is timed separately (ahead-of-time `lower().compile()`).
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
+import tempfile
 import time
 
 import jax
@@ -19,8 +21,12 @@ import numpy as np
 from flax import nnx
 
 from musicjax import bench as bench_lib
+from musicjax import config as config_lib
+from musicjax.accomp import diffusion
 from musicjax.accomp import sample as sample_lib
 from musicjax.accomp import task as task_lib
+from musicjax.train import metrics as metrics_lib
+from musicjax.train import trainer
 
 SECONDS = (30.0, 240.0)
 # Long songs take minutes per call: repeat the short one only.
@@ -78,7 +84,7 @@ def run(config, repeats: int = 3) -> dict:
       t = statistics.median(times)
       key = f'{int(seconds)}s_{name}'
       out[f'rtf_{key}'] = round(t / seconds, 4)
-      out[f'wall_s_{key}'] = round(t, 2)
+      out[f'wall_s_{key}'] = round(t, 4)
       out[f'compile_s_{key}'] = round(t_compile, 1)
       print(f'[bench accomp] {seconds:g} s {name}: RTF {t / seconds:.3f} '
             f'({t:.1f} s, compile {t_compile:.0f} s)', flush=True)
@@ -96,16 +102,20 @@ def weighting_experiment(steps: int = 300, seeds: int = 2, workdir: str = '') ->
   the same for every weighting, so the runs compare. Every run trains with
   RTD (weight 0.2, backbone gradient) as the default config does.
   """
-  import tempfile  # pylint: disable=g-import-not-at-top
-  from musicjax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from musicjax.accomp import diffusion  # pylint: disable=g-import-not-at-top
-  from musicjax.train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
-  from musicjax.train import trainer  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
   out = {'benchmark': f'MLM loss weighting: eval masked CE (nats) after {steps} '
                       f'steps on the synthetic pairing, {seeds} seeds',
          'log_v': float(np.log(64)), 'machine': bench_lib.machine()}
-  root = workdir or tempfile.mkdtemp(prefix='accomp_weighting_')
+  tmp = None if workdir else tempfile.TemporaryDirectory(prefix='accomp_weighting_')
+  root = workdir or tmp.name
+  try:
+    _weighting_runs(out, root, steps, seeds)
+  finally:
+    if tmp is not None:
+      tmp.cleanup()
+  return out
+
+
+def _weighting_runs(out: dict, root: str, steps: int, seeds: int) -> None:
   for kind in diffusion.LOSS_KINDS:
     finals = []
     for seed in range(seeds):
@@ -135,4 +145,3 @@ def weighting_experiment(steps: int = 300, seeds: int = 2, workdir: str = '') ->
     out[f'eval_ce_masked_{kind}_mean'] = round(float(np.mean(finals)), 4)
     print(f'[bench accomp-weighting] {kind}: eval masked CE {np.mean(finals):.3f} '
           f'({", ".join(f"{x:.3f}" for x in finals)})', flush=True)
-  return out
