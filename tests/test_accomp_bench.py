@@ -31,10 +31,14 @@ def get_config():
   assert out['machine']['cpu_count'] >= 1
 
 
-def test_weighting_experiment_reports_every_weighting(capsys):
+def test_weighting_experiment_trains_and_reports_each_weighting(monkeypatch,
+                                                                 capsys):
+  # One weighting keeps the test short (each run compiles a train step);
+  # the loop over diffusion.LOSS_KINDS is the same for all of them.
+  monkeypatch.setattr(bench.diffusion, 'LOSS_KINDS', ('elbo',))
   out = bench.weighting_experiment(steps=2, seeds=1)
-  for kind in ('none', 'inv_t', 'elbo'):
-    assert len(out[f'eval_ce_masked_{kind}']) == 1
-    # Two steps from a random init: near log V, and finite.
-    assert 0 < out[f'eval_ce_masked_{kind}_mean'] < 2 * out['log_v']
-  assert 'none:' in capsys.readouterr().out
+  assert len(out['eval_ce_masked_elbo']) == 1
+  # Two steps from a random init: near log V, and finite.
+  assert 0 < out['eval_ce_masked_elbo_mean'] < 2 * out['log_v']
+  assert 'none' not in str(out.keys())
+  assert 'elbo:' in capsys.readouterr().out

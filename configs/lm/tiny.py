@@ -32,7 +32,7 @@ def get_config():
 
   d = c.data
   d.kind = 'tokens'
-  d.path = 'runs/demo/tokens'
+  d.path = 'runs/demo/stems'     # make demo's tokens (mix + stems)
   d.layout = 'prefix'
   d.max_frames = 250
   d.max_text_tokens = 96
