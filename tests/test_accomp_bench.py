@@ -19,7 +19,7 @@ def get_config():
   b.num_layers, b.dim, b.num_heads, b.num_kv_heads, b.mlp_dim = 1, 32, 2, 1, 64
   b.attention_chunk = 16
   c.data.reference_frames, c.data.max_text_tokens = 4, 4
-  c.sample.steps = 3
+  c.sample.steps = 6
   return c
 ''')
   monkeypatch.setattr(bench, 'SECONDS', (1.0, 2.0))
@@ -27,7 +27,9 @@ def get_config():
   out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   for key in ('1s_nocfg', '1s_cfg', '2s_nocfg', '2s_cfg'):
     assert out[f'rtf_{key}'] > 0 and out[f'wall_s_{key}'] > 0
-  assert out['steps'] == 3 and out['attention_chunk'] == 16
+  assert out['steps'] == 6 and out['attention_chunk'] == 16
+  # The short song runs every step; the long one times 3 and scales.
+  assert out['timed_steps_1s_cfg'] == 6 and out['timed_steps_2s_cfg'] == 3
   assert out['machine']['cpu_count'] >= 1
 
 
