@@ -94,22 +94,9 @@ class AccompContext(lm_song.SongContext):
     return out
 
   def reference_codes(self, path: str) -> np.ndarray | None:
-    """[R, K] codes of the middle of a reference recording, or None."""
-    r = self.config.data.reference_frames
-    if not path:
-      return None
-    if not r:
-      _say('WARNING: this model was trained without a reference condition '
-           '(config.data.reference_frames = 0); --reference is ignored')
-      return None
-    from musicjax.codec import chunked  # pylint: disable=g-import-not-at-top
-    codes = chunked.encode_array(self.codec(), self.load_wave(path))
-    codes = codes[:, :self.config.model.num_codebooks].astype(np.int32)
-    if len(codes) < r:
-      codes = np.concatenate([codes, np.full((r - len(codes), codes.shape[1]),
-                                             -1, np.int32)])
-    mid = (len(codes) - r) // 2
-    return codes[mid:mid + r]
+    """[R, K] codes of the middle of a reference recording, or None (the LM's
+    reference handling: the same segment length, padding and warnings)."""
+    return lm_song.reference_codes(self, path)
 
   def sampler(self, frames: int, cfg: bool, s: sample_lib.Sampling,
               callback: Callable[[Any], None] | None = None):

@@ -132,7 +132,7 @@ def _melody(ctx: SongContext, path: str, frames: int) -> np.ndarray:
                                       np.int32)])
 
 
-def _reference(ctx: SongContext, path: str) -> np.ndarray | None:
+def reference_codes(ctx: SongContext, path: str) -> np.ndarray | None:
   r = ctx.config.data.reference_frames
   if not path:
     return None
@@ -158,7 +158,7 @@ def build_inputs(ctx: SongContext, req: SongRequest, frames: int, cfg: bool):
   secs = song_text.parse_lyrics_file(req.lyrics) if req.lyrics else []
   if not secs:
     _say('no lyrics given: unconditional for lyrics')
-  ref = _reference(ctx, req.reference_path)
+  ref = reference_codes(ctx, req.reference_path)
   mel = _melody(ctx, req.melody_path, frames)
   t = ctx.text
   rows, sections = [], []
