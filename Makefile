@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(VENV)/bin/musicjax bench lm-decode --config configs/lm/bench_tiny.py
 	$(VENV)/bin/musicjax bench lm-train --config configs/lm/bench_tiny.py
 	$(VENV)/bin/musicjax bench accomp --config configs/accomp/tiny.py
+	$(VENV)/bin/musicjax bench decode-attention
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -163,7 +163,8 @@ def _parser() -> argparse.ArgumentParser:
 
   b = sub.add_parser('bench', help='speed benchmarks (prints JSON)')
   b.add_argument('what', choices=['codec', 'lm-decode', 'lm-train', 'lm-memory',
-                                  'accomp', 'accomp-weighting'])
+                                  'accomp', 'accomp-weighting',
+                                  'decode-attention'])
   add_config(b, required=False)
   b.add_argument('--devices', type=int, default=0,
                  help='lm-memory: number of devices of the target topology')
@@ -173,7 +174,44 @@ def _parser() -> argparse.ArgumentParser:
                  help='accomp-weighting: train steps per run')
   b.add_argument('--seeds', type=int, default=2,
                  help='accomp-weighting: runs per weighting')
+  # Defaults live in kernels.bench.Options: flags not given stay unset.
+  da = b.add_argument_group('decode-attention (no --config)',
+                            argument_default=argparse.SUPPRESS)
+  da.add_argument('--batch', type=_int_list, metavar='B,B,...',
+                  help='batch sizes, one case each (default 1,8)')
+  da.add_argument('--seq', type=int, help='cache slots S (default 8192)')
+  da.add_argument('--length', type=int,
+                  help='attended slots (default 0 = all S)')
+  da.add_argument('--q-heads', type=int, help='default 32')
+  da.add_argument('--kv-heads', type=int, help='default 8')
+  da.add_argument('--head-dim', type=int, help='default 128')
+  da.add_argument('--dtype', choices=['bfloat16', 'float32'],
+                  help='default bfloat16')
+  da.add_argument('--impl', choices=['auto', 'xla', 'pallas', 'interpret', 'all'],
+                  help='auto (default): XLA, plus the native kernel on GPU/TPU; '
+                  "interpret: also the kernel in Pallas's interpreter")
+  da.add_argument('--rotate', type=int,
+                  help='distinct caches per timed executable (default 0: enough '
+                  'to exceed 256 MB, at most 16; 1 = hot cache)')
+  da.add_argument('--calls', type=int,
+                  help='calls per timed executable (default 0: 2 x rotate, at '
+                  'least 8)')
+  da.add_argument('--block-k', type=int, help='kernel keys per step (default 128)')
+  da.add_argument('--splits', type=int, help='kernel KV splits (default 8)')
+  da.add_argument('--sweep', action='store_true',
+                  help='GPU/TPU: also time block_k x splits and report the best')
+  da.add_argument('--peak-gbs', type=float,
+                  help='peak memory bandwidth in GB/s (default: table by '
+                  'device, or measured on CPU)')
   return p
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+  try:
+    return tuple(int(x) for x in text.split(','))
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f'want comma-separated integers like 1,8; got {text!r}') from None
 
 
 def _load_config(args, overrides):
@@ -198,6 +236,13 @@ def _run(args, overrides) -> int:
       from musicjax.accomp import bench as accomp_bench
       print(json.dumps(accomp_bench.weighting_experiment(
           steps=args.steps, seeds=args.seeds)))
+      return 0
+    if args.what == 'decode-attention':
+      import dataclasses
+      from musicjax.kernels import bench as kernel_bench
+      names = {f.name for f in dataclasses.fields(kernel_bench.Options)}
+      given = {k: v for k, v in vars(args).items() if k in names}
+      print(json.dumps(kernel_bench.run(kernel_bench.Options(**given))))
       return 0
     if not args.config:
       raise cfg.ConfigError(f'bench {args.what} needs --config')

@@ -302,6 +302,14 @@ class AccompTask(Task):
     b = batch['valid'].shape[0]
     keep = jnp.ones((b,), bool)
     _, metrics = self._loss(state.model, batch, jnp.int32(0), rng, keep, keep)
+    # Does the model listen to the vocal? The same windows, masks and prefix
+    # with each row given another row's vocal: the loss rises by `vocal_gain`
+    # nats when it does (0 for a model that ignores the vocal, or batch 1).
+    other = dict(batch, vocal=jnp.roll(batch['vocal'], 1, axis=0))
+    _, swapped = self._loss(state.model, other, jnp.int32(0), rng, keep, keep)
+    key = 'ce_masked' if 'ce_masked' in metrics else 'loss'
+    metrics['ce_other_vocal'] = swapped[key]
+    metrics['vocal_gain'] = swapped[key] - metrics[key]
     return metrics
 
   def warm_start(self, state: nnx.State, shardings: Any) -> nnx.State:

@@ -16,6 +16,7 @@ from flax import nnx
 
 from musicjax import bench as bench_lib
 from musicjax.errors import UserError
+from musicjax.kernels import dispatch
 from musicjax.lm import generate as gen
 from musicjax.lm import layout
 from musicjax.lm import sequence
@@ -67,15 +68,18 @@ def decode(config, repeats: int = 3, frames: int = DECODE_FRAMES) -> dict:
   for name, scale in (('cfg', s.cfg_scale if s.cfg_scale != 1 else 1.5),
                       ('nocfg', 1.0)):
     rows = 2 if scale != 1 else 1
-    sampling = gen.Sampling(temperature=s.temperature, top_k=s.top_k,
-                            top_p=s.top_p, cfg_scale=scale, max_frames=frames,
-                            min_frames=frames, head_dtype=s.head_dtype)
+    sampling = task_lib.sampling_from_config(s, cfg_scale=scale,
+                                             max_frames=frames, min_frames=frames)
     fn = gen.make_generate_fn(model, sampling, num_cond=1)
     prompt = _prompt(config, rows, rng)
     t = _median_time(lambda: fn(prompt, jax.random.key(0))['codes'], repeats)
     out[f'frames_per_s_{name}'] = frames / t
     out[f'ms_per_frame_{name}'] = 1e3 * t / frames
   out.update(breakdown(config, model))
+  bb = model.backbone
+  out['attention'] = dispatch.resolve(
+      s.attention, bb.num_heads, bb.num_kv_heads, bb.head_dim,
+      task_lib.sampling_from_config(s).kernel_params())
   out['target_frames_per_s_cfg'] = DECODE_TARGET_CFG
   out['target_frames_per_s_nocfg'] = DECODE_TARGET_NOCFG
   out['machine'] = bench_lib.machine()
@@ -112,7 +116,7 @@ def breakdown(config, model, iters: int = 200) -> dict:
     return cache, y[:, 0]
 
   def local_steps(dv, i, x):
-    lc = dv.model.local.init_cache(b, k)
+    lc = dv.model.local.init_cache(b, k, per_layer=True)
     lv = jnp.ones((b, k), bool)
     y = jnp.stack([dv.local_in_hidden(x), dv.local_in_hidden(x)], 1)
     y, lc = dv.local_step(y, jnp.broadcast_to(jnp.arange(2), (b, 2)),
@@ -137,7 +141,8 @@ def breakdown(config, model, iters: int = 200) -> dict:
     return x + 1e-6 * tot
 
   parts = {
-      'global_step': loop(global_step, (model.backbone.init_cache(b, cache_len), h0)),
+      'global_step': loop(global_step, (model.backbone.init_cache(
+          b, cache_len, per_layer=True), h0)),
       'local_steps': loop(local_steps, h0 + 0.1),
       'output_heads': loop(heads, h0 + 0.1),
       'sampling_topk': loop(sample, h0 + 0.1),

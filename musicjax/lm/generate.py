@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from musicjax.kernels import decode_attention as kernel_lib
+from musicjax.kernels import dispatch
 from musicjax.lm import layout
 from musicjax.lm import model as model_lib
 from musicjax.lm import patterns
@@ -44,8 +46,17 @@ class Sampling:
   min_frames: int = 0        # END is not sampled before this many frames
   stream_every: int = 0      # frames between streaming callbacks (0 = off)
   head_dtype: str = 'float32'  # output-head weights in the loop: float32 | bfloat16
+  # Global-transformer decode attention: auto | xla | pallas (kernels/dispatch.py)
+  attention: str = 'auto'
+  attention_block_k: int = 128   # Pallas kernel: keys per inner step
+  attention_splits: int = 8      # Pallas kernel: KV splits per (row, KV head)
+
+  def kernel_params(self) -> kernel_lib.KernelParams:
+    return kernel_lib.KernelParams(block_k=self.attention_block_k,
+                                   num_splits=self.attention_splits)
 
   def validate(self) -> None:
+    dispatch.check_impl(self.attention)
     if self.temperature < 0:
       raise ValueError(f'temperature must be >= 0, got {self.temperature}')
     if self.top_k < 0:
@@ -98,6 +109,24 @@ def _stream(callback, frames, counts):
     jax.experimental.io_callback(callback, None, frames, counts, ordered=True)
 
 
+def _decode_view(model, sampling: Sampling) -> model_lib.DecodeView:
+  bb = model.backbone
+  impl = dispatch.resolve(sampling.attention, bb.num_heads, bb.num_kv_heads,
+                          bb.head_dim, sampling.kernel_params())
+  return model_lib.DecodeView(model, jnp.dtype(sampling.head_dtype),
+                              attention=impl, params=sampling.kernel_params())
+
+
+def _prefill_cache(model, dv, b: int, slots: int, prompt_valid: jax.Array):
+  """Empty global cache and key validity for `slots` slots; with the Pallas
+  kernel, rounded up to its block granule (the extra slots stay invalid)."""
+  if dv.attention != 'xla':
+    slots = kernel_lib.cache_length(slots, dv.params)
+  p = prompt_valid.shape[1]
+  key_valid = jnp.zeros((b, slots), bool).at[:, :p].set(prompt_valid)
+  return model.backbone.init_cache(b, slots), key_valid
+
+
 def generate(model, prompt: dict, *, rng: jax.Array, sampling: Sampling,
              num_cond: int, sections: jax.Array | None = None,
              melody: jax.Array | None = None,
@@ -143,17 +172,16 @@ def generate(model, prompt: dict, *, rng: jax.Array, sampling: Sampling,
   ref = None
   if ref_codes is not None:
     ref = model.reference_embedding(ref_codes)
+  dv = _decode_view(model, sampling)
 
   # Prefill the prompt. Its last slot predicts frame 0: it carries that melody.
-  cache = model.backbone.init_cache(b, total)
-  key_valid = jnp.zeros((b, total), bool).at[:, :p].set(prompt['valid'])
+  cache, key_valid = _prefill_cache(model, dv, b, total, prompt['valid'])
   x = model.embed(prompt['text'], prompt['audio'],
                   _with_first_melody(prompt['melody'], melody), ref, ref_valid)
   mask = transformer.cache_mask(key_valid, 0, p)
   h, cache = model.backbone(x, prompt['positions'], mask, cache, 0)
+  cache = transformer.split_cache(cache)
   rope_pos = jnp.sum(prompt['valid'], axis=1).astype(jnp.int32)
-
-  dv = model_lib.DecodeView(model, jnp.dtype(sampling.head_dtype))
 
   def local_frame(h_last, rng, forced, count):
     """Codebooks 0..K-1 of the next frame from the global hidden [B,E].
@@ -169,7 +197,7 @@ def generate(model, prompt: dict, *, rng: jax.Array, sampling: Sampling,
     if forced is not None:
       c0 = forced[:, 0]
     codes, local_logits = [c0], []
-    lcache = model.local.init_cache(b, k)
+    lcache = model.local.init_cache(b, k, per_layer=True)
     lvalid = jnp.ones((b, k), bool)
     # Position 0: the global hidden state; position 1: codebook 0's embedding.
     xin = jnp.stack([dv.local_in_hidden(h_last), dv.local_in_code(0, c0)], 1)
@@ -295,15 +323,15 @@ def _generate_stream(model, prompt, *, rng, sampling, num_cond, melody,
   frame_of = jnp.asarray(np.where(pat.valid[:, 0], pat.frame_index[:, 0], nf),
                          jnp.int32)
   ref = model.reference_embedding(ref_codes) if ref_codes is not None else None
+  dv = _decode_view(model, sampling)
 
-  cache = model.backbone.init_cache(b, total)
-  key_valid = jnp.zeros((b, total), bool).at[:, :p].set(prompt['valid'])
+  cache, key_valid = _prefill_cache(model, dv, b, total, prompt['valid'])
   x = model.embed(prompt['text'], prompt['audio'],
                   _with_first_melody(prompt['melody'], melody), ref, ref_valid)
   h, cache = model.backbone(x, prompt['positions'],
                             transformer.cache_mask(key_valid, 0, p), cache, 0)
+  cache = transformer.split_cache(cache)
   rows = jnp.arange(b)
-  dv = model_lib.DecodeView(model, jnp.dtype(sampling.head_dtype))
   state = dict(cache=cache, key_valid=key_valid, h=h[:, -1],
                rope=jnp.sum(prompt['valid'], axis=1).astype(jnp.int32),
                grid=jnp.zeros((b, nf + 1, k), jnp.int32),

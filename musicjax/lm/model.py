@@ -18,12 +18,16 @@ pattern slots use a learned special embedding and give no loss.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
 
+from musicjax.kernels import decode_attention as kernel_lib
+from musicjax.kernels import dispatch
 from musicjax.lm import layout
 from musicjax.nn import transformer
 from musicjax.parallel import rules
@@ -201,15 +205,25 @@ class DecodeView:
   per-codebook embedding tables and heads, each sliced once before the loop
   (slices taken inside the loop body are copies, repeated every step)."""
 
-  def __init__(self, model: AudioLM, head_dtype=jnp.float32):
+  def __init__(self, model: AudioLM, head_dtype=jnp.float32,
+               attention: str = 'xla', params=None):
+    """`attention`: a `kernels.dispatch.resolve` result ('xla', or a Pallas
+    kernel) for the global transformer's one-token steps; the local
+    transformer attends over at most K tokens and stays in XLA."""
     self.model = model
     self.head_dtype = head_dtype
+    self.attention = attention
+    self.params = params or kernel_lib.KernelParams()
     k = model.num_codebooks
     audio = model.audio_embed[...]
     self.tables = [audio[i] for i in range(k)]
     self.text_table = model.text_embed[...]
     self.melody_table = model.melody_embed[...]
-    self.backbone = transformer.fuse(model.backbone)
+    decode_attn = None
+    if attention != 'xla':
+      decode_attn = functools.partial(dispatch.attend_decode, impl=attention,
+                                      params=self.params)
+    self.backbone = transformer.fuse(model.backbone, decode_attn)
     if model.variant == 'global_local':
       self.local = transformer.fuse(model.local)
       # Output heads are most of a decode step's weight reads (K x width x

@@ -117,13 +117,12 @@ class _Sampler:
 
   def __init__(self, ctx, candidates: int, frames: int):
     from musicjax.lm import generate as gen  # pylint: disable=g-import-not-at-top
+    from musicjax.lm import task as lm_task  # pylint: disable=g-import-not-at-top
     c = ctx.config
     s = c.sample
     self.ctx, self.n, self.frames = ctx, candidates, frames
     self.cfg = s.cfg_scale != 1.0
-    sampling = gen.Sampling(temperature=s.temperature, top_k=s.top_k,
-                            top_p=s.top_p, cfg_scale=s.cfg_scale,
-                            max_frames=frames, head_dtype=s.head_dtype)
+    sampling = lm_task.sampling_from_config(s, max_frames=frames)
     self.fn = gen.make_generate_fn(ctx.model, sampling, num_cond=candidates)
 
   def _row(self, ids: list[int]) -> dict[str, np.ndarray]:

@@ -27,6 +27,7 @@ from musicjax.lm import conditions
 from musicjax.lm import generate as gen
 from musicjax.lm import layout
 from musicjax.lm import sequence
+from musicjax.lm import task as lm_task
 
 logger = logging.getLogger('musicjax.lm')
 # Tag values seen in training are collected from at most this many records.
@@ -238,12 +239,10 @@ def sample_codes(ctx: SongContext, req: SongRequest, progress: bool = True):
         f'model\'s config.model.max_seq_len={c.model.max_seq_len}; at most '
         f'{max(limit, 0):.1f} s with these conditions')
   every = max(1, int(ctx.frame_rate * 2)) if progress else 0
-  sampling = gen.Sampling(
-      temperature=s.temperature if req.temperature is None else req.temperature,
-      top_k=s.top_k if req.top_k is None else req.top_k,
-      top_p=s.top_p if req.top_p is None else req.top_p,
-      cfg_scale=scale, max_frames=frames, stream_every=every,
-      head_dtype=s.head_dtype)
+  overrides = {name: getattr(req, name) for name in ('temperature', 'top_k', 'top_p')
+               if getattr(req, name) is not None}
+  sampling = lm_task.sampling_from_config(
+      s, cfg_scale=scale, max_frames=frames, stream_every=every, **overrides)
   cb = _Progress(frames, ctx.frame_rate) if progress else None
   fn = gen.make_generate_fn(ctx.model, sampling, num_cond=1, callback=cb)
   j = lambda x: None if x is None else jnp.asarray(x)

@@ -16,6 +16,9 @@ import optax
 from flax import nnx
 
 from musicjax.config import ConfigError
+from musicjax.kernels import decode_attention as kernel_lib
+from musicjax.kernels import dispatch
+from musicjax.lm import generate as gen
 from musicjax.lm import model as model_lib
 from musicjax.lm import patterns
 from musicjax.nn import transformer
@@ -92,6 +95,13 @@ def default_config() -> ConfigDict:
   # Output-head weights in the decode loop. bfloat16 halves the step's largest
   # memory reads (logits accumulate in float32); float32 is exact.
   s.head_dtype = 'float32'
+  # Global-transformer decode attention (kernels/dispatch.py): auto = the
+  # Pallas kernel on GPU/TPU, XLA on CPU; xla | pallas force one (pallas runs
+  # in the interpreter on CPU). The kernel's cache is rounded up to
+  # attention_block_k * attention_splits slots.
+  s.attention = 'auto'
+  s.attention_block_k = 128
+  s.attention_splits = 8
   return c
 
 
@@ -149,6 +159,26 @@ def check_config(config: ConfigDict) -> None:
   if config.loss.local_weighting not in ('uniform', 'sft'):
     raise ConfigError("config.loss.local_weighting must be 'uniform' or 'sft', "
                       f'got {config.loss.local_weighting!r}')
+  s = config.sample
+  if s.attention not in dispatch.IMPLS:
+    raise ConfigError(f'config.sample.attention must be one of {dispatch.IMPLS}, '
+                      f'got {s.attention!r}')
+  try:
+    kernel_lib.check_params(sampling_from_config(s).kernel_params(), 'triton')
+  except ValueError as e:
+    raise ConfigError(f'config.sample.attention_block_k / attention_splits: {e}'
+                      ) from None
+
+
+def sampling_from_config(s: ConfigDict, **overrides) -> gen.Sampling:
+  """`gen.Sampling` from config.sample; keyword arguments override fields."""
+  kw = dict(temperature=float(s.temperature), top_k=int(s.top_k),
+            top_p=float(s.top_p), cfg_scale=float(s.cfg_scale),
+            head_dtype=s.head_dtype, attention=s.attention,
+            attention_block_k=int(s.attention_block_k),
+            attention_splits=int(s.attention_splits))
+  kw.update(overrides)
+  return gen.Sampling(**kw)
 
 
 def audio_steps(config: ConfigDict) -> int:

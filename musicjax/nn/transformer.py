@@ -291,6 +291,8 @@ class Transformer(nnx.Module):
 
   def __init__(self, c: ml_collections.ConfigDict, rngs: nnx.Rngs):
     self.num_layers = int(c.num_layers)
+    self.num_heads = int(c.num_heads)
+    self.dtype = _DTYPES[c.dtype]
     self.num_kv_heads = int(c.num_kv_heads)
     self.head_dim = head_dim(c)
     self.remat = c.remat
@@ -305,9 +307,18 @@ class Transformer(nnx.Module):
     self.layers = make(rngs)
     self.norm = RMSNorm(int(c.dim), float(c.norm_eps))
 
-  def init_cache(self, batch: int, length: int, dtype=jnp.float32) -> Cache:
+  def init_cache(self, batch: int, length: int, dtype=None,
+                 per_layer: bool = False) -> Cache:
+    """Zeros [layers, batch, kv_heads, length, head_dim] for K and V; with
+    `per_layer`, lists of per-layer arrays (the layout `FusedBlock` uses).
+
+    The default dtype is the compute dtype: keys and values are computed in
+    it, so a wider cache would hold the same values at twice the bytes read
+    per decode step."""
+    dtype = self.dtype if dtype is None else dtype
     shape = (self.num_layers, batch, self.num_kv_heads, length, self.head_dim)
-    return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
+    cache = {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
+    return split_cache(cache) if per_layer else cache
 
   def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
                cache: Cache | None = None, index: Any = None):
@@ -335,14 +346,28 @@ class Transformer(nnx.Module):
     return self.norm(h), cache
 
 
+def split_cache(cache: Cache) -> dict[str, list[jax.Array]]:
+  """A stacked [layers, ...] cache as per-layer lists (one copy, before a
+  decode loop). A custom call such as the Pallas decode kernel needs its
+  operand as a buffer of its own: a slice of the stacked cache would be
+  copied out on every step, a full extra pass over the cache."""
+  return {name: [a[i] for i in range(a.shape[0])] for name, a in cache.items()}
+
+
 class FusedBlock:
   """One block's weights laid out for a decode loop: per layer (sliced out of
   the stacked arrays once, so they are loop invariants; a scan would copy each
   layer's weights out of the stack on every step) and with q/k/v and gate/up
   concatenated, so a one-token step runs 4 matmuls instead of 7 (at decode
-  batch sizes each matmul costs mostly its call overhead)."""
+  batch sizes each matmul costs mostly its call overhead).
 
-  def __init__(self, block: Block):
+  Its cache is per layer (`split_cache`). `decode_attention`, when given,
+  computes one-token steps: `fn(q [B,H,D], k, v [B,KV,S,D], lengths [B],
+  valid [B,S]) -> [B,H,D]` (see kernels/dispatch.py); other steps and the
+  default use `attend`."""
+
+  def __init__(self, block: Block, decode_attention=None):
+    self.decode_attention = decode_attention
     a, m = block.attn, block.mlp
     e, h, d = a.wq.shape
     kv = a.wk.shape[1]
@@ -366,17 +391,23 @@ class FusedBlock:
     k = rope(qkv[..., h * d:(h + kv) * d].reshape(b, t, kv, d), positions,
              self.theta)
     v = qkv[..., (h + kv) * d:].reshape(b, t, kv, d)
-    start = (layer, 0, 0, index, 0)
-    cache = dict(cache,
-                 k=jax.lax.dynamic_update_slice(
-                     cache['k'], jnp.swapaxes(k, 1, 2)[None].astype(
-                         cache['k'].dtype), start),
-                 v=jax.lax.dynamic_update_slice(
-                     cache['v'], jnp.swapaxes(v, 1, 2)[None].astype(
-                         cache['v'].dtype), start))
-    kc = cache['k'][layer].astype(self.dtype)
-    vc = cache['v'][layer].astype(self.dtype)
-    o = attend(q, kc, vc, mask).reshape(b, t, h * d)
+    start = (0, 0, index, 0)
+    kc, vc = cache['k'][layer], cache['v'][layer]
+    kc = jax.lax.dynamic_update_slice(kc, jnp.swapaxes(k, 1, 2).astype(kc.dtype),
+                                      start)
+    vc = jax.lax.dynamic_update_slice(vc, jnp.swapaxes(v, 1, 2).astype(vc.dtype),
+                                      start)
+    cache = {'k': _replaced(cache['k'], layer, kc),
+             'v': _replaced(cache['v'], layer, vc)}
+    if self.decode_attention is not None and t == 1:
+      # The kernel reads the cache in its own dtype (no per-step cast copy).
+      lengths = jnp.full((b,), index + 1, jnp.int32)
+      o = self.decode_attention(q[:, 0].astype(kc.dtype), kc, vc, lengths,
+                                mask[:, 0])
+      o = o.astype(self.dtype).reshape(b, t, h * d)
+    else:
+      o = attend(q, kc.astype(self.dtype), vc.astype(self.dtype),
+                 mask).reshape(b, t, h * d)
     x = x + (o @ self.wo).astype(x.dtype)
     y = self.mlp_norm(x).astype(self.wgu.dtype)
     gu = y @ self.wgu
@@ -385,16 +416,23 @@ class FusedBlock:
     return x, cache
 
 
-def fuse(stack: Transformer) -> list[FusedBlock]:
+def _replaced(items: list, i: int, value) -> list:
+  return items[:i] + [value] + items[i + 1:]
+
+
+def fuse(stack: Transformer, decode_attention=None) -> list[FusedBlock]:
   """The stack's blocks as `FusedBlock`s (call before a decode loop)."""
   gdef, params = nnx.split(stack.layers)
-  return [FusedBlock(nnx.merge(gdef, jax.tree.map(lambda a, i=i: a[i], params)))
+  return [FusedBlock(nnx.merge(gdef, jax.tree.map(lambda a, i=i: a[i], params)),
+                     decode_attention)
           for i in range(stack.num_layers)]
 
 
 def run_fused(blocks: list[FusedBlock], norm: RMSNorm, x, positions, mask,
-              cache: Cache, index) -> tuple[jax.Array, Cache]:
-  """`Transformer.__call__` with a cache, over `fuse`d blocks (unrolled)."""
+              cache: dict[str, list[jax.Array]], index
+              ) -> tuple[jax.Array, dict[str, list[jax.Array]]]:
+  """`Transformer.__call__` with a per-layer cache (`split_cache`), over
+  `fuse`d blocks (unrolled)."""
   for i, block in enumerate(blocks):
     x, cache = block(x, positions, mask, cache, i, index)
   return norm(x), cache
