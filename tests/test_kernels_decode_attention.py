@@ -201,3 +201,21 @@ def test_sharded_mesh_runs_the_kernel_per_shard():
   np.testing.assert_allclose(np.asarray(out),
                              np.asarray(_reference(q, k, v, lengths, valid)),
                              atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize('backend', ['triton', 'tpu'])
+def test_blocks_past_the_length_are_never_computed(backend):
+  """Every key block wholly past a row's length holds NaN: the output stays
+  finite and exact, so the loop stops at the length and splits past it do
+  no work (rather than masking work they did)."""
+  params = K.KernelParams(block_k=64, num_splits=4) if backend == 'triton' \
+      else K.KernelParams(block_k=128, num_splits=4)
+  s, lengths = 1024, np.array([70, 300])
+  q, k, v, _ = _inputs(2, 4, 2, s, 64, jnp.float32)
+  bk = params.block_k
+  past = np.arange(s)[None, :] >= (-(-lengths // bk) * bk)[:, None]  # [B, S]
+  poison = lambda x: jnp.where(past[:, None, :, None], jnp.nan, x)
+  out = K.decode_attention(q, poison(k), poison(v), jnp.asarray(lengths),
+                           backend=backend, params=params, interpret=True)
+  ref = _reference(q, k, v, jnp.asarray(lengths), None)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-6, rtol=0)
