@@ -3,10 +3,21 @@
 This must run before anything initialises the JAX backend; single-device tests
 are unaffected (computations default to device 0).
 """
+import os
+
 import jax
 import pytest
 
 jax.config.update('jax_num_cpu_devices', 8)
+# XLA's persistent compilation cache, kept in this checkout's .pytest_cache:
+# many tests compile the same program twice (a run and its resumed copy, a
+# train command and the eval command after it), and the second compile is
+# then a disk read. A fresh clone starts empty, as CI does.
+jax.config.update('jax_compilation_cache_dir', os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    '.pytest_cache', 'xla'))
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
 @pytest.fixture(autouse=True)
