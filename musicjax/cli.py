@@ -29,6 +29,8 @@ _EPILOG = """examples:
       --steps 60 --seed 0 --out mix.wav --stem accomp.wav
   musicjax eval --workdir runs/accomp --songs 8 --seconds 10
   musicjax bench accomp --config configs/accomp/tiny.py
+  musicjax export --workdir runs/lm --out exports/lm [--dtype bfloat16]
+  musicjax import-torch --from exports/lm_finetuned --workdir runs/lm_ft
 
 Any --config.a.b=value overrides one key of the config (its type is checked).
 Multi-host: launch/local.sh N -- musicjax train ...  (see README)."""
@@ -160,6 +162,26 @@ def _parser() -> argparse.ArgumentParser:
   pf.add_argument('--split', default='eval', choices=['train', 'eval'])
   pf.add_argument('--codec-workdir', default=None,
                   help='codec for scoring (default: the one that made the tokens)')
+
+  ex = sub.add_parser('export', help='weights as safetensors + config.json for '
+                      'PyTorch (musicjax_torch.from_pretrained)')
+  ex.add_argument('--workdir', required=True, help='a trained run (codec, LM or '
+                  'accompaniment)')
+  ex.add_argument('--out', required=True, metavar='DIR', help='export directory')
+  ex.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+  ex.add_argument('--step', type=int, default=None,
+                  help='checkpoint step (default: the latest)')
+  ex.add_argument('--max-shard-gb', type=float, default=2.0,
+                  help='split model.safetensors into shards of at most this size')
+  add_config(ex, required=False)
+
+  it = sub.add_parser('import-torch', help='an export (e.g. fine-tuned in '
+                      'PyTorch) -> a checkpoint in a new WORKDIR')
+  it.add_argument('--from', dest='from_dir', required=True, metavar='DIR',
+                  help='directory written by `musicjax export` or '
+                  'musicjax_torch.save_pretrained')
+  it.add_argument('--workdir', required=True, help='new run directory')
+  add_config(it, required=False)
 
   b = sub.add_parser('bench', help='speed benchmarks (prints JSON)')
   b.add_argument('what', choices=['codec', 'lm-decode', 'lm-train', 'lm-memory',
@@ -336,8 +358,20 @@ def _run(args, overrides) -> int:
     return 0
 
   distributed.maybe_initialize()
+  if args.verb == 'import-torch':
+    from musicjax.export import import_torch
+    config = _load_config(args, overrides) if args.config else None
+    print(json.dumps(import_torch.import_export(args.from_dir, args.workdir,
+                                                config)))
+    return 0
   from musicjax.train import trainer
   config = _load_config(args, overrides)
+  if args.verb == 'export':
+    from musicjax.export import export as export_lib
+    print(json.dumps(export_lib.export_workdir(
+        config, args.workdir, args.out, dtype=args.dtype, step=args.step,
+        max_shard_bytes=int(args.max_shard_gb * 1e9))))
+    return 0
   if args.verb == 'train':
     trainer.train(config, args.workdir)
     return 0

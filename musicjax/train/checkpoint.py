@@ -8,6 +8,7 @@ written on one mesh / device count / process count restores onto any other.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import grain
@@ -56,8 +57,12 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: nnx.State
   """Restores `step` onto `shardings`; also rewinds `data_iter` when given."""
   items = {'state': ocp.args.StandardRestore(
       abstract_target(abstract_state, shardings))}
-  if data_iter is not None:
+  if data_iter is not None and 'data' in manager.item_metadata(step):
     items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
+  elif data_iter is not None:
+    # A checkpoint made by `musicjax import-torch` has weights only.
+    print(f'[checkpoint] step {step} has no data position: the data starts '
+          'from the beginning', file=sys.stderr, flush=True)
   restored = manager.restore(step, args=ocp.args.Composite(**items))
   state = jax.tree.map(lambda x: x, abstract_state,
                        is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -1,0 +1,175 @@
+"""`musicjax export`: a trained model's weights as safetensors for PyTorch.
+
+Writes into DIR:
+  * model.safetensors (or shards + model.safetensors.index.json), the
+    inference model's state in PyTorch names and layouts (mapping.py);
+  * config.json: family, the run's `model` config, the facts a loader needs
+    (sample rate, special token ids), the step and dtype;
+  * README.md: how to load it (musicjax_torch.from_pretrained).
+Sharded and multi-host arrays are gathered first; only process 0 writes.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from musicjax.errors import UserError
+from musicjax.export import files
+from musicjax.export import mapping
+
+FORMAT = 'musicjax-export'
+FORMAT_VERSION = 1
+DTYPES = ('float32', 'bfloat16')
+DEFAULT_MAX_SHARD_BYTES = 2 * 10 ** 9
+# Task names -> model family (DPO fine-tunes the LM).
+FAMILY_OF_TASK = {'codec': 'codec', 'lm': 'lm', 'lm_dpo': 'lm', 'accomp': 'accomp'}
+
+
+def family(config: ml_collections.ConfigDict) -> str:
+  if config.task not in FAMILY_OF_TASK:
+    raise UserError(f'task {config.task!r} has no exportable model (families: '
+                    f'{mapping.FAMILIES})')
+  return FAMILY_OF_TASK[config.task]
+
+
+def state_paths(model: nnx.Module) -> dict[str, Any]:
+  """{'a/b/c': array} of every state variable of the inference model."""
+  _, state = nnx.split(model)
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(state)):
+    out['/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)] = leaf
+  return out
+
+
+def to_host(x: Any) -> np.ndarray:
+  """The whole array on this host (gathered over processes if needed)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(x)
+
+
+def loader_facts(config: ml_collections.ConfigDict, fam: str,
+                 model: nnx.Module) -> dict[str, Any]:
+  """What a PyTorch loader needs beyond the model config."""
+  if fam == 'codec':
+    return {'sample_rate': int(model.sample_rate),
+            'audio_channels': int(model.audio_channels),
+            'hop_length': int(model.hop_length),
+            # Layer constants (not config keys): recorded so a loader can
+            # refuse an export whose numerics it would not reproduce.
+            'conv_norm_eps': float(model.encoder.stem.norm_eps),
+            'snake_eps': float(model.encoder.act.eps)}
+  from musicjax.lm import layout  # pylint: disable=g-import-not-at-top
+  m = config.model
+  facts: dict[str, Any] = {}
+  if fam == 'lm':
+    facts.update(
+        end_id=layout.end_id(m.codebook_size),
+        special_id=layout.special_id(m.codebook_size),
+        extra_ids={t: layout.extra_id(m.text_vocab_size, t)
+                   for t in layout.EXTRA_TOKENS},
+        melody_null=layout.MELODY_NULL, melody_silent=layout.MELODY_SILENT)
+  else:
+    from musicjax.accomp import model as accomp_model  # pylint: disable=g-import-not-at-top
+    facts.update(frame_rate=float(m.frame_rate),
+                 mask_id=accomp_model.mask_id(m.codebook_size),
+                 pad_id=accomp_model.pad_id(m.codebook_size))
+  return facts
+
+
+def export_model(model: nnx.Module, config: ml_collections.ConfigDict,
+                 out_dir: str, *, dtype: str = 'float32', step: int = 0,
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict[str, Any]:
+  """Writes the export of `model` (see module doc); returns a summary."""
+  if dtype not in DTYPES:
+    raise UserError(f'--dtype must be one of {DTYPES}, got {dtype!r}')
+  fam = family(config)
+  tensors: dict[str, np.ndarray] = {}
+  for path, x in state_paths(model).items():
+    arr = to_host(x)
+    if jax.numpy.issubdtype(arr.dtype, jax.numpy.floating):
+      # Every float array in the requested dtype (bfloat16 is not an
+      # np.floating subtype, so numpy's own test would miss it).
+      arr = arr.astype(jax.numpy.bfloat16 if dtype == 'bfloat16' else np.float32)
+    tensors.update(mapping.export_arrays(fam, path, arr))
+  meta = {
+      'format': FORMAT, 'format_version': FORMAT_VERSION, 'family': fam,
+      'task': config.task, 'step': int(step), 'dtype': dtype,
+      'model': config.model.to_dict(), **loader_facts(config, fam, model),
+      # The whole run config: `musicjax import-torch` recreates the run.
+      'run_config': json.loads(config.to_json()),
+      'num_tensors': len(tensors),
+      'num_parameters': int(sum(t.size for t in tensors.values())),
+  }
+  summary = {'out': out_dir, 'family': fam, 'step': int(step), 'dtype': dtype,
+             'tensors': len(tensors), 'parameters': meta['num_parameters']}
+  if jax.process_index() != 0:
+    return summary
+  os.makedirs(out_dir, exist_ok=True)
+  summary['files'] = files.write(tensors, out_dir, max_shard_bytes)
+  with open(os.path.join(out_dir, 'config.json'), 'w') as f:
+    json.dump(meta, f, indent=1, sort_keys=True)
+  with open(os.path.join(out_dir, 'README.md'), 'w') as f:
+    f.write(_readme(meta))
+  return summary
+
+
+def _readme(meta: dict[str, Any]) -> str:
+  fam = meta['family']
+  use = {
+      'codec': 'codes = model.encode(audio)   # audio [B, T, C] float\n'
+               'audio = model.decode(codes)',
+      'lm': 'logits = model(batch)   # the training forward\n'
+            'out = model.generate(prompt, max_frames=250, cfg_scale=1.5, '
+            'top_k=50)',
+      'accomp': 'logits = model.logits(model.hidden(vocal, accomp, valid, prefix))\n'
+                'codes = model.accompany(vocal, steps=60)',
+  }[fam]
+  return f"""# musicjax export: {fam}
+
+Exported by `musicjax export` from task `{meta['task']}` at step
+{meta['step']}, weights in {meta['dtype']} (safetensors only; nothing
+pickled). `config.json` holds the model's hyper-parameters.
+
+```python
+import musicjax_torch   # pip install 'musicjax[torch]' (needs only torch, numpy)
+model = musicjax_torch.from_pretrained('path/to/this/directory')
+{use}
+```
+
+Back to JAX (after fine-tuning in PyTorch, save with
+`musicjax_torch.save_pretrained(model, DIR)`):
+
+```bash
+musicjax import-torch --from DIR --workdir RUN
+```
+"""
+
+
+def export_workdir(config: ml_collections.ConfigDict, workdir: str, out_dir: str,
+                   *, dtype: str = 'float32', step: int | None = None,
+                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict[str, Any]:
+  """Exports the latest (or `step`) checkpoint of a run."""
+  # pylint: disable=g-import-not-at-top
+  from musicjax.parallel import rules
+  from musicjax.train import checkpoint as ckpt_lib
+  from musicjax.train import trainer
+  family(config)  # fail before restoring anything
+  if step is None:
+    manager = ckpt_lib.make_manager(workdir, config.checkpoint.keep, False)
+    try:
+      step = ckpt_lib.latest_step_or_raise(manager, workdir)
+    finally:
+      manager.close()
+  task, mesh, state = trainer.restore_for_inference(config, workdir, step)
+  with jax.set_mesh(mesh), rules.use_rules(
+      rules.normalize_rules(config.sharding.rules)):
+    return export_model(task.inference_model(state), config, out_dir,
+                        dtype=dtype, step=step, max_shard_bytes=max_shard_bytes)
