@@ -17,6 +17,8 @@
    (the real alto + tenor + bass), accomp_spectrograms.png (generated vs
    true), and the audio metrics against baselines on held-out chorales in
    WORKDIR/accomp_eval.{md,json}.
+7. export the models to PyTorch (WORKDIR/export/<family>) and compare one
+   forward pass of each with JAX: WORKDIR/export_check.json.
 Re-running resumes every stage. --config.* overrides apply to the codec config.
 """
 from __future__ import annotations
@@ -34,7 +36,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, 'configs', 'codec', 'tiny.py')
 DEFAULT_LM_CONFIG = os.path.join(REPO, 'configs', 'lm', 'tiny.py')
 DEFAULT_ACCOMP_CONFIG = os.path.join(REPO, 'configs', 'accomp', 'tiny.py')
-STEPS = 8
+STEPS = 9
 
 
 def spectrogram_png(original: np.ndarray, recon: np.ndarray, sr: int, path: str,
@@ -205,6 +207,42 @@ def accomp_stage(accomp_config, workdir: str, seconds: float,
   return out
 
 
+def export_stage(workdir: str, families: list[str]) -> dict:
+  """Exports the demo models and runs one forward of each in JAX and in
+  PyTorch: WORKDIR/export/<family>/ and WORKDIR/export_check.json."""
+  import jax
+  import soundfile as sf
+  from musicjax import config as cfg
+  from musicjax.export import export as export_lib
+  from musicjax.export import parity
+  from musicjax.parallel import rules
+  from musicjax.train import trainer
+  runs = {'codec': workdir, 'lm': os.path.join(workdir, 'lm'),
+          'accomp': os.path.join(workdir, 'accomp')}
+  print(f'[demo] {STEPS}/{STEPS} export {", ".join(families)} to PyTorch and '
+        'compare one forward pass with JAX', flush=True)
+  report = {}
+  for fam in families:
+    config = cfg.load_saved(runs[fam])
+    out = os.path.join(workdir, 'export', fam)
+    report[fam] = {'export': export_lib.export_workdir(config, runs[fam], out)}
+    task, mesh, state = trainer.restore_for_inference(config, runs[fam])
+    model = task.inference_model(state)
+    with jax.set_mesh(mesh), rules.use_rules(rules.normalize_rules(config.sharding.rules)):
+      if fam == 'codec':
+        wave, _ = sf.read(os.path.join(workdir, 'original.wav'), dtype='float32',
+                          always_2d=True)
+        check = parity.codec(model, out, wave[:int(config.data.sample_rate)])
+      else:
+        batch = next(iter(task.dataset('eval', 0, 1)))
+        check = parity.lm(model, out, {k: np.asarray(v) for k, v in batch.items()})
+    report[fam]['parity'] = check
+    print(f'[demo]   {fam}: {json.dumps(check)}', flush=True)
+  with open(os.path.join(workdir, 'export_check.json'), 'w') as f:
+    json.dump(report, f, indent=2, sort_keys=True)
+  return report
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -244,6 +282,7 @@ def main(argv=None) -> int:
       if not args.skip_accomp:
         accomp = accomp_stage(cfg.load(args.accomp_config), args.workdir,
                               args.accomp_seconds, args.accomp_eval_songs)
+    exported = export_stage(args.workdir, ['codec'] + (['lm'] if lm else []))
   except UserError as e:
     print(f'demo: error: {e}', file=sys.stderr)
     return 2
@@ -256,6 +295,7 @@ def main(argv=None) -> int:
     summary['lm']['eval_loss'] = lm['eval'].get('loss')
   if accomp:
     summary['accomp'] = accomp['audio_eval']
+  summary['export_parity'] = {k: v['parity'] for k, v in exported.items()}
   print(json.dumps(summary, sort_keys=True, default=str))
   print(f'[demo] done: listen to {args.workdir}/original.wav vs reconstruction.wav, '
         f'{args.workdir}/lm_song.wav and lm_melody.wav (+ .png spectrograms), '
