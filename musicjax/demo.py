@@ -235,7 +235,8 @@ def export_stage(workdir: str, families: list[str]) -> dict:
         check = parity.codec(model, out, wave[:int(config.data.sample_rate)])
       else:
         batch = next(iter(task.dataset('eval', 0, 1)))
-        check = parity.lm(model, out, {k: np.asarray(v) for k, v in batch.items()})
+        run = parity.lm if fam == 'lm' else parity.accomp
+        check = run(model, out, {k: np.asarray(v) for k, v in batch.items()})
     report[fam]['parity'] = check
     print(f'[demo]   {fam}: {json.dumps(check)}', flush=True)
   with open(os.path.join(workdir, 'export_check.json'), 'w') as f:
@@ -282,7 +283,8 @@ def main(argv=None) -> int:
       if not args.skip_accomp:
         accomp = accomp_stage(cfg.load(args.accomp_config), args.workdir,
                               args.accomp_seconds, args.accomp_eval_songs)
-    exported = export_stage(args.workdir, ['codec'] + (['lm'] if lm else []))
+    exported = export_stage(args.workdir, ['codec'] + (['lm'] if lm else []) +
+                            (['accomp'] if accomp else []))
   except UserError as e:
     print(f'demo: error: {e}', file=sys.stderr)
     return 2

@@ -52,6 +52,7 @@ def accompany(model: model_lib.AccompModel, vocal: jax.Array, valid: jax.Array,
   [steps, B, T, K]. `callback(step)` runs on the host after every step
   (progress lines).
   """
+  s.validate()  # temperature 0 would divide the logits by zero
   b, t, k = vocal.shape
   v = model.codebook_size
   mask_tok, pad_tok = model_lib.mask_id(v), model_lib.pad_id(v)
@@ -108,6 +109,7 @@ def accompany_ar(model: model_lib.AccompModel, vocal: jax.Array, valid: jax.Arra
   frame i's K codes from its logits with the same temperature / top-p /
   top-k filtering and guidance as the diffusion sampler.
   """
+  s.validate()  # temperature 0 would divide the logits by zero
   b, t, k = vocal.shape
   v = model.codebook_size
   pad_tok, bos = model_lib.pad_id(v), model_lib.mask_id(v)

@@ -123,11 +123,16 @@ class AccompContext(lm_song.SongContext):
 
 def sampling_for(config, req: AccompRequest) -> sample_lib.Sampling:
   s = task_lib.sampling(config)
-  return dataclasses.replace(
+  s = dataclasses.replace(
       s, steps=s.steps if req.steps is None else int(req.steps),
       cfg_scale=s.cfg_scale if req.cfg_scale is None else float(req.cfg_scale),
       temperature=(s.temperature if req.temperature is None
                    else float(req.temperature)))
+  try:
+    s.validate()
+  except ValueError as e:
+    raise UserError(f'accompany: {e} (--steps / --temperature)') from None
+  return s
 
 
 def windows(frames: int, window: int, overlap: int) -> list[int]:

@@ -42,3 +42,32 @@ def lm(model, export_dir: str, batch: dict[str, np.ndarray]) -> dict[str, Any]:
   key = 'stream' if 'stream' in out else 'global'
   return {'logits': key,
           'logits_max_rel_error': _rel(t_out[key].numpy(), out[key])}
+
+
+def accomp(model, export_dir: str, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+  """Logits of one batch (accompaniment half masked, both prefixes used)
+  through both frameworks."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import musicjax_torch  # pylint: disable=g-import-not-at-top
+  from musicjax.accomp import model as model_lib  # pylint: disable=g-import-not-at-top
+  tm = musicjax_torch.from_pretrained(export_dir).eval()
+  b = {k: np.asarray(v) for k, v in batch.items()}
+  n = b['valid'].shape[0]
+  tv = b['valid'][..., None] & (b['accomp'] >= 0)
+  half = np.arange(b['accomp'].shape[1])[None, :, None] % 2 == 0
+  inp = np.where(tv, b['accomp'], model_lib.pad_id(model.codebook_size))
+  inp = np.where(half & tv, model_lib.mask_id(model.codebook_size), inp)
+  keep = np.ones((n,), bool)
+  text_valid = np.any(b['text'] >= 0, axis=1)
+
+  def run_jax(m):
+    pre = m.prefix(b['text'], text_valid, b['ref'], b['ref_valid'], keep, keep)
+    return m.logits(m.hidden(b['vocal'], inp, b['valid'], pre))
+
+  out = np.asarray(jax.jit(run_jax)(model))
+  t = lambda x: torch.from_numpy(np.asarray(x))
+  with torch.no_grad():
+    pre = tm.prefix(t(b['text']), t(text_valid), t(b['ref']), t(b['ref_valid']),
+                    t(keep), t(keep))
+    t_out = tm.logits(tm.hidden(t(b['vocal']), t(inp), t(b['valid']), pre))
+  return {'logits_max_rel_error': _rel(t_out.numpy(), out)}
