@@ -92,7 +92,9 @@ def export_model(model: nnx.Module, config: ml_collections.ConfigDict,
     raise UserError(f'--dtype must be one of {DTYPES}, got {dtype!r}')
   fam = family(config)
   tensors: dict[str, np.ndarray] = {}
+  gathered = 0
   for path, x in state_paths(model).items():
+    gathered += isinstance(x, jax.Array) and not x.is_fully_addressable
     arr = to_host(x)
     if jax.numpy.issubdtype(arr.dtype, jax.numpy.floating):
       # Every float array in the requested dtype (bfloat16 is not an
@@ -109,7 +111,8 @@ def export_model(model: nnx.Module, config: ml_collections.ConfigDict,
       'num_parameters': int(sum(t.size for t in tensors.values())),
   }
   summary = {'out': out_dir, 'family': fam, 'step': int(step), 'dtype': dtype,
-             'tensors': len(tensors), 'parameters': meta['num_parameters']}
+             'tensors': len(tensors), 'parameters': meta['num_parameters'],
+             'gathered_from_other_processes': int(gathered)}
   if jax.process_index() != 0:
     return summary
   os.makedirs(out_dir, exist_ok=True)
