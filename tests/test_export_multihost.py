@@ -25,6 +25,7 @@ def test_two_process_export_equals_one_process(tmp_path):
   c.train.steps = c.train.checkpoint_every = 2
   c.train.log_every = c.train.eval_every = 2
   c.train.eval_steps = 1
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2   # batch 4 over data x fsdp
   run, one, two = (str(tmp_path / n) for n in ('run', 'one', 'two'))
   trainer.train(c, run)
   E.export_workdir(c, run, one)
