@@ -216,7 +216,6 @@ def export_stage(workdir: str, families: list[str]) -> dict:
   from musicjax.export import export as export_lib
   from musicjax.export import parity
   from musicjax.parallel import rules
-  from musicjax.train import trainer
   runs = {'codec': workdir, 'lm': os.path.join(workdir, 'lm'),
           'accomp': os.path.join(workdir, 'accomp')}
   print(f'[demo] {STEPS}/{STEPS} export {", ".join(families)} to PyTorch and '
@@ -225,10 +224,10 @@ def export_stage(workdir: str, families: list[str]) -> dict:
   for fam in families:
     config = cfg.load_saved(runs[fam])
     out = os.path.join(workdir, 'export', fam)
-    report[fam] = {'export': export_lib.export_workdir(config, runs[fam], out)}
-    task, mesh, state = trainer.restore_for_inference(config, runs[fam])
-    model = task.inference_model(state)
+    task, mesh, model, step = export_lib.restore(config, runs[fam])
     with jax.set_mesh(mesh), rules.use_rules(rules.normalize_rules(config.sharding.rules)):
+      report[fam] = {'export': export_lib.export_model(model, config, out,
+                                                       step=step)}
       if fam == 'codec':
         wave, _ = sf.read(os.path.join(workdir, 'original.wav'), dtype='float32',
                           always_2d=True)

@@ -38,13 +38,16 @@ def family(config: ml_collections.ConfigDict) -> str:
   return FAMILY_OF_TASK[config.task]
 
 
+def path_key(path) -> str:
+  """'a/b/c' for a pytree key path (the name the mapping tables match)."""
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+
+
 def state_paths(model: nnx.Module) -> dict[str, Any]:
   """{'a/b/c': array} of every state variable of the inference model."""
   _, state = nnx.split(model)
-  out = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(state)):
-    out['/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)] = leaf
-  return out
+  return {path_key(path): leaf for path, leaf in
+          jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(state))}
 
 
 def to_host(x: Any) -> np.ndarray:
@@ -156,12 +159,11 @@ musicjax import-torch --from DIR --workdir RUN
 """
 
 
-def export_workdir(config: ml_collections.ConfigDict, workdir: str, out_dir: str,
-                   *, dtype: str = 'float32', step: int | None = None,
-                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict[str, Any]:
-  """Exports the latest (or `step`) checkpoint of a run."""
+def restore(config: ml_collections.ConfigDict, workdir: str,
+            step: int | None = None):
+  """(task, mesh, inference model, step) of the latest (or `step`)
+  checkpoint of a run; run model code under the mesh."""
   # pylint: disable=g-import-not-at-top
-  from musicjax.parallel import rules
   from musicjax.train import checkpoint as ckpt_lib
   from musicjax.train import trainer
   family(config)  # fail before restoring anything
@@ -172,7 +174,16 @@ def export_workdir(config: ml_collections.ConfigDict, workdir: str, out_dir: str
     finally:
       manager.close()
   task, mesh, state = trainer.restore_for_inference(config, workdir, step)
+  return task, mesh, task.inference_model(state), step
+
+
+def export_workdir(config: ml_collections.ConfigDict, workdir: str, out_dir: str,
+                   *, dtype: str = 'float32', step: int | None = None,
+                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict[str, Any]:
+  """Exports the latest (or `step`) checkpoint of a run."""
+  from musicjax.parallel import rules  # pylint: disable=g-import-not-at-top
+  _, mesh, model, step = restore(config, workdir, step)
   with jax.set_mesh(mesh), rules.use_rules(
       rules.normalize_rules(config.sharding.rules)):
-    return export_model(task.inference_model(state), config, out_dir,
-                        dtype=dtype, step=step, max_shard_bytes=max_shard_bytes)
+    return export_model(model, config, out_dir, dtype=dtype, step=step,
+                        max_shard_bytes=max_shard_bytes)

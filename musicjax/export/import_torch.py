@@ -88,11 +88,9 @@ def load_into(model: nnx.Module, fam: str, export_dir: str) -> None:
     used.add(name)
     return get(name)
 
-  graphdef, state = nnx.split(model)
-  pure = nnx.to_pure_dict(state)
-  flat = export_lib.state_paths(model)
+  _, state = nnx.split(model)
   new = {}
-  for path, x in flat.items():
+  for path, x in export_lib.state_paths(model).items():
     arr = np.asarray(mapping.import_array(fam, path, tuple(x.shape), tracked))
     if (arr.dtype == np.bool_) != (np.dtype(x.dtype) == np.bool_):
       raise ImportError_(f'{export_dir}: tensor for {path} has dtype {arr.dtype}, '
@@ -105,15 +103,14 @@ def load_into(model: nnx.Module, fam: str, export_dir: str) -> None:
                        '(an export of another architecture?)')
 
   def put(path, leaf):
-    key = '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
-    value = new[key]
+    value = new[export_lib.path_key(path)]
     if isinstance(leaf, jax.Array) and hasattr(leaf, 'sharding'):
       return jax.device_put(value, leaf.sharding)
     return value
 
-  nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(put, pure))
+  pure = jax.tree_util.tree_map_with_path(put, nnx.to_pure_dict(state))
+  nnx.replace_by_pure_dict(state, pure)
   nnx.update(model, state)
-  del graphdef
 
 
 def import_export(export_dir: str, workdir: str,
