@@ -109,7 +109,9 @@ def _parser() -> argparse.ArgumentParser:
                  help='audio (e.g. hummed) whose chroma the melody follows')
   g.add_argument('--reference', default='', metavar='WAV',
                  help='audio whose style the song follows')
-  g.add_argument('--seconds', type=float, default=10.0)
+  g.add_argument('--seconds', type=float, default=10.0, help='at most this long')
+  g.add_argument('--min-seconds', type=float, default=0.0,
+                 help='the song does not end (END token) before this')
   g.add_argument('--seed', type=int, default=0)
   g.add_argument('--cfg', type=float, default=None,
                  help='guidance scale (default config.sample.cfg_scale; 1 = off)')
@@ -314,8 +316,8 @@ def _run(args, overrides) -> int:
     ctx = song.SongContext(config, args.workdir, args.codec_workdir)
     req = song.SongRequest(
         tags=args.tags, lyrics=lyrics, melody_path=args.melody,
-        reference_path=args.reference, seconds=args.seconds, seed=args.seed,
-        cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k,
+        reference_path=args.reference, seconds=args.seconds,
+        min_seconds=args.min_seconds, seed=args.seed, cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p)
     print(json.dumps(song.generate_song(ctx, req, args.out)))
     return 0

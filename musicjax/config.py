@@ -92,6 +92,10 @@ def base_config() -> ConfigDict:
   c.train.eval_steps = 4
   c.train.checkpoint_every = 500
   c.train.max_nonfinite = 10
+  # Steps (and eval batches) dispatched ahead of the host before it waits. Two
+  # hide dispatch on accelerators; an unbounded queue on XLA:CPU with several
+  # devices in one process deadlocks in its collectives (seen on jax 0.10.2).
+  c.train.max_inflight_steps = 2
   c.train.summary_every = 0         # audio / image summaries (0 = at eval only)
   c.train.eval_at_start = False     # also evaluate the initial state (logged at step 0)
 
@@ -205,7 +209,8 @@ def validate(config: ConfigDict, schema: ConfigDict) -> None:
       raise ConfigError(f'config.{key} is missing')
   positive = ['data.sample_rate', 'data.batch_size', 'data.eval_batch_size',
               'train.steps', 'train.log_every', 'train.checkpoint_every',
-              'train.eval_every', 'train.max_nonfinite', 'checkpoint.keep']
+              'train.eval_every', 'train.max_nonfinite', 'train.max_inflight_steps',
+              'checkpoint.keep']
   for key in positive:
     if key in flat_c and not flat_c[key] > 0:
       raise ConfigError(f'config.{key} must be > 0, got {flat_c[key]!r}')

@@ -41,23 +41,8 @@ STEPS = 9
 
 def spectrogram_png(original: np.ndarray, recon: np.ndarray, sr: int, path: str,
                     title: str, names=('original', 'reconstruction')) -> None:
-  import librosa
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
-  for ax, wave, name in ((axes[0], original, names[0]), (axes[1], recon, names[1])):
-    mel = librosa.feature.melspectrogram(y=wave, sr=sr, n_fft=1024, hop_length=256, n_mels=80)
-    img = librosa.power_to_db(mel, ref=np.max)
-    ax.imshow(img, origin='lower', aspect='auto', cmap='magma',
-              extent=(0, len(wave) / sr, 0, 80))
-    ax.set_ylabel('mel bin')
-    ax.set_title(name)
-  axes[1].set_xlabel('seconds')
-  fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  from musicjax.eval import plots
+  plots.save_spectrograms({names[0]: original, names[1]: recon}, sr, path, title)
 
 
 def listening_kit(config, workdir: str, seconds: float) -> dict:

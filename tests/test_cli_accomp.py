@@ -137,6 +137,37 @@ def test_same_seed_same_accompaniment_and_windows_cover_the_song(accomp_run):
   assert song_lib.windows(10, 12, 4) == [0]
 
 
+def test_unmasking_trace_follows_the_schedule_and_keeps_commitments(accomp_run):
+  """The notebook's step-by-step picture: after each step the masked count
+  is the cosine schedule's, committed tokens never change, nothing is masked
+  at the end, and the last state is what the sampler returns."""
+  from musicjax import config as config_lib
+  from musicjax.accomp import diffusion
+  from musicjax.accomp import model as model_lib
+  from musicjax.accomp import sample as sample_lib
+  _, wd, _ = accomp_run
+  config = config_lib.load_saved(wd)
+  ctx = song_lib.AccompContext(config, wd)
+  k, v = config.model.num_codebooks, config.model.codebook_size
+  vocal = np.random.default_rng(1).integers(0, v, (10, k))
+  s = sample_lib.Sampling(steps=6)
+  states = song_lib.unmasking_trace(ctx, vocal, ctx.text_ids('chorale'), s, 5)
+  assert states.shape == (6, 10, k)
+  mask = model_lib.mask_id(v)
+  masked = (states == mask).reshape(6, -1).sum(1)
+  total = np.array([10 * k])
+  want = [int(diffusion.num_masked_after(i, 6, total, total if i == 0 else
+                                         np.array([masked[i - 1]]))[0])
+          for i in range(6)]
+  assert masked.tolist() == want and masked[-1] == 0
+  for i in range(1, 6):
+    done = states[i - 1] != mask
+    np.testing.assert_array_equal(states[i][done], states[i - 1][done])
+  with pytest.raises(Exception, match='one sampler'):
+    song_lib.unmasking_trace(ctx, np.zeros((10_000, k), int),
+                             ctx.text_ids(''), s, 0)
+
+
 def test_eval_reports_model_ceiling_and_baselines(accomp_run, capsys):
   tmp, wd, _ = accomp_run
   out = str(tmp / 'eval')

@@ -142,6 +142,29 @@ def test_generate_writes_song_tokens_and_spectrogram(lm_run, capsys):
   assert wav.frames == n * info['hop_length']
 
 
+def test_min_seconds_and_streaming_callback(lm_run):
+  """min_seconds holds END back, so the song has exactly that length; the
+  stream callback sees the codes so far, in order, and they are the song's."""
+  from musicjax import config as config_lib
+  from musicjax.lm import song
+  _, lm_wd, info = lm_run
+  ctx = song.SongContext(config_lib.load_saved(lm_wd), lm_wd)
+  seen = []
+
+  def stream(frames, counts):
+    n = int(np.asarray(counts)[0])
+    seen.append((n, np.array(np.asarray(frames)[0, :n])))
+  frames = round(0.5 * info['frame_rate'])
+  codes = song.sample_codes(
+      ctx, song.SongRequest(tags='x', seconds=0.5, min_seconds=0.5, seed=3),
+      progress=False, stream=stream, stream_seconds=0.1)
+  assert len(codes) == frames
+  every = round(0.1 * info['frame_rate'])
+  assert [n for n, _ in seen] == list(range(every, frames + 1, every))
+  for n, part in seen:
+    np.testing.assert_array_equal(part, codes[:n])
+
+
 def test_generate_without_lyrics_and_with_known_tags(lm_run, capsys):
   tmp, lm_wd, info = lm_run
   empty = tmp / 'empty.txt'

@@ -148,3 +148,32 @@ def test_eval_at_start_logs_a_baseline_at_step_zero(tmp_path):
   assert [r['step'] for r in recs] == [0, 10, 20]
   assert set(recs[0]) == {'step', 'eval/loss'}
   assert recs[-1]['eval/loss'] < recs[0]['eval/loss']  # training helped
+  # on_log sees what metrics.jsonl gets, step by step (resumed: nothing new).
+  seen = []
+  trainer.train(toy_config('train.steps=30', 'train.log_every=10',
+                           'train.eval_every=20', 'train.checkpoint_every=20'),
+                wd, on_log=lambda step, rec: seen.append((step, dict(rec))))
+  recs = metrics_lib.read_jsonl(os.path.join(wd, 'metrics.jsonl'))
+  assert [s for s, _ in seen] == [30] and recs[-1]['step'] == 30
+  assert seen[0][1]['loss'] == recs[-1]['loss']
+
+
+def test_host_waits_when_max_inflight_steps_are_queued(tmp_path, monkeypatch):
+  """Between two metric fetches the host never runs more than
+  train.max_inflight_steps steps (or eval batches) ahead of the device."""
+  waited = []
+  real = jax.block_until_ready
+
+  def spy(x):
+    waited.append(x)
+    return real(x)
+  monkeypatch.setattr(jax, 'block_until_ready', spy)
+  c = toy_config('train.steps=8', 'train.log_every=8', 'train.eval_every=8',
+                 'train.checkpoint_every=8', 'train.eval_steps=5',
+                 'train.max_inflight_steps=2')
+  trainer.train(c, str(tmp_path))
+  steps = [w[0] for w in waited if isinstance(w, tuple)]
+  # Dispatching step k waits for step k-2: 8 steps, nothing fetched between.
+  assert steps == [1, 2, 3, 4, 5, 6]
+  # The 5 eval batches: batches 3..5 wait for batches 1..3.
+  assert sum(isinstance(w, dict) for w in waited) == 3

@@ -203,6 +203,39 @@ def accompany_codes(ctx: AccompContext, vocal_codes: np.ndarray, text: np.ndarra
   return out
 
 
+def unmasking_trace(ctx: AccompContext, vocal_codes: np.ndarray,
+                    text: np.ndarray, s: sample_lib.Sampling, seed: int
+                    ) -> np.ndarray:
+  """The diffusion sampler's tokens after every step [steps, F, K] for vocal
+  codes [F, K] of one window (no reference, no guidance), MASK where still
+  masked: how the accompaniment emerges."""
+  c = ctx.config
+  if c.model.decode != 'diffusion':
+    raise UserError("unmasking_trace needs model.decode='diffusion'")
+  k = c.model.num_codebooks
+  voc = np.asarray(vocal_codes)[:, :k].astype(np.int32)
+  window = int(c.sample.window_frames) or len(voc)
+  if not 1 <= len(voc) <= window:
+    raise UserError(f'unmasking_trace takes 1..{window} frames (one sampler '
+                    f'window), got {len(voc)}')
+  model = ctx.model
+
+  @jax.jit
+  def run(vocal, text, rng):
+    yes = jnp.ones((1,), bool)
+    batch = {'text': text, 'ref': jnp.full((1, max(c.data.reference_frames, 1), k),
+                                           -1, jnp.int32), 'ref_valid': ~yes}
+    prefix = task_lib.prefix_of(model, batch, yes, yes)
+    valid = jnp.ones(vocal.shape[:2], bool)
+    return sample_lib.accompany(model, vocal, valid, prefix, rng, s,
+                                trace=True)[1]
+
+  with jax.set_mesh(ctx.mesh), _rules(ctx):
+    states = run(jnp.asarray(voc[None]), jnp.asarray(text[None]),
+                 jax.random.key(seed))
+  return np.asarray(states)[:, 0]
+
+
 def _rules(ctx: AccompContext):
   from musicjax.parallel import rules  # pylint: disable=g-import-not-at-top
   return rules.use_rules(ctx.rules)

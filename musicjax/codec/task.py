@@ -336,23 +336,7 @@ class CodecTask(Task):
 def spectrogram_image(original: np.ndarray, reconstruction: np.ndarray,
                       sample_rate: int) -> np.ndarray:
   """HxWx3 uint8 picture of the two log-mel spectrograms, one above the other."""
-  import librosa
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
-  fig = Figure(figsize=(6, 4), dpi=80)
-  for i, (name, wave) in enumerate((('original', original),
-                                    ('reconstruction', reconstruction))):
-    ax = fig.add_subplot(2, 1, i + 1)
-    n_fft = min(1024, max(16, 1 << (len(wave).bit_length() - 2)))
-    mel = librosa.feature.melspectrogram(y=wave.astype(np.float32), sr=sample_rate,
-                                         n_fft=n_fft, hop_length=n_fft // 4,
-                                         n_mels=64)
-    ax.imshow(librosa.power_to_db(mel, ref=np.max), origin='lower',
-              aspect='auto', cmap='magma')
-    ax.set_title(name, fontsize=8)
-    ax.set_xticks([])
-    ax.set_yticks([])
-  fig.tight_layout()
-  canvas = FigureCanvasAgg(fig)
-  canvas.draw()
-  return np.ascontiguousarray(np.asarray(canvas.buffer_rgba())[..., :3])
+  from musicjax.eval import plots
+  return plots.figure_rgb(plots.spectrogram_figure(
+      {'original': original, 'reconstruction': reconstruction}, sample_rate,
+      row_height=2.0, width=6.0, axes_labels=False))

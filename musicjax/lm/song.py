@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +41,7 @@ class SongRequest:
   melody_path: str = ''           # audio whose chroma guides the melody
   reference_path: str = ''        # audio whose style guides the song
   seconds: float = 10.0
+  min_seconds: float = 0.0        # the song does not end before this
   seed: int = 0
   cfg_scale: float | None = None  # None: config.sample.cfg_scale
   temperature: float | None = None
@@ -217,8 +218,26 @@ class _Progress:
          f'{rate:.1f} frames/s, ETA {eta:.0f}s')
 
 
-def sample_codes(ctx: SongContext, req: SongRequest, progress: bool = True):
-  """Generates codes [frames, K] for one request (one compiled loop)."""
+class _Both:
+  """Two streaming callbacks in one (progress line, then the caller's)."""
+
+  def __init__(self, first, second):
+    self.first, self.second = first, second
+
+  def __call__(self, frames, counts):
+    self.first(frames, counts)
+    self.second(frames, counts)
+
+
+def sample_codes(ctx: SongContext, req: SongRequest, progress: bool = True,
+                 stream: Callable[[Any, Any], None] | None = None,
+                 stream_seconds: float = 2.0):
+  """Generates codes [frames, K] for one request (one compiled loop).
+
+  `stream(frames [1, F, K], counts [1])` runs on the host every
+  `stream_seconds` of generated audio, with the codes so far (the first
+  `counts[0]` frames are final), e.g. to play the song while it generates.
+  """
   from musicjax.parallel import rules  # pylint: disable=g-import-not-at-top
   c = ctx.config
   s = c.sample
@@ -238,12 +257,17 @@ def sample_codes(ctx: SongContext, req: SongRequest, progress: bool = True):
         f'{req.seconds:g} s needs {slots} sequence slots, more than this '
         f'model\'s config.model.max_seq_len={c.model.max_seq_len}; at most '
         f'{max(limit, 0):.1f} s with these conditions')
-  every = max(1, int(ctx.frame_rate * 2)) if progress else 0
+  every = (max(1, int(ctx.frame_rate * stream_seconds))
+           if progress or stream else 0)
   overrides = {name: getattr(req, name) for name in ('temperature', 'top_k', 'top_p')
                if getattr(req, name) is not None}
+  min_frames = min(frames, int(round(req.min_seconds * ctx.frame_rate)))
   sampling = lm_task.sampling_from_config(
-      s, cfg_scale=scale, max_frames=frames, stream_every=every, **overrides)
+      s, cfg_scale=scale, max_frames=frames, min_frames=min_frames,
+      stream_every=every, **overrides)
   cb = _Progress(frames, ctx.frame_rate) if progress else None
+  if stream is not None:
+    cb = _Both(cb, stream) if cb else stream
   fn = gen.make_generate_fn(ctx.model, sampling, num_cond=1, callback=cb)
   j = lambda x: None if x is None else jnp.asarray(x)
   with jax.set_mesh(ctx.mesh), rules.use_rules(ctx.rules):
@@ -256,22 +280,8 @@ def sample_codes(ctx: SongContext, req: SongRequest, progress: bool = True):
 
 
 def spectrogram_png(wave: np.ndarray, sr: int, path: str, title: str) -> None:
-  import librosa  # pylint: disable=g-import-not-at-top
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(1, 1, figsize=(10, 3.5))
-  n_fft = min(1024, max(16, 1 << (max(len(wave), 2).bit_length() - 2)))
-  mel = librosa.feature.melspectrogram(y=wave.astype(np.float32), sr=sr,
-                                       n_fft=n_fft, hop_length=n_fft // 4, n_mels=80)
-  ax.imshow(librosa.power_to_db(mel + 1e-10, ref=np.max), origin='lower',
-            aspect='auto', cmap='magma', extent=(0, len(wave) / sr, 0, 80))
-  ax.set_xlabel('seconds')
-  ax.set_ylabel('mel bin')
-  ax.set_title(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  from musicjax.eval import plots  # pylint: disable=g-import-not-at-top
+  plots.save_spectrograms({title: wave}, sr, path)
 
 
 def generate_song(ctx: SongContext, req: SongRequest, out_path: str) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import dataclasses
 import signal
 import sys
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -189,9 +189,26 @@ def _eval(s: Setup, eval_fn, state, num_batches: int) -> dict[str, float]:
   spec = s.task.batch_spec(s.config.data.eval_batch_size)
   it = iter(s.task.dataset('eval', jax.process_index(), jax.process_count()))
   key = jax.random.key(s.config.train.seed + 1)
-  outs = [eval_fn(state, global_batch(next(it), spec, s.eval_batch_shardings),
-                  jax.random.fold_in(key, i)) for i in range(num_batches)]
+  outs = []
+  for i in range(num_batches):
+    outs.append(eval_fn(state, global_batch(next(it), spec,
+                                            s.eval_batch_shardings),
+                        jax.random.fold_in(key, i)))
+    _bound_inflight(outs, s.config.train.max_inflight_steps)
   return s.task.finalize_metrics(metrics_lib.average(jax.device_get(outs)))
+
+
+def _bound_inflight(dispatched: list, limit: int) -> None:
+  """Waits for the program `limit` places back in `dispatched` (device values
+  in dispatch order), so at most `limit` are queued beyond the host.
+
+  Why: jit calls return before the device finishes, and nothing else bounds
+  the queue between two metric fetches. On XLA:CPU with several devices in one
+  process, a few dozen queued programs with collectives deadlock (jax 0.10.2);
+  elsewhere a deep queue only holds batches in memory longer.
+  """
+  if len(dispatched) > limit:
+    jax.block_until_ready(dispatched[-1 - limit])
 
 
 class _Preemption:
@@ -277,8 +294,14 @@ def _drain(pending: list, window: list, counters: _Counters,
   pending.clear()
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (or resumes) `config` in `workdir`; returns the last logged scalars."""
+def train(config: ml_collections.ConfigDict, workdir: str,
+          on_log: Callable[[int, dict[str, float]], None] | None = None
+          ) -> dict[str, float]:
+  """Trains (or resumes) `config` in `workdir`; returns the last logged scalars.
+
+  `on_log(step, scalars)`, if given, runs on every process after each logged
+  step (train and eval scalars), e.g. a notebook's live loss plot.
+  """
   s = setup(config)
   c = config.train
   primary = distributed.is_primary()
@@ -318,6 +341,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         batch = global_batch(next(data_iter), spec, s.batch_shardings)
         state, m, bad = step_fn(state, batch, np.int32(step))
         pending.append((step, m, bad))
+        _bound_inflight(pending, c.max_inflight_steps)
         n_window += 1
         stop = preempt.agreed()
         is_log = step % c.log_every == 0 or step == c.steps or stop
@@ -349,6 +373,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         if record:
           writer.write_scalars(step, record)
           last = {'step': step, **record}
+          if on_log is not None:
+            on_log(step, record)
         if is_ckpt:
           ckpt_lib.save(manager, step, state, data_iter,
                         meta=dataclasses.asdict(counters), force=True)
