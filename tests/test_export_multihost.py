@@ -32,7 +32,8 @@ def test_two_process_export_equals_one_process(tmp_path):
 
   env = dict(os.environ)
   env.update(JAX_PLATFORMS='cpu', PYTHONPATH=ROOT, PYTHON=sys.executable,
-             XLA_FLAGS='--xla_force_host_platform_device_count=4')
+             XLA_FLAGS=os.environ.get('XLA_FLAGS', '') +
+             ' --xla_force_host_platform_device_count=4')
   cmd = [os.path.join(ROOT, 'launch', 'local.sh'), '2', '--', sys.executable,
          '-m', 'musicjax.cli', 'export', '--workdir', run, '--out', two,
          '--config.mesh.data=2', '--config.mesh.fsdp=2', '--config.mesh.tensor=2']

@@ -30,7 +30,8 @@ COMMON = [f'train.steps={STEPS}', 'train.log_every=1', 'train.eval_every=8',
 def _launch(workdir, overrides):
   env = dict(os.environ)
   env.update(JAX_PLATFORMS='cpu', PYTHONPATH=ROOT, PYTHON=sys.executable,
-             XLA_FLAGS='--xla_force_host_platform_device_count=4')
+             XLA_FLAGS=os.environ.get('XLA_FLAGS', '') +
+             ' --xla_force_host_platform_device_count=4')
   cmd = [os.path.join(ROOT, 'launch', 'local.sh'), '2', '--', sys.executable,
          '-m', 'musicjax.cli', 'train', '--config', TOY, '--workdir', workdir]
   cmd += [f'--config.{o}' for o in overrides]

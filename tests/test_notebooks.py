@@ -72,3 +72,37 @@ def test_notebook_runs_with_quick_settings(path, runs, monkeypatch):
                    ' '.join(data))
   for want in SHOWS[_name(path)]:
     assert any(want in s for s in shown), f'{_name(path)} shows no {want}'
+
+
+@pytest.mark.parametrize('runtime,extra', [('cpu', ''), ('gpu', 'cuda12,'),
+                                           ('tpu', 'tpu,')])
+def test_colab_first_cell_installs_the_jax_build_of_the_runtime(
+    runtime, extra, monkeypatch, tmp_path):
+  """Each notebook's first cell, run as in Colab (a `google.colab` module is
+  present): it clones the repository and pip-installs it with the jax extra
+  of the runtime, plus tinysoundfont without its playback-only deps. The
+  commands are recorded here, not run."""
+  import shutil
+  import subprocess
+  import sys
+  import types
+  calls, dirs = [], []
+  monkeypatch.chdir(REPO)
+  monkeypatch.setitem(sys.modules, 'google.colab', types.ModuleType('google.colab'))
+  monkeypatch.setattr(subprocess, 'check_call', lambda cmd: calls.append(cmd))
+  monkeypatch.setattr(shutil, 'which',
+                      lambda name: '/usr/bin/nvidia-smi' if runtime == 'gpu' else None)
+  monkeypatch.delenv('COLAB_TPU_ADDR', raising=False)
+  monkeypatch.delenv('TPU_ACCELERATOR_TYPE', raising=False)
+  if runtime == 'tpu':
+    monkeypatch.setenv('TPU_ACCELERATOR_TYPE', 'v5e-1')
+  monkeypatch.setattr(os, 'chdir', dirs.append)
+  monkeypatch.setattr(sys, 'path', list(sys.path))
+  sources = {nbformat.read(p, as_version=4).cells[1].source for p in NOTEBOOKS}
+  assert len(sources) == 1, 'the notebooks disagree on their setup cell'
+  exec(compile(sources.pop(), 'setup-cell', 'exec'), {'__name__': 'nb'})
+  assert calls[0][:2] == ['git', 'clone'] and calls[0][-1] == '/content/musicjax'
+  pip = [c for c in calls if c[1:4] == ['-m', 'pip', 'install']]
+  assert pip[0][-1] == f'/content/musicjax[{extra}notebooks]'
+  assert pip[1][-2:] == ['--no-deps', 'tinysoundfont>=0.3.6']
+  assert dirs[0] == '/content/musicjax'

@@ -197,7 +197,8 @@ def test_bfloat16_export_is_close(tmp_path):
 # ---------------------------------------------------------- sampler pieces
 def test_schedule_and_noise_scale_match_jax():
   """num_masked_after and gumbel_scale over a grid of (steps, step, total),
-  compiled as in the sampler (traced step, static steps), agree exactly.
+  compiled as in the sampler (traced step, static steps), agree: the counts
+  exactly, the noise scale to float32 rounding.
 
   The schedule floors cos(angle) * total. XLA:CPU's float32 cos is one ulp
   off the correctly rounded value torch computes for ~1% of angles, so a
@@ -220,8 +221,11 @@ def test_schedule_and_noise_scale_match_jax():
     diffs.append((got - want).ravel())
     scales = [torch_accomp.gumbel_scale(int(i), steps, MASK_TEMPERATURE).item()
               for i in step]
-    np.testing.assert_array_equal(np.float32(scales),
-                                  jax_scale(step, steps, MASK_TEMPERATURE))
+    # The scale's last bit depends on how XLA fuses 1 - (step + 1) / steps
+    # (one FMA at -O3, two roundings at the suite's -O0); counts must not.
+    np.testing.assert_allclose(np.float32(scales),
+                               jax_scale(step, steps, MASK_TEMPERATURE),
+                               rtol=1e-6, atol=1e-6)
   diffs = np.concatenate(diffs)
   assert not diffs.any(), f'{np.count_nonzero(diffs)} counts differ'
 

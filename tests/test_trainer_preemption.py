@@ -23,7 +23,8 @@ KEYS = ('loss', 'grad_norm', 'eval/loss', 'train/nonfinite_skipped')
 def _env():
   env = dict(os.environ)
   env.update(JAX_PLATFORMS='cpu', PYTHONPATH=ROOT,
-             XLA_FLAGS='--xla_force_host_platform_device_count=8')
+             XLA_FLAGS=os.environ.get('XLA_FLAGS', '') +
+             ' --xla_force_host_platform_device_count=8')
   return env
 
 
