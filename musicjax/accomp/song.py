@@ -99,9 +99,11 @@ class AccompContext(lm_song.SongContext):
     return lm_song.reference_codes(self, path)
 
   def sampler(self, frames: int, cfg: bool, s: sample_lib.Sampling,
-              callback: Callable[[Any], None] | None = None):
-    """jit(accompany) for windows of `frames` (cached per shape and setting)."""
-    key = (frames, cfg, s, callback is not None)
+              callback: Callable[[Any], None] | None = None,
+              trace: bool = False):
+    """jit(accompany) for windows of `frames` (cached per shape and setting);
+    with `trace`, it returns (codes, tokens after every step)."""
+    key = (frames, cfg, s, callback is not None, trace)
     if key not in self._fns:
       model = self.model
       ar = self.config.model.decode == 'ar'
@@ -115,7 +117,7 @@ class AccompContext(lm_song.SongContext):
         if ar:
           return sample_lib.accompany_ar(model, vocal, valid, prefix, rng, s, null)
         return sample_lib.accompany(model, vocal, valid, prefix, rng, s, null,
-                                    known=known, callback=callback)
+                                    known=known, callback=callback, trace=trace)
 
       self._fns[key] = jax.jit(run)
     return self._fns[key]
@@ -218,21 +220,13 @@ def unmasking_trace(ctx: AccompContext, vocal_codes: np.ndarray,
   if not 1 <= len(voc) <= window:
     raise UserError(f'unmasking_trace takes 1..{window} frames (one sampler '
                     f'window), got {len(voc)}')
-  model = ctx.model
-
-  @jax.jit
-  def run(vocal, text, rng):
-    yes = jnp.ones((1,), bool)
-    batch = {'text': text, 'ref': jnp.full((1, max(c.data.reference_frames, 1), k),
-                                           -1, jnp.int32), 'ref_valid': ~yes}
-    prefix = task_lib.prefix_of(model, batch, yes, yes)
-    valid = jnp.ones(vocal.shape[:2], bool)
-    return sample_lib.accompany(model, vocal, valid, prefix, rng, s,
-                                trace=True)[1]
-
+  r = max(c.data.reference_frames, 1)
+  fn = ctx.sampler(len(voc), False, s, trace=True)
   with jax.set_mesh(ctx.mesh), _rules(ctx):
-    states = run(jnp.asarray(voc[None]), jnp.asarray(text[None]),
-                 jax.random.key(seed))
+    _, states = fn(jnp.asarray(voc[None]), jnp.ones((1, len(voc)), bool),
+                   jnp.asarray(text[None]), jnp.full((1, r, k), -1, jnp.int32),
+                   jnp.zeros((1,), bool), jnp.full((1, len(voc), k), -1, jnp.int32),
+                   jax.random.key(seed))
   return np.asarray(states)[:, 0]
 
 
