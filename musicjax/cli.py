@@ -187,7 +187,7 @@ def _parser() -> argparse.ArgumentParser:
 
   b = sub.add_parser('bench', help='speed benchmarks (prints JSON)')
   b.add_argument('what', choices=['codec', 'lm-decode', 'lm-train', 'lm-memory',
-                                  'accomp', 'accomp-weighting',
+                                  'accomp', 'accomp-weighting', 'accomp-context',
                                   'decode-attention'])
   add_config(b, required=False)
   b.add_argument('--devices', type=int, default=0,
@@ -195,9 +195,9 @@ def _parser() -> argparse.ArgumentParser:
   b.add_argument('--seconds', type=float, default=10.0, help='audio length per call')
   b.add_argument('--repeats', type=int, default=5)
   b.add_argument('--steps', type=int, default=300,
-                 help='accomp-weighting: train steps per run')
+                 help='accomp-weighting/-context: train steps per run')
   b.add_argument('--seeds', type=int, default=2,
-                 help='accomp-weighting: runs per weighting')
+                 help='accomp-weighting/-context: runs (seeds) per case')
   # Defaults live in kernels.bench.Options: flags not given stay unset.
   da = b.add_argument_group('decode-attention (no --config)',
                             argument_default=argparse.SUPPRESS)
@@ -259,6 +259,11 @@ def _run(args, overrides) -> int:
     if args.what == 'accomp-weighting':
       from musicjax.accomp import bench as accomp_bench
       print(json.dumps(accomp_bench.weighting_experiment(
+          steps=args.steps, seeds=args.seeds)))
+      return 0
+    if args.what == 'accomp-context':
+      from musicjax.accomp import bench as accomp_bench
+      print(json.dumps(accomp_bench.context_experiment(
           steps=args.steps, seeds=args.seeds)))
       return 0
     if args.what == 'decode-attention':

@@ -44,3 +44,22 @@ def test_weighting_experiment_trains_and_reports_each_weighting(monkeypatch,
   assert 0 < out['eval_ce_masked_elbo_mean'] < 2 * out['log_v']
   assert 'none' not in str(out.keys())
   assert 'elbo:' in capsys.readouterr().out
+
+
+def test_context_experiment_runs_each_model_on_the_chain(monkeypatch, capsys):
+  seen = []
+  real_train = bench.trainer.train
+
+  def train(config, workdir):
+    seen.append((config.data.synthetic_task, config.model.decode,
+                 config.model.num_codebooks, config.loss.rtd_weight))
+    return real_train(config, workdir)
+
+  monkeypatch.setattr(bench.trainer, 'train', train)
+  # One AR case keeps the test short; every case goes through the same loop.
+  monkeypatch.setattr(bench, 'CONTEXT_RUNS', (('ar_k2', 'ar', 2),))
+  assert cli.main(['bench', 'accomp-context', '--steps', '2', '--seeds', '1']) == 0
+  assert seen == [('chain', 'ar', 2, 0.0)]
+  out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert 0 < out['eval_ce0_ar_k2_mean'] < 2 * out['log_v']
+  assert out['machine']['cpu_count'] >= 1

@@ -401,6 +401,49 @@ def test_record_round_trip_and_damage_without_a_codec():
   assert 'melody' in token_records.decode_record(buf.getvalue(), 'n')['error']
 
 
+class _FlakyLoad:
+  """np.load that raises CPython 3.11's spurious threaded-AST SystemError
+  (gh-106905) on its first `failures` calls, then behaves."""
+
+  def __init__(self, failures):
+    self.failures, self.calls = failures, 0
+
+  def __call__(self, *args, **kwargs):
+    self.calls += 1
+    if self.calls <= self.failures:
+      raise SystemError('AST constructor recursion depth mismatch '
+                        '(before=63, after=61)')
+    return _REAL_NP_LOAD(*args, **kwargs)
+
+
+_REAL_NP_LOAD = np.load
+
+
+@pytest.mark.parametrize('decode', ['tokens', 'meta', 'audio'])
+def test_a_spurious_system_error_does_not_drop_a_good_record(monkeypatch, decode):
+  from musicjax.data import npz
+  from musicjax.data import prepare_audio
+  codes = np.arange(12).reshape(6, 2)
+  if decode == 'audio':
+    raw = prepare_audio.encode_record(np.zeros((160, 1), np.float32), 16000,
+                                      {'origin': '/x'})
+    fn = prepare_audio.decode_record
+  else:
+    raw = token_records.encode_record(codes, np.zeros(6), {'origin': '/x'}, 32)
+    fn = token_records.decode_meta if decode == 'meta' else token_records.decode_record
+  flaky = _FlakyLoad(npz.TRANSIENT_ATTEMPTS - 1)
+  monkeypatch.setattr(npz.np, 'load', flaky)
+  item = fn(raw, 'shard#5')
+  assert 'error' not in item and item['meta'] == {'origin': '/x'}
+  assert flaky.calls == npz.TRANSIENT_ATTEMPTS
+  if decode == 'tokens':
+    np.testing.assert_array_equal(item['codes'], codes)
+  # Failing every time is not the race: reported as damage, with the reason.
+  monkeypatch.setattr(npz.np, 'load', _FlakyLoad(npz.TRANSIENT_ATTEMPTS))
+  err = fn(raw, 'shard#5')['error']
+  assert 'damaged record (SystemError: AST constructor' in err
+
+
 def test_eq_copies_round_trip_and_metadata_alone():
   codes = np.arange(12).reshape(6, 2)
   eq = np.stack([codes + 3, codes + 4])

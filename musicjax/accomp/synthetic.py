@@ -1,10 +1,17 @@
 """Synthetic paired tracks (`data.kind = 'synthetic'`) for tests and smoke runs.
 
-Vocal codes are uniform random; the accompaniment of frame t, codebook k is
-a fixed permutation of the vocal code at the same frame and codebook. So the
-accompaniment is a deterministic, frame-aligned function of the vocal: a model
-that uses the dual-track alignment can reach zero loss, one that ignores the
-vocal cannot beat log V. Examples follow the contract of
+Vocal codes are uniform random. The accompaniment, per `data.synthetic_task`:
+  'pair'  (default): the accompaniment of frame t, codebook k is a fixed
+          permutation of the vocal code at the same frame and codebook. It is
+          a deterministic, frame-aligned function of the vocal: a model that
+          uses the dual-track alignment can reach zero loss, one that ignores
+          the vocal cannot beat log V.
+  'chain': frame 0 is random and frame t, codebook k is the permutation of
+          frame t - 1's code of codebook k; the vocal says nothing. A model
+          learns it only by reading its neighbouring frames of the same
+          track, which is what a masked model must learn from context
+          (`musicjax bench accomp-context`).
+Examples follow the contract of
 musicjax/accomp/data.py (vocal, accomp, valid, text, ref, ref_valid); a
 `synthetic_min_frames` .. max_frames random length exercises padding.
 """
@@ -33,7 +40,12 @@ def example(config: ml_collections.ConfigDict, rng: np.random.Generator) -> dict
   vocal[:n] = rng.integers(0, v, (n, k))
   perm = permutations(k, v)
   accomp = np.full((t, k), -1, np.int32)
-  accomp[:n] = perm[np.arange(k)[None, :], vocal[:n]]
+  if d.get('synthetic_task', 'pair') == 'chain':
+    accomp[0] = rng.integers(0, v, k)
+    for i in range(1, n):
+      accomp[i] = perm[np.arange(k), accomp[i - 1]]
+  else:
+    accomp[:n] = perm[np.arange(k)[None, :], vocal[:n]]
   text = np.full((d.max_text_tokens,), -1, np.int32)
   text[:2] = rng.integers(0, m.text_vocab_size, 2)
   r = max(d.reference_frames, 1)

@@ -44,6 +44,8 @@ from musicjax.train.task import ArraySpec, Task
 
 ConfigDict = ml_collections.ConfigDict
 
+SYNTHETIC_TASKS = ('pair', 'chain')   # musicjax/accomp/synthetic.py
+
 # Model keys that may differ from the stage-1 run: they change neither the
 # parameters' shapes nor the function they compute.
 _FREE_MODEL_KEYS = ('embed_init_std', 'backbone.init_std', 'backbone.dtype',
@@ -59,6 +61,7 @@ def default_config() -> ConfigDict:
   c.data = data_lib.default_data_config()
   # data.kind: 'tokens' (musicjax prepare --stems) | 'synthetic' (tests).
   c.data.synthetic_min_frames = 1   # synthetic: shortest example (padding)
+  c.data.synthetic_task = 'pair'    # synthetic: 'pair' | 'chain' (synthetic.py)
 
   lm = lm_task.default_config()
   cd = c.cond = ConfigDict()
@@ -133,6 +136,9 @@ def check_config(config: ConfigDict) -> None:
     raise ConfigError("config.data.kind must be 'tokens' (musicjax prepare "
                       "--stems) or 'synthetic' for the accomp task, got "
                       f'{config.data.kind!r}')
+  if config.data.synthetic_task not in SYNTHETIC_TASKS:
+    raise ConfigError(f'config.data.synthetic_task must be one of '
+                      f'{SYNTHETIC_TASKS}, got {config.data.synthetic_task!r}')
   sampling(config).validate()
 
 

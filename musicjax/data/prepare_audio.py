@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 
 from musicjax.data import audio
+from musicjax.data import npz
 
 _SHARD_PATTERN = '{split}-{index:05d}-of-{count:05d}.array_record'
 # One record per chunk: random access reads exactly one record.
@@ -39,9 +40,9 @@ def decode_record(raw: bytes, name: str) -> dict[str, Any]:
   """A pipeline item {'name', 'source': FLAC bytes, 'meta'}; on a damaged
   record the item carries 'error' (reported and skipped by the pipeline)."""
   try:
-    with np.load(io.BytesIO(raw), allow_pickle=False) as z:
-      flac = z['audio_flac'].tobytes()
-      meta = json.loads(z['meta_json'].tobytes().decode('utf-8'))
+    z = npz.load_npz(raw, ('audio_flac', 'meta_json'))
+    flac = z['audio_flac'].tobytes()
+    meta = json.loads(z['meta_json'].tobytes().decode('utf-8'))
   except Exception as e:  # np.load raises several types for damaged bytes
     return {'name': name, 'source': b'', 'meta': {},
             'error': f'damaged record ({type(e).__name__}: {e})'}

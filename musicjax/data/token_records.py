@@ -43,6 +43,7 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
+from musicjax.data import npz
 from musicjax.errors import UserError
 
 FORMAT = 'musicjax-tokens-v1'
@@ -117,8 +118,7 @@ def decode_record(raw: bytes, name: str) -> dict[str, Any]:
   with `audio.report_bad` and go on.
   """
   try:
-    with np.load(io.BytesIO(raw), allow_pickle=False) as z:
-      arrays = {k: z[k] for k in z.files}
+    arrays = npz.load_npz(raw)
     meta = json.loads(arrays.pop('meta_json').tobytes().decode('utf-8'))
     codes, melody = arrays['codes'], arrays['melody']
     if not isinstance(meta, dict):
@@ -145,8 +145,8 @@ def decode_meta(raw: bytes, name: str) -> dict[str, Any]:
   {'name', 'meta'}, or {'name', 'error'} for a damaged record.
   """
   try:
-    with np.load(io.BytesIO(raw), allow_pickle=False) as z:
-      meta = json.loads(z['meta_json'].tobytes().decode('utf-8'))
+    z = npz.load_npz(raw, ('meta_json',))
+    meta = json.loads(z['meta_json'].tobytes().decode('utf-8'))
     if not isinstance(meta, dict):
       raise ValueError(f'meta_json is a {type(meta).__name__}, not an object')
   except Exception as e:  # np.load/json raise many types for damaged bytes

@@ -46,6 +46,7 @@ from flax import nnx
 
 from musicjax import config as config_lib
 from musicjax.config import ConfigError
+from musicjax.data import npz
 from musicjax.errors import UserError
 from musicjax.lm import layout
 from musicjax.lm import model as model_lib
@@ -467,8 +468,7 @@ def encode_pair_record(pair: Mapping[str, Any],
 def decode_pair_record(raw: bytes, where: str, num_codebooks: int,
                        codebook_size: int) -> dict[str, Any]:
   try:
-    with np.load(io.BytesIO(raw), allow_pickle=False) as z:
-      arrays = {k: z[k] for k in z.files}
+    arrays = npz.load_npz(raw)
     meta = json.loads(arrays.pop('meta_json').tobytes().decode('utf-8'))
   except Exception as e:  # np.load/json raise many types for damaged bytes
     raise UserError(f'{where}: damaged pair record ({type(e).__name__}: {e})'
