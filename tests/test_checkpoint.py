@@ -71,3 +71,30 @@ def test_evaluate_without_checkpoint_is_a_clear_error(tmp_path):
     trainer.evaluate(c, str(tmp_path))
   with pytest.raises(ConfigError, match='no checkpoint'):
     trainer.restore_for_inference(c, str(tmp_path))
+
+
+def test_weights_only_checkpoint_restores_quietly(tmp_path, capsys, caplog):
+  """A checkpoint without data position or meta (as `import-torch` writes):
+  restore starts the data from the beginning, says so, and orbax logs no
+  "could not be restored" warning per item (notebooks showed walls of them)."""
+  s = _setup(1, 1, 1, jax.devices()[:1])
+  with jax.set_mesh(s.mesh), rules_lib.use_rules(s.rules):
+    state = trainer.init_state(s)
+    manager = ckpt_lib.make_manager(str(tmp_path), keep=1, async_save=False)
+    ckpt_lib.save(manager, 1, state, None)
+    manager.wait_until_finished()
+    assert ckpt_lib.has_item(manager, 1, 'state')
+    assert not ckpt_lib.has_item(manager, 1, 'data')
+    assert ckpt_lib.restore_meta(manager, 1) == {}
+    it = iter(s.task.dataset('train', 0, 1))
+    restored = ckpt_lib.restore(manager, 1, s.abstract_state, s.state_shardings, it)
+    manager.close()
+  want, got = _leaves(state), _leaves(restored)
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  first = next(it)
+  fresh = next(iter(s.task.dataset('train', 0, 1)))
+  for k in first:
+    np.testing.assert_array_equal(first[k], fresh[k])
+  assert 'no data position' in capsys.readouterr().err
+  assert not [r for r in caplog.records if 'could not be restored' in r.getMessage()]

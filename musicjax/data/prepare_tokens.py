@@ -165,7 +165,7 @@ class _Encoder:
     x = np.pad(wave, ((0, frames * self.hop - wave.shape[0]), (0, 0)))
     return chunked._run_chunked(  # pylint: disable=protected-access
         self._encode, x.astype(np.float32), self.hop, self._chunk,
-        self._context, 1, self._batch, 'encode')
+        self._context, 1, self._batch, 'encode', progress=False)  # per-song bar above
 
   def melody(self, wave: np.ndarray) -> np.ndarray:
     from musicjax.data import melody  # pylint: disable=g-import-not-at-top

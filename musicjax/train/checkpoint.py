@@ -30,6 +30,13 @@ def make_manager(workdir: str, keep: int, async_save: bool) -> ocp.CheckpointMan
                                item_names=('state', 'data', 'meta'), options=options)
 
 
+def has_item(manager: ocp.CheckpointManager, step: int, item: str) -> bool:
+  """Whether `step` saved `item` ('data', 'meta'). Read from the step's
+  directory (epath: local or gs://): `manager.item_metadata` logs a warning per
+  item for managers built from item names, a wall of noise in notebooks."""
+  return (manager.directory / str(step) / item).exists()
+
+
 def abstract_target(abstract_state: nnx.State, shardings: Any) -> dict:
   """Pure-dict tree of ShapeDtypeStructs carrying the target shardings."""
   def one(var, sharding):
@@ -57,7 +64,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: nnx.State
   """Restores `step` onto `shardings`; also rewinds `data_iter` when given."""
   items = {'state': ocp.args.StandardRestore(
       abstract_target(abstract_state, shardings))}
-  if data_iter is not None and 'data' in manager.item_metadata(step):
+  if data_iter is not None and has_item(manager, step, 'data'):
     items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
   elif data_iter is not None:
     # A checkpoint made by `musicjax import-torch` has weights only.
@@ -72,7 +79,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: nnx.State
 
 def restore_meta(manager: ocp.CheckpointManager, step: int) -> dict:
   """The JSON `meta` saved with `step` ({} when the checkpoint has none)."""
-  if 'meta' not in manager.item_metadata(step):
+  if not has_item(manager, step, 'meta'):
     return {}
   return dict(manager.restore(
       step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta'])
