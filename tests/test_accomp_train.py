@@ -343,6 +343,28 @@ def test_ar_ablation_is_causal_trains_and_decodes():
   assert (o[~tv] == model_lib.pad_id(16)).all()
 
 
+def test_ar_logits_of_a_frame_never_see_its_own_accompaniment():
+  """The AR ablation's training input (shift_right) and causal model together:
+  changing frame t's accompaniment changes the logits of frames > t only, so
+  its low next-frame CE is not a leak."""
+  c = small_config(frames=16)
+  c.model.decode = 'ar'
+  c.loss.rtd_weight = 0.0
+  model, batch = _model(c), _batch(c)
+  yes = jnp.ones((c.data.batch_size,), bool)
+  prefix = task_lib.prefix_of(model, batch, yes, yes)
+
+  def logits(accomp):
+    inp = task_lib.shift_right(accomp, model_lib.mask_id(16))
+    return model.logits(model.hidden(batch['vocal'], inp, batch['valid'], prefix))
+
+  t = 7
+  changed = batch['accomp'].at[:, t].set((batch['accomp'][:, t] + 5) % 16)
+  diff = np.abs(np.asarray(logits(changed) - logits(batch['accomp']))).max(axis=(0, 2, 3))
+  assert diff[:t + 1].max() == 0.0, diff
+  assert diff[t + 1] > 1e-4, diff
+
+
 def test_frame_convolution_mixes_neighbours_both_ways():
   c = small_config()
   c.model.conv_kernel = 3
