@@ -322,8 +322,8 @@ def _run(args, overrides) -> int:
     req = song.SongRequest(
         tags=args.tags, lyrics=lyrics, melody_path=args.melody,
         reference_path=args.reference, seconds=args.seconds,
-        min_seconds=args.min_seconds, seed=args.seed, cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p)
+        min_seconds=args.min_seconds, seed=args.seed, cfg_scale=args.cfg,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     print(json.dumps(song.generate_song(ctx, req, args.out)))
     return 0
   if args.verb in ('encode', 'decode'):

@@ -98,6 +98,10 @@ def run(config, repeats: int = 3) -> dict:
   return out
 
 
+# Codes per codebook of the synthetic experiments (log V = 4.16 nats).
+SYNTHETIC_CODES = 64
+
+
 def weighting_experiment(steps: int = 300, seeds: int = 2, workdir: str = '') -> dict:
   """Which MLM weighting trains fastest: eval masked CE after `steps`.
 
@@ -109,60 +113,17 @@ def weighting_experiment(steps: int = 300, seeds: int = 2, workdir: str = '') ->
   the same for every weighting, so the runs compare. Every run trains with
   RTD (weight 0.2, backbone gradient) as the default config does.
   """
-  out = {'benchmark': f'MLM loss weighting: eval masked CE (nats) after {steps} '
-                      f'steps on the synthetic pairing, {seeds} seeds',
-         'log_v': float(np.log(64)), 'machine': bench_lib.machine()}
-  tmp = None if workdir else tempfile.TemporaryDirectory(prefix='accomp_weighting_')
-  root = workdir or tmp.name
-  try:
-    _weighting_runs(out, root, steps, seeds)
-  finally:
-    if tmp is not None:
-      tmp.cleanup()
-  return out
-
-
-def _synthetic_config(seed: int, steps: int, codebooks: int = 2):
-  """A small accomp run on synthetic data: `codebooks` x 64 codes, 64 frames,
-  a 2 x 64 backbone, eval at the end."""
-  c = config_lib.for_task('accomp')
-  m = c.model
-  m.num_codebooks, m.codebook_size, m.text_vocab_size = codebooks, 64, 8
-  b = m.backbone
-  b.num_layers, b.dim, b.num_heads, b.num_kv_heads, b.mlp_dim = 2, 64, 4, 2, 128
-  b.scan_layers = False
-  d = c.data
-  d.kind, d.max_frames, d.synthetic_min_frames = 'synthetic', 64, 64
-  d.reference_frames, d.max_text_tokens = 4, 4
-  d.batch_size = d.eval_batch_size = 8
-  d.shuffle_seed = seed
-  c.optim.lr, c.optim.warmup_steps = 3e-3, 20
-  t = c.train
-  t.seed = seed
-  t.steps = t.eval_every = t.checkpoint_every = steps
-  t.log_every = max(steps // 4, 1)
-  t.eval_steps = 8
-  return c
-
-
-def _final_eval(workdir: str, key: str) -> float:
-  recs = metrics_lib.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
-  return [r for r in recs if key in r][-1][key]
-
-
-def _weighting_runs(out: dict, root: str, steps: int, seeds: int) -> None:
-  for kind in diffusion.LOSS_KINDS:
-    finals = []
-    for seed in range(seeds):
-      c = _synthetic_config(seed, steps)
+  def setup(kind):
+    def configure(c):
       c.loss.weighting = kind
-      wd = os.path.join(root, f'{kind}_{seed}')
-      trainer.train(c, wd)
-      finals.append(_final_eval(wd, 'eval/ce_masked'))
-    out[f'eval_ce_masked_{kind}'] = [round(x, 4) for x in finals]
-    out[f'eval_ce_masked_{kind}_mean'] = round(float(np.mean(finals)), 4)
-    print(f'[bench accomp-weighting] {kind}: eval masked CE {np.mean(finals):.3f} '
-          f'({", ".join(f"{x:.3f}" for x in finals)})', flush=True)
+    return configure
+
+  cases = [(kind, 2, setup(kind)) for kind in diffusion.LOSS_KINDS]
+  return _experiment(
+      'accomp-weighting', f'MLM loss weighting: eval masked CE (nats) after '
+      f'{steps} steps on the synthetic pairing, {seeds} seeds',
+      'eval/ce_masked', 'eval_ce_masked', 'eval masked CE', cases, steps, seeds,
+      workdir)
 
 
 # (label, model.decode, codebooks) of the context experiment.
@@ -182,29 +143,71 @@ def context_experiment(steps: int = 300, seeds: int = 2, workdir: str = '') -> d
   neighbours make part of it irreducible) or over every token (AR, next
   frame); log V (4.16) is a model that learned nothing.
   """
-  out = {'benchmark': f'learning from context: eval CE of codebook 0 (nats) '
-                      f'after {steps} steps on the synthetic chain, {seeds} seeds',
-         'log_v': float(np.log(64)), 'machine': bench_lib.machine()}
-  tmp = None if workdir else tempfile.TemporaryDirectory(prefix='accomp_context_')
+  def setup(decode):
+    def configure(c):
+      c.data.synthetic_task = 'chain'
+      c.model.decode = decode
+      if decode == 'ar':
+        c.loss.rtd_weight = 0.0
+    return configure
+
+  cases = [(label, k, setup(decode)) for label, decode, k in CONTEXT_RUNS]
+  return _experiment(
+      'accomp-context', f'learning from context: eval CE of codebook 0 (nats) '
+      f'after {steps} steps on the synthetic chain, {seeds} seeds',
+      'eval/ce/0', 'eval_ce0', 'eval CE of codebook 0', cases, steps, seeds,
+      workdir)
+
+
+def _experiment(name: str, benchmark: str, metric: str, key: str, what: str,
+                cases, steps: int, seeds: int, workdir: str) -> dict:
+  """Trains every (label, codebooks, configure) case for `seeds` seeds on
+  synthetic data and reports the final `metric` of each run as out[key_label]
+  (and its mean). Runs go to `workdir`, or a temporary directory removed
+  afterwards."""
+  out = {'benchmark': benchmark, 'log_v': float(np.log(SYNTHETIC_CODES)),
+         'machine': bench_lib.machine()}
+  tmp = None if workdir else tempfile.TemporaryDirectory(
+      prefix=name.replace('-', '_') + '_')
   root = workdir or tmp.name
   try:
-    for label, decode, k in CONTEXT_RUNS:
+    for label, codebooks, configure in cases:
       finals = []
       for seed in range(seeds):
-        c = _synthetic_config(seed, steps, codebooks=k)
-        c.data.synthetic_task = 'chain'
-        c.model.decode = decode
-        if decode == 'ar':
-          c.loss.rtd_weight = 0.0
+        c = _synthetic_config(seed, steps, codebooks)
+        configure(c)
         wd = os.path.join(root, f'{label}_{seed}')
         trainer.train(c, wd)
-        finals.append(_final_eval(wd, 'eval/ce/0'))
-      out[f'eval_ce0_{label}'] = [round(x, 4) for x in finals]
-      out[f'eval_ce0_{label}_mean'] = round(float(np.mean(finals)), 4)
-      print(f'[bench accomp-context] {label}: eval CE of codebook 0 '
-            f'{np.mean(finals):.3f} ({", ".join(f"{x:.3f}" for x in finals)})',
-            flush=True)
+        recs = metrics_lib.read_jsonl(os.path.join(wd, 'metrics.jsonl'))
+        finals.append([r for r in recs if metric in r][-1][metric])
+      out[f'{key}_{label}'] = [round(x, 4) for x in finals]
+      out[f'{key}_{label}_mean'] = round(float(np.mean(finals)), 4)
+      print(f'[bench {name}] {label}: {what} {np.mean(finals):.3f} '
+            f'({", ".join(f"{x:.3f}" for x in finals)})', flush=True)
   finally:
     if tmp is not None:
       tmp.cleanup()
   return out
+
+
+def _synthetic_config(seed: int, steps: int, codebooks: int):
+  """A small accomp run on synthetic data: `codebooks` x SYNTHETIC_CODES codes,
+  64 frames, a 2 x 64 backbone, eval at the end."""
+  c = config_lib.for_task('accomp')
+  m = c.model
+  m.num_codebooks, m.codebook_size, m.text_vocab_size = codebooks, SYNTHETIC_CODES, 8
+  b = m.backbone
+  b.num_layers, b.dim, b.num_heads, b.num_kv_heads, b.mlp_dim = 2, 64, 4, 2, 128
+  b.scan_layers = False
+  d = c.data
+  d.kind, d.max_frames, d.synthetic_min_frames = 'synthetic', 64, 64
+  d.reference_frames, d.max_text_tokens = 4, 4
+  d.batch_size = d.eval_batch_size = 8
+  d.shuffle_seed = seed
+  c.optim.lr, c.optim.warmup_steps = 3e-3, 20
+  t = c.train
+  t.seed = seed
+  t.steps = t.eval_every = t.checkpoint_every = steps
+  t.log_every = max(steps // 4, 1)
+  t.eval_steps = 8
+  return c
