@@ -394,6 +394,16 @@ def _run(args, overrides) -> int:
   raise AssertionError(args.verb)
 
 
+def configure_logging() -> None:
+  """INFO for musicjax (MUSICJAX_LOG overrides), WARNING for chatty libraries."""
+  logging.basicConfig(level=os.environ.get('MUSICJAX_LOG', 'INFO'),
+                      format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+  # absl (used by orbax/grain) is chatty at INFO. jax's backend probe logs
+  # "Unable to initialize backend 'tpu' ... libtpu.so" on every CPU/GPU run.
+  for name in ('absl', 'jax._src.xla_bridge'):
+    logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   parser = _parser()
@@ -402,10 +412,7 @@ def main(argv: list[str] | None = None) -> int:
   unknown = [a for a in rest if not a.startswith('--config.')]
   if unknown:
     parser.error(f'unrecognized arguments: {" ".join(unknown)}')
-  logging.basicConfig(level=os.environ.get('MUSICJAX_LOG', 'INFO'),
-                      format='%(asctime)s %(levelname)s %(name)s: %(message)s')
-  # absl (used by orbax/grain) is chatty at INFO; keep our own logs readable.
-  logging.getLogger('absl').setLevel(logging.WARNING)
+  configure_logging()
   from musicjax.errors import UserError
   try:
     return _run(args, overrides)

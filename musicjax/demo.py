@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
@@ -243,10 +242,9 @@ def main(argv=None) -> int:
   p.add_argument('--skip-accomp', action='store_true',
                  help='stop after the LM')
   args, rest = p.parse_known_args(argv)
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
-  logging.getLogger('absl').setLevel(logging.WARNING)
-
+  from musicjax import cli
   from musicjax import config as cfg
+  cli.configure_logging()
   from musicjax.errors import UserError
   from musicjax.train import trainer
   lm = accomp = None

@@ -244,14 +244,24 @@ def write_tensors(tensors: Mapping[str, torch.Tensor], path: str,
                   max_shard_bytes: int) -> list[str]:
   """Writes the weights files; returns their names (index last)."""
   from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
+  mask = os.umask(0o022)
+  os.umask(mask)
+
+  def save(names, fname):
+    target = os.path.join(path, fname)
+    save_file({n: tensors[n] for n in names}, target)
+    # safetensors >= 0.8 writes 0600 whatever the umask: give the file the
+    # mode open() would, so the rest of a team can read it.
+    os.chmod(target, 0o666 & ~mask)
+
   groups = shard(tensors, max_shard_bytes)
   if len(groups) == 1:
-    save_file({n: tensors[n] for n in groups[0]}, os.path.join(path, SINGLE))
+    save(groups[0], SINGLE)
     return [SINGLE]
   written, weight_map = [], {}
   for i, group in enumerate(groups):
     fname = f'model-{i + 1:05d}-of-{len(groups):05d}.safetensors'
-    save_file({n: tensors[n] for n in group}, os.path.join(path, fname))
+    save(group, fname)
     written.append(fname)
     weight_map.update({n: fname for n in group})
   total = int(sum(t.numel() * t.element_size() for t in tensors.values()))

@@ -1,6 +1,7 @@
 """The built-in chorale dataset: rendering, metadata, split, cache, pipeline."""
 import json
 import os
+import stat
 import subprocess
 import sys
 
@@ -31,6 +32,22 @@ def _config(cache_dir: str, max_pieces: int = 3):
 def rendered(tmp_path_factory):
   c = _config(str(tmp_path_factory.mktemp('cache')))
   return c, {s: chorales.chorale_manifest(c, s) for s in ('train', 'eval')}
+
+
+def test_cache_files_are_readable_like_any_new_file(rendered, tmp_path):
+  """A shared render cache: every stem and metadata file has the mode open()
+  gives under the umask, not the 0600 of a bare temporary file."""
+  c, _ = rendered
+  plain = tmp_path / 'plain'
+  plain.write_text('')
+  want = stat.S_IMODE(os.stat(plain).st_mode)
+  found = 0
+  for root, _, names in os.walk(c.data.cache_dir):
+    for n in names:
+      if n.endswith(('.flac', '.json')):
+        found += 1
+        assert stat.S_IMODE(os.stat(os.path.join(root, n)).st_mode) == want, n
+  assert found >= 3 * 4      # three pieces: three stems and a meta.json each
 
 
 def test_split_is_by_bwv_and_disjoint(rendered):

@@ -3,6 +3,7 @@ survives export -> import bit for bit, sharded state exports like unsharded,
 and bad export directories fail with errors naming the file or tensor."""
 import json
 import os
+import stat
 
 import jax
 import ml_dtypes
@@ -72,6 +73,24 @@ def test_export_then_import_is_bit_identical(name, tmp_path):
   assert len(names) == summary['tensors']
   I.load_into(dst, E.family(c), out)
   _same(src, dst)
+
+
+@pytest.mark.parametrize('max_shard_bytes', [20_000, 2 ** 31])
+def test_export_files_are_readable_like_any_new_file(tmp_path, max_shard_bytes):
+  """Every file has the mode open() gives under the umask (safetensors alone
+  writes 0600, which a serving job under another user cannot read), and no
+  temporary file is left behind."""
+  c = CONFIGS['lm_single_stream']()
+  out = tmp_path / 'export'
+  summary = E.export_model(_model(c, 0), c, str(out),
+                           max_shard_bytes=max_shard_bytes)
+  plain = tmp_path / 'plain'
+  plain.write_text('')
+  want = stat.S_IMODE(os.stat(plain).st_mode)
+  assert sorted(os.listdir(out)) == sorted(summary['files'] +
+                                           ['README.md', 'config.json'])
+  for name in os.listdir(out):
+    assert stat.S_IMODE(os.stat(out / name).st_mode) == want, name
 
 
 def test_layouts_are_the_pytorch_ones():

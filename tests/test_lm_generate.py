@@ -1,10 +1,13 @@
 """The one-jit decode loop against the training forward pass, and sampling."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import lm_fixtures as F
+from musicjax.kernels import dispatch
 from musicjax.lm import generate as G
 from musicjax.lm import layout
 from musicjax.lm import patterns
@@ -125,19 +128,26 @@ def test_teacher_forced_decode_equals_training_forward_single_stream(pattern):
   np.testing.assert_array_equal(np.asarray(out['codes'])[0, :nf], f)
 
 
+def _kernel_case(variant):
+  """A model with head dim 16 (the smallest Triton tile) and a CFG prompt
+  whose null row is shorter: left padding puts holes into the cache."""
+  c = F.small_config(variant=variant, layout_name='interleaved')
+  c.model.backbone.dim = 64
+  m = F.make_model(c)
+  rng = np.random.default_rng(1)
+  cond = _prompt(c, F.text_ids(c, 5, rng) + [F.audio_id(c)], pad=0)
+  null = _prompt(c, [F.audio_id(c)], pad=5)
+  prompt = {k: jnp.concatenate([cond[k], null[k]]) for k in cond}
+  return c, m, prompt, rng
+
+
 @pytest.mark.parametrize('variant', ['global_local', 'single_stream'])
 def test_pallas_decode_attention_gives_the_same_song(variant):
   """The Pallas kernel (interpreted on CPU) in place of XLA's decode
   attention: same tokens for a fixed seed, same logits to float32 rounding.
   CFG rows with a shorter null prompt and a second section's left-padded
   text put holes into the cache that the kernel must skip."""
-  c = F.small_config(variant=variant, layout_name='interleaved')
-  c.model.backbone.dim = 64      # head dim 16: the smallest Triton tile
-  m = F.make_model(c)
-  rng = np.random.default_rng(1)
-  cond = _prompt(c, F.text_ids(c, 5, rng) + [F.audio_id(c)], pad=0)
-  null = _prompt(c, [F.audio_id(c)], pad=5)
-  prompt = {k: jnp.concatenate([cond[k], null[k]]) for k in cond}
+  c, m, prompt, rng = _kernel_case(variant)
   sections = None
   if variant == 'global_local':
     t2 = F.text_ids(c, 2, rng) + [F.audio_id(c)]
@@ -159,3 +169,24 @@ def test_pallas_decode_attention_gives_the_same_song(variant):
     if key.startswith('logits'):
       np.testing.assert_allclose(np.asarray(a[key]), np.asarray(b[key]),
                                  atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('variant', ['global_local', 'single_stream'])
+@pytest.mark.parametrize('platform,resolved_as,block_k,marker', [
+    ('cuda', 'gpu', 16, '__gpu$xla.gpu.triton'),
+    ('tpu', 'tpu', 128, 'tpu_custom_call')])
+def test_generate_lowers_with_the_kernel_on_gpu_and_tpu(
+    monkeypatch, variant, platform, resolved_as, block_k, marker):
+  """The whole decode loop, as 'auto' builds it on a GPU or TPU, lowers for
+  that platform from this CPU machine, with one kernel call per global layer
+  (split caches, CFG rows and the loop around it included)."""
+  monkeypatch.setattr(dispatch, 'resolve',
+                      functools.partial(dispatch.resolve, platform=resolved_as))
+  c, m, prompt, rng = _kernel_case(variant)
+  s = G.Sampling(temperature=1.0, max_frames=12, cfg_scale=2.0,
+                 attention='auto', attention_block_k=block_k,
+                 attention_splits=2)
+  fn = jax.jit(lambda mm, pr: G.generate(mm, pr, rng=jax.random.key(3),
+                                         sampling=s, num_cond=1))
+  text = fn.trace(m, prompt).lower(lowering_platforms=(platform,)).as_text()
+  assert text.count(marker) == c.model.backbone.num_layers

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import stat
 
 import jax
 import jax.numpy as jnp
@@ -294,6 +295,22 @@ def test_saved_config_is_the_export_config(same_case, tmp_path):
   assert import_torch.read_meta(str(tmp_path)) == after | {'dtype': 'bfloat16'}
   assert load_file(str(tmp_path / 'model.safetensors'))[
       'decoder.out.weight_v'].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize('shard_bytes', [torch_io.DEFAULT_MAX_SHARD_BYTES,
+                                         SMALL_SHARD_BYTES])
+def test_saved_weights_are_readable_like_any_new_file(same_case, tmp_path,
+                                                      shard_bytes):
+  """safetensors alone writes 0600; a fine-tuned model saved for a teammate
+  (or an import under another user) must get the umask's mode."""
+  model = musicjax_torch.from_pretrained(same_case.dir)
+  written = musicjax_torch.save_pretrained(model, str(tmp_path / 'out'),
+                                           max_shard_bytes=shard_bytes)
+  plain = tmp_path / 'plain'
+  plain.write_text('')
+  want = stat.S_IMODE(os.stat(plain).st_mode)
+  for name in written:
+    assert stat.S_IMODE(os.stat(tmp_path / 'out' / name).st_mode) == want, name
 
 
 def test_save_replaces_earlier_shards(same_case, tmp_path):

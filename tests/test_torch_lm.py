@@ -352,7 +352,7 @@ def test_fine_tune_in_torch_then_import_back(tmp_path):
     opt.zero_grad()
     loss.backward()
     opt.step()
-    losses.append(float(loss))
+    losses.append(loss.item())
   assert losses[-1] < losses[0]
   out = str(tmp_path / 'tuned')
   musicjax_torch.save_pretrained(model.eval(), out)

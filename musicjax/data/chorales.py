@@ -30,12 +30,13 @@ import json
 import logging
 import os
 import re
-import tempfile
 from typing import Any, Iterator
 
 import ml_collections
 import numpy as np
 import soundfile as sf
+
+from musicjax import fileio
 
 logger = logging.getLogger('musicjax.data')
 
@@ -279,17 +280,12 @@ def _render_piece(parsed: dict[str, Any], sample_rate: int) -> dict[str, np.ndar
 
 
 def _atomic_write_json(path: str, obj: Any) -> None:
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.tmp')
-  with os.fdopen(fd, 'w') as f:
-    json.dump(obj, f, ensure_ascii=False, indent=1)
-  os.replace(tmp, path)
+  fileio.write_text(path, json.dumps(obj, ensure_ascii=False, indent=1))
 
 
 def _atomic_write_flac(path: str, x: np.ndarray, sample_rate: int) -> None:
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.tmp')
-  os.close(fd)
-  sf.write(tmp, x, sample_rate, format='FLAC', subtype='PCM_16')
-  os.replace(tmp, path)
+  fileio.write_with(path, lambda tmp: sf.write(
+      tmp, x, sample_rate, format='FLAC', subtype='PCM_16'))
 
 
 @contextlib.contextmanager

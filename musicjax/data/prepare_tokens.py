@@ -69,7 +69,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from typing import Any
 
@@ -77,6 +76,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from musicjax import fileio
 from musicjax.data import audio
 from musicjax.data import augment
 from musicjax.data import sources
@@ -483,11 +483,9 @@ def encode_item(item: dict[str, Any], enc: _Encoder, config: ml_collections.Conf
 
 
 def _atomic_write_json(path: str, obj: Any) -> None:
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=_TMP_PREFIX,
-                             suffix=_TMP_SUFFIX)
-  with os.fdopen(fd, 'w', encoding='utf-8') as f:
-    json.dump(obj, f, ensure_ascii=False, indent=1, sort_keys=True)
-  os.replace(tmp, path)
+  fileio.write_text(path, json.dumps(obj, ensure_ascii=False, indent=1,
+                                     sort_keys=True),
+                    prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX)
 
 
 def _read_sidecar(shard_path: str) -> dict[str, Any] | None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 from typing import Any, Iterable, Sequence
 
 import ml_collections
@@ -33,6 +32,7 @@ os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 import tokenizers  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from musicjax import fileio
 from musicjax.data import song_text
 from musicjax.errors import UserError
 
@@ -88,20 +88,6 @@ def canonical_markers(text: str) -> str:
   return _MARKER_RE.sub(lambda m: m.group(0).lower(), text)
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'w', encoding='utf-8') as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 class TextTokenizer:
   """Byte-level BPE with the fixed special tokens of `SPECIAL_TOKENS`."""
 
@@ -144,7 +130,7 @@ class TextTokenizer:
         show_progress=False)
     tok.train_from_iterator((canonical_markers(t) for t in texts), trainer)
     path = resolve_path(path)
-    _atomic_write_text(path, tok.to_str())
+    fileio.write_text(path, tok.to_str())
     out = cls(tok, path)
     out._check(path)
     return out

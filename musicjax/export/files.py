@@ -14,6 +14,8 @@ from typing import Callable
 
 import numpy as np
 
+from musicjax import fileio
+
 SINGLE = 'model.safetensors'
 INDEX = 'model.safetensors.index.json'
 
@@ -32,6 +34,13 @@ def write(tensors: dict[str, np.ndarray], out_dir: str,
     if old in (SINGLE, INDEX) or re.fullmatch(r'model-\d{5}-of-\d{5}\.safetensors', old):
       os.remove(os.path.join(out_dir, old))
   names = sorted(tensors)
+
+  def save(group, fname):
+    # Under a temporary name first (a crash never leaves half a weights file
+    # under the real one), then the umask's mode: safetensors writes 0600.
+    fileio.write_with(os.path.join(out_dir, fname),
+                      lambda tmp: save_file({n: tensors[n] for n in group}, tmp))
+
   shards: list[list[str]] = [[]]
   size = 0
   for n in names:
@@ -42,12 +51,12 @@ def write(tensors: dict[str, np.ndarray], out_dir: str,
     shards[-1].append(n)
     size += nbytes
   if len(shards) == 1:
-    save_file({n: tensors[n] for n in names}, os.path.join(out_dir, SINGLE))
+    save(names, SINGLE)
     return [SINGLE]
   files, weight_map = [], {}
   for i, group in enumerate(shards):
     fname = f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors'
-    save_file({n: tensors[n] for n in group}, os.path.join(out_dir, fname))
+    save(group, fname)
     files.append(fname)
     weight_map.update({n: fname for n in group})
   total = int(sum(t.nbytes for t in tensors.values()))
