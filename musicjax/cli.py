@@ -245,6 +245,9 @@ def _load_config(args, overrides):
   workdir = getattr(args, 'workdir', None)
   if workdir and os.path.isfile(os.path.join(workdir, 'config.json')):
     return cfg.load_saved(workdir, overrides)
+  if workdir and not os.path.isdir(workdir) and args.verb != 'train':
+    raise cfg.ConfigError(f'--workdir {workdir!r} does not exist; pass the '
+                          'directory of a `musicjax train` run')
   raise cfg.ConfigError(
       'no --config given and no config.json in --workdir '
       f'{workdir!r}; pass --config configs/<family>/<name>.py')

@@ -102,5 +102,12 @@ def test_config_errors_exit_2_before_compiling(tmp_path, capsys):
                    '--config.mesh.data=3']) == 2
   assert 'config.mesh' in capsys.readouterr().err
   assert not os.path.exists(os.path.join(wd, 'checkpoints'))
-  assert cli.main(['eval', '--workdir', str(tmp_path / 'nothing')]) == 2
-  assert 'config.json' in capsys.readouterr().err
+  os.makedirs(tmp_path / 'empty')
+  assert cli.main(['eval', '--workdir', str(tmp_path / 'empty')]) == 2
+  assert 'no config.json' in capsys.readouterr().err
+  for verb in (['eval'], ['export', '--out', str(tmp_path / 'x')]):
+    assert cli.main([*verb, '--workdir', str(tmp_path / 'nothing')]) == 2
+    assert 'nothing' + "' does not exist" in capsys.readouterr().err
+  # A new run: the missing config is what to fix.
+  assert cli.main(['train', '--workdir', str(tmp_path / 'new')]) == 2
+  assert 'pass --config' in capsys.readouterr().err

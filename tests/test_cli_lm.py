@@ -193,7 +193,7 @@ def test_generate_user_errors_exit_2(lm_run, capsys):
   err = capsys.readouterr().err
   assert 'config.model.max_seq_len=400' in err, err
   assert _generate(str(tmp / 'nothing'), '--out', out) == 2
-  assert 'config.json' in capsys.readouterr().err
+  assert "nothing' does not exist" in capsys.readouterr().err
   assert not os.path.exists(out)
 
 

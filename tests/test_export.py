@@ -17,6 +17,7 @@ from musicjax import tasks
 from musicjax.export import export as E
 from musicjax.export import files
 from musicjax.export import import_torch as I
+from musicjax.errors import UserError
 from musicjax.export import mapping as M
 from musicjax.parallel import rules as rules_lib
 from musicjax.train import trainer
@@ -201,6 +202,19 @@ def test_not_an_export_directory(tmp_path):
     I.read_meta(str(tmp_path))
   with pytest.raises(files.ExportFileError, match='no model.safetensors'):
     files.reader(str(tmp_path))
+
+
+def test_an_out_path_that_cannot_hold_an_export_is_named(tmp_path):
+  """Checked before the (possibly long) restore: a file in the way, a
+  bucket URL (os.makedirs would make a local 'gs:' folder)."""
+  c = CONFIGS['codec']()
+  model = _model(c, 0)
+  (tmp_path / 'taken').write_text('')
+  with pytest.raises(UserError, match='taken is a file, not a directory'):
+    E.export_model(model, c, str(tmp_path / 'taken' / 'export'))
+  with pytest.raises(UserError, match='export locally, then copy'):
+    E.export_workdir(c, str(tmp_path / 'no_run'), 'gs://bucket/export')
+  assert sorted(os.listdir(tmp_path)) == ['taken']
 
 
 # -------------------------------------------------------------- CLI, a run

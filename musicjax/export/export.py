@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from musicjax import fileio
 from musicjax.errors import UserError
 from musicjax.export import files
 from musicjax.export import mapping
@@ -93,6 +94,7 @@ def export_model(model: nnx.Module, config: ml_collections.ConfigDict,
   """Writes the export of `model` (see module doc); returns a summary."""
   if dtype not in DTYPES:
     raise UserError(f'--dtype must be one of {DTYPES}, got {dtype!r}')
+  check_out_dir(out_dir)
   fam = family(config)
   tensors: dict[str, np.ndarray] = {}
   gathered = 0
@@ -120,11 +122,29 @@ def export_model(model: nnx.Module, config: ml_collections.ConfigDict,
     return summary
   os.makedirs(out_dir, exist_ok=True)
   summary['files'] = files.write(tensors, out_dir, max_shard_bytes)
-  with open(os.path.join(out_dir, 'config.json'), 'w') as f:
-    json.dump(meta, f, indent=1, sort_keys=True)
-  with open(os.path.join(out_dir, 'README.md'), 'w') as f:
-    f.write(_readme(meta))
+  fileio.write_text(os.path.join(out_dir, 'config.json'),
+                    json.dumps(meta, indent=1, sort_keys=True))
+  fileio.write_text(os.path.join(out_dir, 'README.md'), _readme(meta))
   return summary
+
+
+def check_out_dir(out_dir: str) -> None:
+  """--out must be a directory, or a path where one can be made (checked
+  before a restore that may take minutes)."""
+  if '://' in out_dir:
+    raise UserError(f'--out {out_dir}: export writes to a local or mounted '
+                    'filesystem; export locally, then copy the directory '
+                    '(gsutil cp -r / aws s3 cp --recursive)')
+  if jax.process_index() != 0:
+    return   # only process 0 writes
+  probe = os.path.abspath(out_dir)
+  while not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe):
+    raise UserError(f'--out {out_dir}: {probe} is a file, not a directory; '
+                    'choose a directory for the export')
+  if not os.access(probe, os.W_OK):
+    raise UserError(f'--out {out_dir}: {probe} is not writable')
 
 
 def _readme(meta: dict[str, Any]) -> str:
@@ -182,6 +202,7 @@ def export_workdir(config: ml_collections.ConfigDict, workdir: str, out_dir: str
                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict[str, Any]:
   """Exports the latest (or `step`) checkpoint of a run."""
   from musicjax.parallel import rules  # pylint: disable=g-import-not-at-top
+  check_out_dir(out_dir)
   _, mesh, model, step = restore(config, workdir, step)
   with jax.set_mesh(mesh), rules.use_rules(
       rules.normalize_rules(config.sharding.rules)):
