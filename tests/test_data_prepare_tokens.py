@@ -3,6 +3,7 @@ import copy
 import glob
 import json
 import os
+import stat
 
 import numpy as np
 import pytest
@@ -144,6 +145,15 @@ def test_prepare_folder_codes_melody_meta_and_bad_files(tmp_path, codec):
   # The text tokenizer learned the train lyrics: they round-trip.
   tok = text.TextTokenizer.load(out)
   assert tok.decode(tok.encode(LYRICS)) == LYRICS
+  # Shards, sidecars, dataset.json and the tokenizer: the mode a plain open
+  # gives, so a team can share the directory (mkstemp alone gives 0600).
+  plain = tmp_path / 'plain'
+  plain.write_text('')
+  want = stat.S_IMODE(os.stat(plain).st_mode)
+  names = os.listdir(out)
+  assert {'dataset.json', 'tokenizer.json'} <= set(names) and len(names) == 10
+  for n in names:
+    assert stat.S_IMODE(os.stat(os.path.join(out, n)).st_mode) == want, n
 
 
 def _stem_folder(root):
