@@ -104,6 +104,11 @@ def _open(file: str):
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   if not os.path.isfile(file):
     raise ExportError(f'{file}: missing (was the export copied completely?)')
+  if not os.access(file, os.R_OK):
+    # Exports written before 2026-11-22 were 0600 (safetensors' own mode).
+    raise ExportError(f'{file}: not readable by this user (mode '
+                      f'{os.stat(file).st_mode & 0o777:o}); its owner can run '
+                      f'chmod a+r {file}')
   try:
     return safe_open(file, framework='pt')
   except Exception as e:  # safetensors raises its own error types

@@ -388,6 +388,22 @@ def test_damaged_export_error_names_it(same_case, tmp_path, kind, loader):
     loader(path, same_case.config)
 
 
+@pytest.mark.parametrize('loader', [load_torch, load_jax], ids=['torch', 'jax'])
+def test_unreadable_weights_say_how_to_fix(same_case, tmp_path, loader,
+                                           monkeypatch):
+  """A weights file this user may not read (an 0600 export of a teammate's)
+  is named with the fix, not reported as truncated. os.access is faked: this
+  machine's tests run as root, which reads any file."""
+  path = str(tmp_path / 'export')
+  shutil.copytree(same_case.dir, path)
+  file = os.path.join(path, torch_io.SINGLE)
+  access = os.access
+  monkeypatch.setattr(os, 'access', lambda p, mode, **kw: False if (
+      os.fspath(p) == file and mode == os.R_OK) else access(p, mode, **kw))
+  with pytest.raises(ValueError, match=re.escape(f'chmod a+r {file}')):
+    loader(path, same_case.config)
+
+
 @pytest.fixture
 def sharded(same_case, tmp_path) -> str:
   return same_case.export(tmp_path / 'sharded', max_shard_bytes=SMALL_SHARD_BYTES)

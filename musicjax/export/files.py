@@ -71,6 +71,11 @@ def _open(path: str):
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   if not os.path.isfile(path):
     raise ExportFileError(f'{path}: missing (was the export copied completely?)')
+  if not os.access(path, os.R_OK):
+    # Exports written before 2026-11-22 were 0600 (safetensors' own mode).
+    raise ExportFileError(f'{path}: not readable by this user (mode '
+                          f'{os.stat(path).st_mode & 0o777:o}); its owner can '
+                          f'run chmod a+r {path}')
   try:
     return safe_open(path, framework='np')
   except Exception as e:  # safetensors raises its own error types
