@@ -91,6 +91,21 @@ def test_holes_in_the_cache_are_skipped(backend):
          K.KernelParams(block_k=128, num_splits=2), holes=True)
 
 
+@pytest.mark.parametrize('backend', ['triton', 'tpu'])
+def test_splits_that_are_not_a_power_of_2_long(backend):
+  """The decode loop rounds its cache to a multiple of block_k * splits, so
+  a split is often 3 or 5 blocks long (S = 3072: 384 slots per split).
+  Checked in the interpreter, and lowered for the hardware."""
+  params = K.KernelParams(block_k=128, num_splits=2)
+  _check(backend, 2, 8, 2, 768, 64, jnp.float32, [700, 300], params)
+  sd = jax.ShapeDtypeStruct
+  platform = 'cuda' if backend == 'triton' else 'tpu'
+  fn = jax.jit(functools.partial(K.decode_attention, backend=backend))
+  fn.trace(sd((1, 32, 128), jnp.bfloat16), sd((1, 8, 3072, 128), jnp.bfloat16),
+           sd((1, 8, 3072, 128), jnp.bfloat16), sd((1,), jnp.int32),
+           sd((1, 3072), jnp.bool_)).lower(lowering_platforms=(platform,))
+
+
 def test_small_gpu_blocks_and_single_split():
   """block_k 16 (Triton's minimum) with many splits, and one split."""
   for params in (K.KernelParams(block_k=16, num_splits=16),
