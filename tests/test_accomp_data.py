@@ -13,6 +13,7 @@ import pytest
 from musicjax.accomp import data as accomp_data
 from musicjax.config import ConfigError, base_config
 from musicjax.data import audio
+from musicjax.data import sources
 from musicjax.data import song_text
 from musicjax.data import text as text_lib
 from musicjax.data import token_records
@@ -375,6 +376,23 @@ def test_unusable_songs_are_reported_and_skipped(tmp_path):
   assert 'tags' in reasons[name(first + 4)]
   assert 'damaged record' in reasons[name(first + 5)]
   assert len(bad) == 6
+
+
+def test_a_split_with_no_usable_song_stops_with_a_named_error(tmp_path):
+  """Every train record damaged or without stems: an error naming the
+  data, not a training run that waits forever for its first batch."""
+  rng = np.random.default_rng(1)
+  good = [song(f'good{i}', 20 + i, rng) for i in range(2)]
+  root = str(tmp_path / 'stems')
+  tok = write_dataset(root, good, good[:1])
+  _write_shard(os.path.join(root, token_records.shard_name('train', 0, 0)),
+               [b'not a record'])
+  _write_shard(os.path.join(root, token_records.shard_name('train', 0, 1)),
+               [_raw(song('no_stems', 25, rng, stems=False))])
+  it = iter(accomp_data.accomp_dataset(config(root, tok), 'train', 0, 1))
+  with pytest.raises(sources.NoUsableAudio,
+                     match=f'config.data.path={root!r}: no usable songs'):
+    next(it)
 
 
 def _quality_dataset(tmp_path):

@@ -11,6 +11,7 @@ import pytest
 import lm_fixtures as F
 from musicjax.config import ConfigError
 from musicjax.data import audio
+from musicjax.data import sources
 from musicjax.data import text as text_lib
 from musicjax.data import token_records
 from musicjax.lm import layout
@@ -479,6 +480,25 @@ def test_damaged_records_are_reported_and_skipped(tmp_path):
   bad = audio.bad_files()
   assert 'damaged record' in bad[damaged], bad
   assert 'no frames' in bad[empty_name], bad
+
+
+def test_a_split_with_no_usable_record_stops_with_a_named_error(tmp_path):
+  """Every train record damaged or empty: an error naming the data, not a
+  training run that waits forever for its first batch."""
+  rng = np.random.default_rng(1)
+  root = str(tmp_path / 'tokens')
+  tok = write_dataset(root, [_song(*s, rng) for s in SONGS],
+                      [_song(*s, rng) for s in EVAL_SONGS])
+  empty = token_records.encode_record(np.zeros((0, K)), np.zeros(0),
+                                      _meta('empty', []), V)
+  _write_shard(os.path.join(root, token_records.shard_name('train', 0, 0)),
+               [b'not a record'])
+  _write_shard(os.path.join(root, token_records.shard_name('train', 0, 1)),
+               [empty])
+  it = iter(token_data.token_dataset(_config(root, tok), 'train', 0, 1))
+  with pytest.raises(sources.NoUsableAudio,
+                     match=f'config.data.path={root!r}: no usable token records'):
+    next(it)
 
 
 def test_config_must_match_the_dataset(dataset, tmp_path):

@@ -68,6 +68,7 @@ import numpy as np
 
 from musicjax.config import ConfigError
 from musicjax.data import audio
+from musicjax.data import pipeline
 from musicjax.data import song_text
 from musicjax.data import token_records
 from musicjax.errors import UserError
@@ -396,6 +397,7 @@ def accomp_dataset(config: ml_collections.ConfigDict, split: str,
   else:
     ex = Example(config, frame_rate, train=False)
     ds = ds.repeat().map(_EvalExample(ex, seed))
-  ds = ds[shard_index::shard_count].filter(lambda x: x is not None)
-  return ds.to_iter_dataset().batch(local_batch(config, split, shard_count),
-                                    drop_remainder=True)
+  it = pipeline.stop_when_nothing_is_usable(
+      ds[shard_index::shard_count], f'config.data.path={config.data.path!r}',
+      split, 'songs')
+  return it.batch(local_batch(config, split, shard_count), drop_remainder=True)

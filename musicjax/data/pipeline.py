@@ -112,20 +112,19 @@ class _CentreCrop(grain.transforms.Map):
 class _NameTheData(grain.IterDataset):
   """Turns Grain's 'skipped 100% of elements' error into one naming the data."""
 
-  def __init__(self, parent: grain.IterDataset, config, split: str):
+  def __init__(self, parent: grain.IterDataset, message: str):
     super().__init__(parent)
-    self._where = sources.describe(config)
-    self._split = split
+    self._message = message
 
   def __iter__(self) -> grain.DatasetIterator:
-    return _NameTheDataIterator(self._parent.__iter__(), self._where, self._split)
+    return _NameTheDataIterator(self._parent.__iter__(), self._message)
 
 
 class _NameTheDataIterator(grain.DatasetIterator):
 
-  def __init__(self, parent: grain.DatasetIterator, where: str, split: str):
+  def __init__(self, parent: grain.DatasetIterator, message: str):
     super().__init__(parent)
-    self._where, self._split = where, split
+    self._message = message
 
   def __next__(self):
     try:
@@ -133,16 +132,28 @@ class _NameTheDataIterator(grain.DatasetIterator):
     except ValueError as e:
       if 'skipped' not in str(e):
         raise
-      raise sources.NoUsableAudio(
-          f'{self._where}: no usable audio left in the {self._split} split: '
-          'every recent item failed to read (each is named in a warning '
-          'above). Fix or remove those files.') from e
+      raise sources.NoUsableAudio(self._message) from e
 
   def get_state(self):
     return self._parent.get_state()
 
   def set_state(self, state):
     self._parent.set_state(state)
+
+
+def stop_when_nothing_is_usable(ds: grain.MapDataset, where: str, split: str,
+                                what: str) -> grain.IterDataset:
+  """`ds` (None for an unusable item) without the Nones, as an IterDataset
+  that raises NoUsableAudio naming `where` once (almost) every item of a
+  window fails, instead of looping forever over a repeated split."""
+  it = grain.experimental.WithOptionsIterDataset(
+      ds.filter(lambda x: x is not None).to_iter_dataset(),
+      grain.experimental.DatasetOptions(
+          filter_raise_threshold_ratio=MAX_SKIPPED_RATIO))
+  return _NameTheData(it, (
+      f'{where}: no usable {what} left in the {split} split: every recent item '
+      'failed to read (each is named in a warning above). Fix or remove '
+      'those files.'))
 
 
 def _ensure_absl_flags_parsed() -> None:
@@ -170,12 +181,9 @@ def audio_dataset(config: ml_collections.ConfigDict, split: str,
     ds = ds.random_map(_RandomCrop(config), seed=config.data.shuffle_seed)
   else:
     ds = ds.repeat().map(_CentreCrop(config))
-  ds = ds[shard_index::shard_count]
-  ds = ds.filter(lambda x: x is not None)
-  it = grain.experimental.WithOptionsIterDataset(
-      ds.to_iter_dataset(), grain.experimental.DatasetOptions(
-          filter_raise_threshold_ratio=MAX_SKIPPED_RATIO))
-  it = _NameTheData(it, config, split).batch(batch, drop_remainder=True)
+  it = stop_when_nothing_is_usable(ds[shard_index::shard_count],
+                                   sources.describe(config), split, 'audio')
+  it = it.batch(batch, drop_remainder=True)
   if config.data.num_workers > 0:
     _ensure_absl_flags_parsed()
     audio.share_reports_with_workers()  # their bad files count in our metrics
