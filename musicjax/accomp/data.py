@@ -62,18 +62,14 @@ import math
 import os
 from typing import Any
 
-import grain
 import ml_collections
 import numpy as np
 
 from musicjax.config import ConfigError
-from musicjax.data import audio
-from musicjax.data import pipeline
 from musicjax.data import song_text
 from musicjax.data import token_records
 from musicjax.errors import UserError
 from musicjax.lm import token_data
-from musicjax.lm.data import local_batch
 
 logger = logging.getLogger('musicjax.data')
 
@@ -303,6 +299,9 @@ class Example:
     out[:len(ids)] = ids
     return out
 
+  def unusable(self, record: dict) -> str | None:
+    return unusable(record, self.config)
+
   def __call__(self, record: dict, rng: np.random.Generator) -> dict:
     d, k = self.config.data, self.config.model.num_codebooks
     vocal = np.asarray(record['vocal_codes'][:, :k], np.int32)
@@ -350,37 +349,6 @@ def unusable(record: dict, config: ml_collections.ConfigDict) -> str | None:
   return None
 
 
-def _safe(example: Example, record: dict, rng) -> dict | None:
-  reason = unusable(record, example.config)
-  if reason is not None:
-    audio.report_bad(record['name'], reason)
-    return None
-  try:
-    return example(record, rng)
-  except song_text.BadSongMetadata as e:
-    audio.report_bad(record['name'], str(e))
-    return None
-
-
-class _TrainExample(grain.transforms.RandomMap):
-
-  def __init__(self, example: Example):
-    self._example = example
-
-  def random_map(self, record, rng: np.random.Generator):
-    return _safe(self._example, record, rng)
-
-
-class _EvalExample(grain.transforms.Map):
-
-  def __init__(self, example: Example, seed: int):
-    self._example = example
-    self._seed = seed
-
-  def map(self, record):
-    return _safe(self._example, record, np.random.default_rng(self._seed))
-
-
 def accomp_dataset(config: ml_collections.ConfigDict, split: str,
                    shard_index: int, shard_count: int):
   """Batches of examples of `split` for one process (module docstring)."""
@@ -390,14 +358,5 @@ def accomp_dataset(config: ml_collections.ConfigDict, split: str,
   keep = (quality_keep(config, split, frame_rate)
           if config.data.quality.enabled else None)
   ds = token_records.source(os.path.expanduser(config.data.path), split, keep)
-  seed = config.data.shuffle_seed
-  if split == 'train':
-    ex = Example(config, frame_rate, train=True)
-    ds = ds.shuffle(seed=seed).repeat().random_map(_TrainExample(ex), seed=seed)
-  else:
-    ex = Example(config, frame_rate, train=False)
-    ds = ds.repeat().map(_EvalExample(ex, seed))
-  it = pipeline.stop_when_nothing_is_usable(
-      ds[shard_index::shard_count], f'config.data.path={config.data.path!r}',
-      split, 'songs')
-  return it.batch(local_batch(config, split, shard_count), drop_remainder=True)
+  return token_data.examples_dataset(config, ds, Example, frame_rate, split,
+                                     shard_index, shard_count, 'songs')

@@ -86,6 +86,12 @@ class Example:
                                          config.model.text_vocab_size)
     self.tag_probs = dict(config.cond.tag_probs)
 
+  def unusable(self, record: dict) -> str | None:
+    """Why `record` cannot give an example, or None."""
+    if 'error' in record:
+      return record['error']
+    return 'no frames' if len(record['codes']) == 0 else None
+
   def _drop(self, rng: np.random.Generator, p: float, drop_all: bool) -> bool:
     if not self.train:
       return False
@@ -151,9 +157,26 @@ class Example:
     return ex
 
 
+# The LM's and the accompaniment model's examples: an Example class with
+# (config, frame_rate, train) init, `unusable(record)` and `__call__(record, rng)`.
+
+def _safe(example, record: dict, rng) -> dict | None:
+  """The example, or None with the record reported (never raises for one
+  bad record: a long run goes on without it)."""
+  reason = example.unusable(record)
+  if reason is not None:
+    audio.report_bad(record['name'], reason)
+    return None
+  try:
+    return example(record, rng)
+  except song_text.BadSongMetadata as e:
+    audio.report_bad(record['name'], str(e))
+    return None
+
+
 class _TrainExample(grain.transforms.RandomMap):
 
-  def __init__(self, example: Example):
+  def __init__(self, example):
     self._example = example
 
   def random_map(self, record, rng: np.random.Generator):
@@ -162,7 +185,7 @@ class _TrainExample(grain.transforms.RandomMap):
 
 class _EvalExample(grain.transforms.Map):
 
-  def __init__(self, example: Example, seed: int):
+  def __init__(self, example, seed: int):
     self._example = example
     self._seed = seed
 
@@ -170,18 +193,22 @@ class _EvalExample(grain.transforms.Map):
     return _safe(self._example, record, np.random.default_rng(self._seed))
 
 
-def _safe(example: Example, record: dict, rng) -> dict | None:
-  if 'error' in record:
-    audio.report_bad(record['name'], record['error'])
-    return None
-  if len(record['codes']) == 0:
-    audio.report_bad(record['name'], 'no frames')
-    return None
-  try:
-    return example(record, rng)
-  except song_text.BadSongMetadata as e:
-    audio.report_bad(record['name'], str(e))
-    return None
+def examples_dataset(config: ml_collections.ConfigDict, ds, example_cls,
+                     frame_rate: float, split: str, shard_index: int,
+                     shard_count: int, what: str):
+  """Records `ds` (a MapDataset) -> this process's batches of examples:
+  train shuffled and randomly cropped, eval in order; unusable records
+  reported and skipped, and an error naming data.path if none is usable."""
+  seed = config.data.shuffle_seed
+  ex = example_cls(config, frame_rate, train=split == 'train')
+  if split == 'train':
+    ds = ds.shuffle(seed=seed).repeat().random_map(_TrainExample(ex), seed=seed)
+  else:
+    ds = ds.repeat().map(_EvalExample(ex, seed))
+  it = pipeline.stop_when_nothing_is_usable(
+      ds[shard_index::shard_count], f'config.data.path={config.data.path!r}',
+      split, what)
+  return it.batch(local_batch(config, split, shard_count), drop_remainder=True)
 
 
 def token_dataset(config: ml_collections.ConfigDict, split: str,
@@ -191,15 +218,6 @@ def token_dataset(config: ml_collections.ConfigDict, split: str,
                       'variant (single_stream supports the prefix layout)')
   info = check_dataset(config)
   path = os.path.expanduser(config.data.path)
-  ds = token_records.source(path, split)
-  seed = config.data.shuffle_seed
-  if split == 'train':
-    ex = Example(config, float(info['frame_rate']), train=True)
-    ds = ds.shuffle(seed=seed).repeat().random_map(_TrainExample(ex), seed=seed)
-  else:
-    ex = Example(config, float(info['frame_rate']), train=False)
-    ds = ds.repeat().map(_EvalExample(ex, seed))
-  it = pipeline.stop_when_nothing_is_usable(
-      ds[shard_index::shard_count], f'config.data.path={config.data.path!r}',
-      split, 'token records')
-  return it.batch(local_batch(config, split, shard_count), drop_remainder=True)
+  return examples_dataset(config, token_records.source(path, split), Example,
+                          float(info['frame_rate']), split, shard_index,
+                          shard_count, 'token records')
