@@ -8,6 +8,7 @@ same shape, so it compiles once and memory stays flat however long the file.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Callable
@@ -56,33 +57,37 @@ def _run_chunked(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, unit: in
   return np.concatenate(outs, axis=0)
 
 
-def make_codec_fns(graphdef, model_state, n_q: int | None):
-  """Jitted encode/decode closures over a split codec model."""
-  @jax.jit
-  def encode(state, audio):
-    return nnx.merge(graphdef, state).encode(audio, n_q=n_q)
+# Module-level jits with the graph static: every call on a codec of the same
+# structure and window shape reuses one compiled program (a closure per call
+# recompiled each time: about half a second per call even for the tiny codec).
+# The weights are an argument, so a model trained further is never stale.
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _encode(graphdef, state, audio, n_q):
+  return nnx.merge(graphdef, state).encode(audio, n_q=n_q)
 
-  @jax.jit
-  def decode(state, codes):
-    return nnx.merge(graphdef, state).decode(codes)
 
-  return (lambda a: encode(model_state, jnp.asarray(a)),
-          lambda c: decode(model_state, jnp.asarray(c)))
+@functools.partial(jax.jit, static_argnums=0)
+def _decode(graphdef, state, codes):
+  return nnx.merge(graphdef, state).decode(codes)
+
+
+def _chunk_and_context(model, chunk_seconds: float, context_seconds: float):
+  return (max(1, round(chunk_seconds * model.frame_rate)),
+          math.ceil(context_seconds * model.frame_rate))
 
 
 def encode_array(model, audio: np.ndarray, *, n_q: int | None = None,
                  chunk_seconds: float = 10.0, context_seconds: float = 1.0,
-                 batch: int = 1) -> np.ndarray:
+                 batch: int = 1, progress: bool = True) -> np.ndarray:
   """audio [T, C] at the codec's rate -> codes [F, K']; F = ceil(T / hop)."""
   hop = model.hop_length
   frames = math.ceil(audio.shape[0] / hop)
   audio = np.pad(audio, ((0, frames * hop - audio.shape[0]), (0, 0)))
   graphdef, state = nnx.split(model)
-  enc, _ = make_codec_fns(graphdef, state, n_q)
-  chunk = max(1, round(chunk_seconds * model.frame_rate))
-  context = math.ceil(context_seconds * model.frame_rate)
+  enc = lambda a: _encode(graphdef, state, jnp.asarray(a), n_q)
+  chunk, context = _chunk_and_context(model, chunk_seconds, context_seconds)
   return _run_chunked(enc, audio.astype(np.float32), hop, chunk, context, 1,
-                      batch, 'encode')
+                      batch, 'encode', progress)
 
 
 def decode_array(model, codes: np.ndarray, *, chunk_seconds: float = 10.0,
@@ -90,9 +95,8 @@ def decode_array(model, codes: np.ndarray, *, chunk_seconds: float = 10.0,
                  progress: bool = True) -> np.ndarray:
   """codes [F, K'] -> audio [F * hop, C]."""
   graphdef, state = nnx.split(model)
-  _, dec = make_codec_fns(graphdef, state, None)
-  chunk = max(1, round(chunk_seconds * model.frame_rate))
-  context = math.ceil(context_seconds * model.frame_rate)
+  dec = lambda c: _decode(graphdef, state, jnp.asarray(c))
+  chunk, context = _chunk_and_context(model, chunk_seconds, context_seconds)
   return _run_chunked(dec, codes.astype(np.int32), 1, chunk, context,
                       model.hop_length, batch, 'decode', progress)
 

@@ -147,25 +147,14 @@ class _Encoder:
     self.model = model
     self.sample_rate, self.channels = sample_rate, channels
     self.hop = int(model.hop_length)
-    self._chunk = max(1, round(chunk_seconds * model.frame_rate))
-    self._context = math.ceil(context_seconds * model.frame_rate)
-    self._batch = batch
-    self._encode = None
+    self._chunking = dict(chunk_seconds=chunk_seconds,
+                          context_seconds=context_seconds, batch=batch)
 
   def codes(self, wave: np.ndarray) -> np.ndarray:
-    """[T, C] -> [ceil(T / hop), K], exactly as `chunked.encode_array`."""
-    from flax import nnx  # pylint: disable=g-import-not-at-top
+    """[T, C] -> [ceil(T / hop), K] (`chunked.encode_array`)."""
     from musicjax.codec import chunked  # pylint: disable=g-import-not-at-top
-    if self._encode is None:
-      # One jitted encoder for the run: encode_array builds (and compiles) a
-      # new one per call, about a second per stem even for a tiny codec.
-      graphdef, state = nnx.split(self.model)
-      self._encode, _ = chunked.make_codec_fns(graphdef, state, None)
-    frames = math.ceil(wave.shape[0] / self.hop)
-    x = np.pad(wave, ((0, frames * self.hop - wave.shape[0]), (0, 0)))
-    return chunked._run_chunked(  # pylint: disable=protected-access
-        self._encode, x.astype(np.float32), self.hop, self._chunk,
-        self._context, 1, self._batch, 'encode', progress=False)  # per-song bar above
+    return chunked.encode_array(self.model, wave, **self._chunking,
+                                progress=False)  # per-song bar above
 
   def melody(self, wave: np.ndarray) -> np.ndarray:
     from musicjax.data import melody  # pylint: disable=g-import-not-at-top
