@@ -2,9 +2,7 @@
 backbone, the sampler conditions like training, one pair can be memorised,
 training learns the vocal-to-accompaniment alignment, shards like one device
 and resumes exactly; the 'ar' ablation trains and decodes."""
-import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
