@@ -30,9 +30,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/musicjax bench codec --config configs/codec/base.py
+	$(VENV)/bin/musicjax bench codec --config configs/codec/encodec_24khz_size.py --seconds 20
 	$(VENV)/bin/musicjax bench lm-decode --config configs/lm/bench_tiny.py
 	$(VENV)/bin/musicjax bench lm-train --config configs/lm/bench_tiny.py
 	$(VENV)/bin/musicjax bench accomp --config configs/accomp/tiny.py
+	$(VENV)/bin/musicjax bench accomp --config configs/accomp/vampnet_tiny_size.py --frames 750,3000 --steps 12,36 --repeats 3
 	$(VENV)/bin/musicjax bench decode-attention
 
 clean:

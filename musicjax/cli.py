@@ -14,6 +14,7 @@ _EPILOG = """examples:
   musicjax eval --workdir runs/tiny
   musicjax encode --workdir runs/tiny song.wav song.npz
   musicjax decode --workdir runs/tiny song.npz song_decoded.wav
+  musicjax codec-quality --workdir runs/tiny --audio music/ --clips 8 --json q.json
   musicjax prepare --config configs/codec/tiny.py --out data/shards
   musicjax prepare --codec-workdir runs/codec --out data/tokens [--stems]
   musicjax tokenizer --config configs/codec/tiny.py --out data/tokenizer.json
@@ -29,6 +30,8 @@ _EPILOG = """examples:
       --steps 60 --seed 0 --out mix.wav --stem accomp.wav
   musicjax eval --workdir runs/accomp --songs 8 --seconds 10
   musicjax bench accomp --config configs/accomp/tiny.py
+  musicjax bench accomp --config configs/accomp/vampnet_tiny_size.py \
+      --frames 750,3000 --steps 12,36
   musicjax export --workdir runs/lm --out exports/lm [--dtype bfloat16]
   musicjax import-torch --from exports/lm_finetuned --workdir runs/lm_ft
 
@@ -79,6 +82,26 @@ def _parser() -> argparse.ArgumentParser:
   de.add_argument('--chunk-seconds', type=float, default=10.0)
   de.add_argument('input')
   de.add_argument('output')
+
+  cq = sub.add_parser('codec-quality', help='a trained codec vs Opus on real '
+                      'recordings: level, DC, <40 Hz energy, mel, SI-SDR',
+                      argument_default=argparse.SUPPRESS)
+  # Defaults live in musicjax.eval.codec_quality.run: flags not given stay unset.
+  cq.add_argument('--workdir', required=True, help='a trained codec workdir')
+  cq.add_argument('--audio', required=True, nargs='+', metavar='DIR_OR_FILE',
+                  help='audio files, or folders searched for them')
+  cq.add_argument('--seconds', type=float, help='clip length (default 10)')
+  cq.add_argument('--offset', type=float,
+                  help='seconds skipped at the start of long enough files '
+                  '(default 10)')
+  cq.add_argument('--clips', type=int, help='at most N clips (default 0: all files)')
+  cq.add_argument('--quiet-dbfs', type=float,
+                  help='level of the quiet copy of each clip (default -30)')
+  cq.add_argument('--opus-kbps', type=float,
+                  help='Opus bitrate to compare with (default 6, its lowest); '
+                  '0 skips Opus')
+  cq.add_argument('--json', dest='json_path', metavar='OUT',
+                  help='also write the full result here')
 
   pr = sub.add_parser('prepare', help='write a dataset as ArrayRecord shards: audio, '
                       'or codec tokens for the LM with --codec-workdir')
@@ -194,8 +217,15 @@ def _parser() -> argparse.ArgumentParser:
                  help='lm-memory: number of devices of the target topology')
   b.add_argument('--seconds', type=float, default=10.0, help='audio length per call')
   b.add_argument('--repeats', type=int, default=5)
-  b.add_argument('--steps', type=int, default=300,
-                 help='accomp-weighting/-context: train steps per run')
+  b.add_argument('--steps', type=_int_list, default=None, metavar='N[,N...]',
+                 help='accomp: sampler steps per --frames entry (one value: '
+                 'all), every step run and timed (default '
+                 'config.sample.steps); accomp-weighting/-context: train '
+                 'steps per run (default 300)')
+  b.add_argument('--frames', type=_int_list, default=None, metavar='F,F,...',
+                 help='accomp: song lengths in frames, one case each (default '
+                 '30 s and 240 s at the frame rate); lm-decode: frames '
+                 'generated, one case each (default 200,1000)')
   b.add_argument('--seeds', type=int, default=2,
                  help='accomp-weighting/-context: runs (seeds) per case')
   # Defaults live in kernels.bench.Options: flags not given stay unset.
@@ -238,11 +268,28 @@ def _int_list(text: str) -> tuple[int, ...]:
         f'want comma-separated integers like 1,8; got {text!r}') from None
 
 
+# Train steps per run of the accomp experiments when --steps is not given.
+EXPERIMENT_TRAIN_STEPS = 300
+
+
+def _train_steps(args) -> int:
+  """--steps of the accomp experiments: one count of train steps."""
+  from musicjax.errors import UserError
+  if args.steps is None:
+    return EXPERIMENT_TRAIN_STEPS
+  if len(args.steps) != 1:
+    raise UserError(f'bench {args.what} takes one --steps value (train steps '
+                    f'per run), got {",".join(map(str, args.steps))}')
+  return args.steps[0]
+
+
 def _load_config(args, overrides):
   from musicjax import config as cfg
-  if args.config:
-    return cfg.load(args.config, overrides)
   workdir = getattr(args, 'workdir', None)
+  if args.config:
+    config = cfg.load(args.config, overrides)
+    _check_same_task(args, config, workdir)
+    return config
   if workdir and os.path.isfile(os.path.join(workdir, 'config.json')):
     return cfg.load_saved(workdir, overrides)
   if workdir and not os.path.isdir(workdir) and args.verb != 'train':
@@ -253,21 +300,46 @@ def _load_config(args, overrides):
       f'{workdir!r}; pass --config configs/<family>/<name>.py')
 
 
+def _check_same_task(args, config, workdir) -> None:
+  """--config must be of the task of the run in --workdir, when there is one.
+
+  Otherwise restoring fails on mismatched weights, naming neither task.
+  """
+  from musicjax import config as cfg
+  if not workdir or args.verb == 'import-torch':  # that workdir is new
+    return
+  saved = cfg.saved_task(workdir)
+  if saved is None or saved == config.task:
+    return
+  if args.verb == 'train' and not os.path.isdir(
+      os.path.join(workdir, 'checkpoints')):
+    return  # nothing to resume: the run starts over with the new config
+  raise cfg.ConfigError(
+      f'--config {args.config} is a config for {cfg.run_kind(config.task)} '
+      f'(config.task {config.task!r}), but --workdir {workdir} is '
+      f'{cfg.run_kind(saved)} (config.task {saved!r} in its config.json): '
+      "leave out --config to use the run's own config.json, or pass the "
+      f'--workdir of {cfg.run_kind(config.task)}')
+
+
 def _run(args, overrides) -> int:
   from musicjax.errors import UserError
   from musicjax.parallel import distributed
   if args.verb == 'bench':
     from musicjax import bench
     from musicjax import config as cfg
-    if args.what == 'accomp-weighting':
+    for flag, value, takers in (
+        ('--frames', args.frames, ('accomp', 'lm-decode')),
+        ('--steps', args.steps, ('accomp', 'accomp-weighting',
+                                 'accomp-context'))):
+      if value is not None and args.what not in takers:
+        raise UserError(f'bench {args.what} takes no {flag} (it applies to '
+                        f'bench {"/".join(takers)}); leave it out')
+    if args.what in ('accomp-weighting', 'accomp-context'):
       from musicjax.accomp import bench as accomp_bench
-      print(json.dumps(accomp_bench.weighting_experiment(
-          steps=args.steps, seeds=args.seeds)))
-      return 0
-    if args.what == 'accomp-context':
-      from musicjax.accomp import bench as accomp_bench
-      print(json.dumps(accomp_bench.context_experiment(
-          steps=args.steps, seeds=args.seeds)))
+      experiment = {'accomp-weighting': accomp_bench.weighting_experiment,
+                    'accomp-context': accomp_bench.context_experiment}[args.what]
+      print(json.dumps(experiment(steps=_train_steps(args), seeds=args.seeds)))
       return 0
     if args.what == 'decode-attention':
       import dataclasses
@@ -287,11 +359,12 @@ def _run(args, overrides) -> int:
       result = bench.codec(config, seconds=args.seconds, repeats=args.repeats)
     elif args.what == 'accomp':
       from musicjax.accomp import bench as accomp_bench
-      result = accomp_bench.run(config, repeats=args.repeats)
+      result = accomp_bench.run(config, repeats=args.repeats,
+                                frames=args.frames, steps=args.steps)
     else:
       from musicjax.lm import bench as lm_bench
       result = lm_bench.run(args.what, config, repeats=args.repeats,
-                            devices=args.devices)
+                            devices=args.devices, frames=args.frames)
     print(json.dumps(result))
     return 0
   if args.verb == 'prefs':
@@ -328,6 +401,12 @@ def _run(args, overrides) -> int:
         min_seconds=args.min_seconds, seed=args.seed, cfg_scale=args.cfg,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     print(json.dumps(song.generate_song(ctx, req, args.out)))
+    return 0
+  if args.verb == 'codec-quality':
+    from musicjax.eval import codec_quality
+    given = {k: v for k, v in vars(args).items() if k not in ('verb', 'workdir',
+                                                              'audio')}
+    codec_quality.main(args.workdir, args.audio, **given)
     return 0
   if args.verb in ('encode', 'decode'):
     from musicjax import config as cfg

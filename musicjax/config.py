@@ -8,6 +8,7 @@ base_config() plus the task's `default_config()`), so a typo in a file or in a
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.util
 import json
 import os
@@ -88,7 +89,7 @@ def base_config() -> ConfigDict:
   c.train.steps = 1000
   c.train.seed = 0
   c.train.log_every = 50
-  c.train.eval_every = 500
+  c.train.eval_every = 500           # 0: never evaluate (the eval split is not needed)
   c.train.eval_steps = 4
   c.train.checkpoint_every = 500
   c.train.max_nonfinite = 10
@@ -172,6 +173,19 @@ def _check_type(key: str, value: Any, current: Any) -> Any:
   return value
 
 
+def _did_you_mean(key: str, known: Iterable[str]) -> str:
+  """' (did you mean config.a.b?)' for the known keys closest to `key`, or ''."""
+  known = list(known)
+  # Spelling slips (train.setps, trian.steps), then the same leaf in another
+  # section (--config.steps=... for train.steps).
+  close = difflib.get_close_matches(key, known, n=3, cutoff=0.8)
+  leaf = key.split('.')[-1]
+  close += [k for k in known if k.split('.')[-1] == leaf and k not in close]
+  if not close:
+    return ''
+  return f' (did you mean {" or ".join(f"config.{k}" for k in close)}?)'
+
+
 def apply_overrides(config: ConfigDict, overrides: Iterable[str]) -> ConfigDict:
   """Applies `a.b=value` strings (the `--config.` prefix already removed)."""
   flat = _flatten(config)
@@ -181,9 +195,7 @@ def apply_overrides(config: ConfigDict, overrides: Iterable[str]) -> ConfigDict:
     key, text = item.split('=', 1)
     key = key.removeprefix('--').removeprefix('config.')
     if key not in flat:
-      close = [k for k in flat if k.split('.')[-1] == key.split('.')[-1]]
-      hint = f' (did you mean {", ".join(close)}?)' if close else ''
-      raise ConfigError(f'unknown config key config.{key}{hint}')
+      raise ConfigError(f'unknown config key config.{key}{_did_you_mean(key, flat)}')
     value = _check_type(key, _parse_value(key, text, flat[key]), flat[key])
     node = config
     *parents, leaf = key.split('.')
@@ -202,18 +214,22 @@ def validate(config: ConfigDict, schema: ConfigDict) -> None:
   for key, value in flat_c.items():
     if key not in flat_s:
       raise ConfigError(f'unknown config key config.{key} (not in the schema of '
-                        f'task {config.get("task")!r})')
+                        f'task {config.get("task")!r})'
+                        f'{_did_you_mean(key, flat_s)}')
     _check_type(key, value, flat_s[key])
   for key in flat_s:
     if key not in flat_c:
       raise ConfigError(f'config.{key} is missing')
   positive = ['data.sample_rate', 'data.batch_size', 'data.eval_batch_size',
               'train.steps', 'train.log_every', 'train.checkpoint_every',
-              'train.eval_every', 'train.max_nonfinite', 'train.max_inflight_steps',
+              'train.max_nonfinite', 'train.max_inflight_steps',
               'checkpoint.keep']
   for key in positive:
     if key in flat_c and not flat_c[key] > 0:
       raise ConfigError(f'config.{key} must be > 0, got {flat_c[key]!r}')
+  if flat_c.get('train.eval_every', 0) < 0:
+    raise ConfigError('config.train.eval_every must be >= 0 (0: never evaluate), '
+                      f'got {flat_c["train.eval_every"]!r}')
   if flat_c.get('data.segment_seconds', 1.0) <= 0:
     raise ConfigError('config.data.segment_seconds must be > 0')
   if config.mesh.axis_type not in ('explicit', 'auto'):
@@ -265,6 +281,74 @@ def save(config: ConfigDict, workdir: str) -> str:
   return path
 
 
+# How messages name the run each task trains, the configs/ folder of its
+# configs, and a command that trains one.
+_RUN_KINDS = {
+    'codec': ('a codec run', 'codec',
+              'musicjax train --config configs/codec/tiny.py --workdir runs/codec'),
+    'lm': ('an LM run', 'lm',
+           'musicjax train --config configs/lm/tiny.py --workdir runs/lm '
+           '--config.data.path=data/tokens'),
+    'lm_dpo': ('a DPO-tuned LM run', 'lm',
+               'musicjax train --config configs/lm/dpo_tiny.py --workdir runs/dpo'),
+    'accomp': ('an accompaniment run', 'accomp',
+               'musicjax train --config configs/accomp/tiny.py --workdir '
+               'runs/accomp'),
+}
+
+
+def run_kind(task: str) -> str:
+  """'a codec run', 'an LM run', ...: what a user calls a run of `task`."""
+  return _RUN_KINDS[task][0] if task in _RUN_KINDS else f'a {task!r} run'
+
+
+def saved_task(workdir: str) -> str | None:
+  """config.task of the run in `workdir` (its config.json); None without one."""
+  path = os.path.join(workdir, 'config.json')
+  try:
+    with open(path) as f:
+      raw = json.load(f)
+  except (OSError, ValueError):
+    return None  # load_saved reports a missing or broken config.json
+  # load_saved's default: runs saved before `task` existed are codecs.
+  return raw.get('task', 'codec') if isinstance(raw, dict) else None
+
+
+def require_task(config: ConfigDict, workdir: str, tasks: Iterable[str],
+                 verb: str) -> None:
+  """Fails early unless the run in `workdir` and `config` are of one of `tasks`.
+
+  A verb given another kind of run would otherwise fail later, while restoring
+  it or reading its data, with a message that names neither kind of run.
+
+  Args:
+    config: the config the verb runs with (the run's own, or --config).
+    workdir: the run directory (--workdir).
+    tasks: the tasks the verb accepts; the first one names the kind needed.
+    verb: the `musicjax` verb, for the message.
+
+  Raises:
+    ConfigError: naming the kind of run given, the kind needed and the fix.
+  """
+  tasks = tuple(tasks)
+  need = (f'{run_kind(tasks[0])} (config.task '
+          f'{" or ".join(repr(t) for t in tasks)})')
+  _, family, example = _RUN_KINDS.get(tasks[0], ('', tasks[0], ''))
+  saved = saved_task(workdir)
+  if saved is not None and saved not in tasks:
+    raise ConfigError(
+        f'{workdir} is {run_kind(saved)} (config.task {saved!r} in '
+        f'{os.path.join(workdir, "config.json")}), but `musicjax {verb}` needs '
+        f'{need}: pass --workdir of a run trained with a configs/{family}/ '
+        f'config' + (f', e.g. `{example}`' if example else ''))
+  if config.task not in tasks:
+    raise ConfigError(
+        f'the config given for {workdir} has config.task {config.task!r} '
+        f'({run_kind(config.task)}), but `musicjax {verb}` needs {need}: pass '
+        f'a configs/{family}/ config, or leave out --config to use the run\'s '
+        'own config.json')
+
+
 def load_saved(workdir: str, overrides: Iterable[str] = ()) -> ConfigDict:
   """The config a run in `workdir` was trained with."""
   path = os.path.join(workdir, 'config.json')
@@ -273,7 +357,8 @@ def load_saved(workdir: str, overrides: Iterable[str] = ()) -> ConfigDict:
                       'workdir? Train first with `musicjax train`.')
   with open(path) as f:
     raw = json.load(f)
-  schema = schema_for(ConfigDict({'task': raw.get('task', 'codec')}))
+  task = raw.get('task', 'codec')
+  schema = schema_for(ConfigDict({'task': task}))
   # JSON has no tuples; restore them before ConfigDict fixes each field's type.
   for key, value in _flatten(schema).items():
     if isinstance(value, tuple):
@@ -285,7 +370,10 @@ def load_saved(workdir: str, overrides: Iterable[str] = ()) -> ConfigDict:
         node[leaf] = _to_tuple(node[leaf])
   # Keys added to the schema after the run was saved take their defaults
   # (new keys default to the old behaviour), so upgrading musicjax never
-  # strands a finished run.
+  # strands a finished run. Where new configs default to something else, the
+  # task names the old behaviour (Task.saved_config_defaults).
+  from musicjax import tasks  # late import: tasks import models
+  old = dict(tasks.get(task).saved_config_defaults())
   for key, value in _flatten(schema).items():
     node = raw
     *parents, leaf = key.split('.')
@@ -295,6 +383,7 @@ def load_saved(workdir: str, overrides: Iterable[str] = ()) -> ConfigDict:
         break
     else:
       if leaf not in node:
+        value = old.get(key, value)
         node[leaf] = value.to_dict() if isinstance(value, ConfigDict) else value
   config = ConfigDict(raw)
   config = apply_overrides(config, overrides)

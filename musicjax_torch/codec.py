@@ -14,15 +14,21 @@ Tensor names and layouts match musicjax/export/mapping.py (CODEC):
     (nn.Linear layout [out, in]) and the codebook statistics are buffers, so a
     load/save round trip is lossless.
 
+With config "model.output_highpass_hz" > 0 the decoder ends in JAX's fixed
+DC blocker (an FIR from the config, not a tensor); exports without the key
+decode without it, as they did when made.
+
 Compute runs in the parameters' dtype; weight normalisation and the codebook
 search run in float32 (JAX keeps float32 parameters, so its normalised
 kernels are float32 before the cast to the activation dtype).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -35,6 +41,60 @@ SNAKE_EPS = 1e-9        # Snake eps default
 
 
 # ------------------------------------------------------------------ helpers
+@functools.lru_cache(maxsize=None)
+def dc_blocker_taps(cutoff_hz: float, sample_rate: float,
+                    tolerance: float) -> np.ndarray:
+  """The output DC blocker's causal FIR (musicjax/nn/dc_block.py): the
+  impulse response of (1 - z^-1) / (1 - R z^-1), R = exp(-2 pi f_c / sr),
+  cut where R^k < tolerance, its tail rescaled to sum to -1 (DC gain 0).
+  float64, computed exactly as in JAX."""
+  if not 0.0 < cutoff_hz < sample_rate / 2:
+    raise ValueError(f'high-pass cutoff must be in (0, {sample_rate / 2:g}) Hz, '
+                     f'got {cutoff_hz}')
+  if not 0.0 < tolerance < 1.0:
+    raise ValueError(f'high-pass tolerance must be in (0, 1), got {tolerance}')
+  r = math.exp(-2.0 * math.pi * cutoff_hz / sample_rate)
+  n_tail = max(1, int(math.floor(math.log(tolerance) / math.log(r))))
+  tail = (r - 1.0) * r ** np.arange(n_tail, dtype=np.float64)
+  tail = tail / math.fsum(-tail)
+  taps = np.concatenate([[-math.fsum(tail)], tail])
+  taps.setflags(write=False)
+  return taps
+
+
+@functools.lru_cache(maxsize=None)
+def _taps_spectrum(cutoff_hz: float, sample_rate: float, tolerance: float,
+                   n: int) -> np.ndarray:
+  """rfft of the taps at length n: in float64, then complex64, as in JAX."""
+  spec = np.fft.rfft(dc_blocker_taps(cutoff_hz, sample_rate, tolerance), n)
+  return spec.astype(np.complex64)
+
+
+@functools.lru_cache(maxsize=None)
+def _held_start(cutoff_hz: float, sample_rate: float, tolerance: float,
+                length: int) -> np.ndarray:
+  """float32 [length]: the sum of taps k > n, output n's response to the
+  first sample held before the start (as in JAX)."""
+  taps = dc_blocker_taps(cutoff_hz, sample_rate, tolerance)
+  after = np.concatenate([np.cumsum(taps[::-1])[::-1][1:], [0.0]])
+  return np.pad(after, (0, max(0, length - len(after))))[:length].astype(
+      np.float32)
+
+
+def dc_block(x: torch.Tensor, cutoff_hz: float, sample_rate: float,
+             tolerance: float) -> torch.Tensor:
+  """x [B, C, T] through the DC blocker, the input held at its first value
+  before the start; an FFT convolution in float32, returned in x's dtype."""
+  n_taps = len(dc_blocker_taps(cutoff_hz, sample_rate, tolerance))
+  t = x.shape[-1]
+  x32 = x.float()
+  n = 1 << max(0, (t + n_taps - 2).bit_length())   # power of two >= t + taps - 1
+  spec = torch.from_numpy(_taps_spectrum(cutoff_hz, sample_rate, tolerance, n))
+  y = torch.fft.irfft(torch.fft.rfft(x32, n=n) * spec.to(x.device), n=n)[..., :t]
+  held = torch.from_numpy(_held_start(cutoff_hz, sample_rate, tolerance, t))
+  return (y + x32[..., :1] * held.to(x.device)).to(x.dtype)
+
+
 def weight_norm(v: torch.Tensor, g: torch.Tensor, out_dim: int,
                 eps: float) -> torch.Tensor:
   """g * v / sqrt(sum v^2 + eps), the sum over every axis but `out_dim`, in
@@ -257,7 +317,8 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
   """[B, latent_dim, F] latents -> [B, C, F * hop] audio."""
 
-  def __init__(self, audio_channels: int, cfg: Mapping[str, Any]):
+  def __init__(self, audio_channels: int, cfg: Mapping[str, Any],
+               sample_rate: int):
     super().__init__()
     ch = int(cfg['decoder_dim'])
     self.stem = WNConv1d(int(cfg['latent_dim']), ch, int(cfg['stem_kernel']),
@@ -271,12 +332,22 @@ class Decoder(nn.Module):
     self.out = WNConv1d(ch, audio_channels, int(cfg['stem_kernel']),
                         padding=cfg['padding'])
     self.output_tanh = bool(cfg['output_tanh'])
+    # Fixed, not trained and not in the state_dict: rebuilt from config.json.
+    # Exports from before the key existed decode without it.
+    self.highpass_hz = float(cfg.get('output_highpass_hz', 0.0))
+    self.highpass_tolerance = float(cfg.get('output_highpass_tolerance', 0.0))
+    self.sample_rate = int(sample_rate)
+    if self.highpass_hz > 0:
+      dc_blocker_taps(self.highpass_hz, self.sample_rate,
+                      self.highpass_tolerance)  # bad settings fail here
 
   def forward(self, z: torch.Tensor) -> torch.Tensor:
     x = self.stem(z)
     for block in self.blocks:
       x = block(x)
     x = self.out(self.act(x))
+    if self.highpass_hz > 0:
+      x = dc_block(x, self.highpass_hz, self.sample_rate, self.highpass_tolerance)
     return torch.tanh(x) if self.output_tanh else x
 
 
@@ -419,7 +490,7 @@ class Codec(nn.Module):
     validate_model_config(cfg)
     self.encoder = Encoder(audio_channels, cfg)
     self.quantizer = ResidualVQ(int(cfg['latent_dim']), cfg['rvq'])
-    self.decoder = Decoder(audio_channels, cfg)
+    self.decoder = Decoder(audio_channels, cfg, sample_rate)
     self.hop_length = int(math.prod(int(s) for s in cfg['strides']))
     self.sample_rate = int(sample_rate)
     self.audio_channels = int(audio_channels)

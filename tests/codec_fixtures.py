@@ -63,3 +63,17 @@ def tone_mix(seconds: float, sample_rate: int, batch: int = 1,
   wave = sum(np.sin(2 * np.pi * f * t + i) / (i + 1) for i, f in enumerate(freqs))
   wave = 0.5 * wave / np.max(np.abs(wave))
   return np.tile(wave[None, :, None], (batch, 1, 1)).astype(np.float32)
+
+
+def folder_run_config(data_path: str, eval_fraction: float = 0.25):
+  """small_config() training on a folder, with the quickest compile: one item
+  per forced CPU device, one mel scale, no discriminator, 2 steps, no eval."""
+  c = small_config()
+  c.data.kind, c.data.path, c.data.eval_fraction = 'folder', data_path, eval_fraction
+  c.data.batch_size = c.data.eval_batch_size = 8
+  c.loss.mel_windows, c.loss.mel_bins = (64,), (10,)
+  c.loss.adv_start_step = 1000
+  c.train.steps, c.train.checkpoint_every = 2, 2
+  c.train.log_every, c.train.eval_every, c.train.eval_steps = 1, 1000, 1
+  return c
+

@@ -6,7 +6,6 @@ from flax import nnx
 
 from musicjax.config import for_task
 from musicjax.lm import layout
-from musicjax.lm import sequence
 
 
 def small_config(variant: str = 'global_local', layout_name: str = 'prefix',

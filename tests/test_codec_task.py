@@ -6,7 +6,6 @@ import pytest
 from flax import nnx
 
 from musicjax.codec.task import CodecTask
-from musicjax.eval import audio_metrics
 from tests import codec_fixtures as fx
 
 

@@ -3,7 +3,10 @@ import copy
 import glob
 import json
 import os
+import signal
 import stat
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -36,13 +39,10 @@ def codec(tmp_path_factory):
   tmp = tmp_path_factory.mktemp('codec')
   data = str(tmp / 'data')
   fx.good_folder(data, 4, seconds=1.0, sample_rate=SR)
-  c = cf.small_config()
-  c.data.kind, c.data.path, c.data.eval_fraction = 'folder', data, 0.25
-  c.data.batch_size = c.data.eval_batch_size = 8  # one per forced CPU device
-  c.loss.mel_windows, c.loss.mel_bins = (64,), (10,)
-  c.loss.adv_start_step = 1000  # no discriminator: a shorter compile
-  c.train.steps, c.train.checkpoint_every = 2, 2
-  c.train.log_every, c.train.eval_every, c.train.eval_steps = 1, 1000, 1
+  c = cf.folder_run_config(data)
+  # Codebooks seeded from loud segments only: after 2 steps the EQ'd copies of
+  # the test tones still land on other codes than the plain stems.
+  c.data.gain_augment_dbfs = ()
   wd = str(tmp / 'run')
   trainer.train(c, wd)
   from musicjax import config as config_lib
@@ -382,6 +382,86 @@ def test_resume_reencodes_only_missing_shards_and_equals_clean_run(
   c.data.records_per_shard = 3
   with pytest.raises(UserError, match='records_per_shard.*new --out'):
     prepare_tokens.prepare_tokens_main(wd, out, c)
+
+
+# A real kill (SIGKILL: no finally, no cleanup) after `after` songs of a shard.
+_KILLED_PREPARE = '''
+import os, signal, sys
+from musicjax import config as config_lib
+from musicjax.data import prepare_tokens
+codec_wd, out, config_dir, after = sys.argv[1:5]
+real, done = prepare_tokens.encode_item, []
+
+def encode_then_die(item, *args, **kwargs):
+  if len(done) == int(after):
+    os.kill(os.getpid(), signal.SIGKILL)
+  done.append(item['name'])
+  return real(item, *args, **kwargs)
+
+prepare_tokens.encode_item = encode_then_die
+prepare_tokens.prepare_tokens_main(codec_wd, out, config_lib.load_saved(config_dir))
+'''
+
+
+def _shard_bytes(out):
+  return {os.path.basename(p): open(p, 'rb').read()
+          for split in sources.SPLITS for p in token_records.shard_paths(out, split)}
+
+
+def test_a_killed_prepare_resumes_per_song_and_equals_a_clean_run(
+    tmp_path, codec, monkeypatch):
+  wd, codec_config, _ = codec
+  src = str(tmp_path / 'src')
+  _plain_folder(src)
+  # One shard per split, as the demo writes: per-shard resume would lose it all.
+  c = _data_config(codec_config, src, records_per_shard=100)
+  clean = str(tmp_path / 'clean')
+  prepare_tokens.prepare_tokens_main(wd, clean, c)
+
+  from musicjax import config as config_lib
+  config_lib.save(c, str(tmp_path / 'cfg'))
+  out = str(tmp_path / 'killed')
+  killed = subprocess.run(
+      [sys.executable, '-c', _KILLED_PREPARE, wd, out, str(tmp_path / 'cfg'), '4'],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      capture_output=True, text=True, timeout=300)
+  # Train (a, b, e) was finished; eval (badmeta, c, d) was killed on c.
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  assert len(token_records.shard_paths(out, 'train')) == 1
+  assert not token_records.shard_paths(out, 'eval')
+  parts = glob.glob(os.path.join(out, '.eval-p000-00000.array_record.parts', '*'))
+  assert sorted(os.path.basename(p) for p in parts) == [
+      '00000.bad.json', 'settings.json']
+
+  encoded = []
+  real = prepare_tokens.encode_item
+
+  def counting(item, *args, **kwargs):
+    encoded.append(os.path.basename(item['name']))
+    return real(item, *args, **kwargs)
+
+  monkeypatch.setattr(prepare_tokens, 'encode_item', counting)
+  audio.reset_bad_files()
+  result = prepare_tokens.prepare_tokens_main(wd, out, c)
+  assert encoded == ['c.wav', 'd.wav']  # only the songs the kill left undone
+  assert (result['train'], result['eval'], result['bad_files']) == (3, 2, 2)
+  # The song found bad before the kill is still named and counted.
+  assert any(p.endswith('badmeta.wav') for p in audio.bad_files())
+  assert any(p.endswith('badmeta.wav') for p in
+             token_records.read_dataset_info(out)['bad_files'])
+  assert _shard_bytes(out) == _shard_bytes(clean)
+  assert _decoded(out) == _decoded(clean)
+  assert token_records.read_dataset_info(out) == token_records.read_dataset_info(clean)
+  assert not glob.glob(os.path.join(out, '.*.parts'))  # cleaned up
+
+  # Parts of another run's settings are refused, not mixed in.
+  other = str(tmp_path / 'other')
+  os.makedirs(os.path.join(other, '.train-p000-00000.array_record.parts'))
+  with open(os.path.join(other, '.train-p000-00000.array_record.parts',
+                         'settings.json'), 'w') as f:
+    json.dump({'records_per_shard': 7}, f)
+  with pytest.raises(UserError, match='other settings.*new --out'):
+    prepare_tokens.prepare_tokens_main(wd, other, c)
 
 
 def test_record_round_trip_and_damage_without_a_codec():

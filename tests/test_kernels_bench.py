@@ -26,6 +26,7 @@ def test_tiny_run_times_xla_and_interpreter_and_counts_kv_bytes():
   assert out['implementations'] == ['xla', 'interpret']
   assert out['peak_source'] == '--peak-gbs' and out['peak_bytes_per_s'] == 10e9
   assert out['machine']['platform'] == 'cpu' and 'decode attention' in out['benchmark']
+  assert {'load_1min_start', 'load_1min_end', 'busy'} <= set(out['machine'])
   (case,) = out['cases']
   # K and V, each slot once: 2 * B * Hkv * S * D * 4 bytes (float32).
   assert case['kv_bytes_per_call'] == 2 * 1 * 2 * 256 * 16 * 4

@@ -53,14 +53,16 @@ G_RANGE, ALPHA_RANGE, BIAS_STD = (0.5, 1.5), (0.5, 2.0), 0.1
 # even padding totals). `causal`: left padding, a strided conv whose kernel is
 # the stride (multiple 1), transposed kernels 3x the stride, Euclidean EMA
 # codebooks, stereo, no tanh. `odd`: odd strides and an even residual kernel,
-# so every 'same' padding and transposed-conv trim is odd and split unevenly.
+# so every 'same' padding and transposed-conv trim is odd and split unevenly,
+# and no output high-pass (the others have the default one).
 VARIANTS = {
     'same': dict(padding='same', strides=(4, 4)),
     'causal': dict(padding='causal', strides=(2, 3), down_kernel_multiple=1,
                    up_kernel_multiple=3, output_tanh=False,
                    rvq=dict(factorized=False, codebook_type='ema'),
                    channels=2),
-    'odd': dict(padding='same', strides=(3, 5), residual_kernel=4),
+    'odd': dict(padding='same', strides=(3, 5), residual_kernel=4,
+                output_highpass_hz=0.0),
 }
 
 

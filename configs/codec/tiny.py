@@ -8,6 +8,11 @@ compile and evals): eval mel_distance 1.84 / 1.71 / 1.65 / 1.58 / 1.55 and
 SI-SDR 3.9 / 5.1 / 5.8 / 6.5 / 6.9 dB at steps 500 / 1000 / ... / 2500
 (stft_distance 4.18 -> 3.75); the previous
 settings stayed at mel 2.37, SI-SDR -41 dB (uncorrelated waveform) after 1500.
+Those figures predate the default output high-pass (model.output_highpass_hz)
+and gain augmentation (data.gain_augment_dbfs); with both, one run measured
+mel_distance 1.95 / 1.85 / 1.79 / 1.74 / 1.68 and SI-SDR 1.5 / 2.5 / 3.5 /
+3.9 / 4.3 dB at the same steps (~7.5 steps/s), and on eval segments scaled to
+-10 ... -35 dBFS its output kept |DC| <= 4e-4 and the level within 0.7 dB.
 """
 from musicjax.config import for_task
 

@@ -1,13 +1,16 @@
 """`musicjax bench accomp`: real-time factor of the full-song sampler.
 
 RTF = sampler wall time / seconds of audio (below 1 = faster than real time),
-for `sample.steps` steps over a whole song in one pass, batch 1, with and
-without classifier-free guidance (which doubles the batch). Codec encoding
-and decoding are not included (see `bench codec`). Random weights and random
-vocal codes: the sampler's speed does not depend on what the model learned.
-Compilation is timed separately (ahead-of-time `lower().compile()`). The long
-song times LONG_TIMED_STEPS steps once and scales them to `sample.steps`
-(reported as `timed_steps_*`).
+over a whole song in one pass, batch 1, with and without classifier-free
+guidance (which doubles the batch). Codec encoding and decoding are not
+included (see `bench codec`). Random weights and random vocal codes: the
+sampler's speed does not depend on what the model learned. Compilation is
+timed separately (ahead-of-time `lower().compile()`).
+
+Songs: `frames` (default SECONDS at the config's frame rate) with `steps`
+sampler steps each (default `sample.steps`). Given steps are run and timed
+in full; by default a song after the first times LONG_TIMED_STEPS steps once
+and scales them to `sample.steps` (reported as `timed_steps`).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from musicjax import config as config_lib
 from musicjax.accomp import diffusion
 from musicjax.accomp import sample as sample_lib
 from musicjax.accomp import task as task_lib
+from musicjax.errors import UserError
 from musicjax.train import metrics as metrics_lib
 from musicjax.train import trainer
 
@@ -64,37 +68,73 @@ def _compiled(model, config, frames: int, cfg: bool, s: sample_lib.Sampling):
   return fn, args, time.perf_counter() - t0
 
 
-def run(config, repeats: int = 3) -> dict:
+def songs(config, frames=None, steps=None) -> list[tuple[int, int, int]]:
+  """(frames, steps, timed steps) of each song to time; errors name the flag."""
+  default_steps = int(config.sample.steps)
+  if frames is None:
+    rate = float(config.model.frame_rate)
+    frames = tuple(int(round(sec * rate)) for sec in SECONDS)
+  if not frames or min(frames) < 1:
+    raise UserError(f'--frames wants positive frame counts (e.g. 750,3000), '
+                    f'got {frames}')
+  if steps is None:
+    # Default: every song runs sample.steps; songs after the first time a few
+    # and scale (each step of the loop has the same shapes and cost).
+    return [(f, default_steps,
+             default_steps if i == 0 else min(LONG_TIMED_STEPS, default_steps))
+            for i, f in enumerate(frames)]
+  if len(steps) == 1:
+    steps = tuple(steps) * len(frames)
+  if len(steps) != len(frames) or min(steps) < 1:
+    raise UserError(f'--steps wants one positive step count per --frames entry '
+                    f'({len(frames)}: {",".join(map(str, frames))}) or a single '
+                    f'one for all, got {",".join(map(str, steps))}')
+  return [(f, st, st) for f, st in zip(frames, steps)]
+
+
+def run(config, repeats: int = 3, frames=None, steps=None) -> dict:
+  """RTF of each song (frames, steps) with and without guidance; one entry
+  per song in out['songs'], in the order given."""
+  load_start = bench_lib.load_now()
+  plan = songs(config, frames, steps)
   with nnx.use_eager_sharding(False):
     model = task_lib.AccompState(config, nnx.Rngs(config.train.seed)).model
   s = task_lib.sampling(config)
   rate = float(config.model.frame_rate)
-  out = {'benchmark': f'accomp sampler, {s.steps} steps, batch 1, whole song '
-                      'in one pass, RTF = wall / audio seconds (codec excluded)',
-         'frame_rate': rate, 'steps': s.steps,
-         'attention_chunk': int(config.model.backbone.attention_chunk),
-         'machine': bench_lib.machine()}
-  for seconds in SECONDS:
-    frames = int(round(seconds * rate))
-    long = seconds != SECONDS[0]
-    timed = min(LONG_TIMED_STEPS, s.steps) if long else s.steps
+  b = config.model.backbone
+  out = {'benchmark': 'accomp sampler, batch 1, whole song in one pass, '
+                      'RTF = wall / audio seconds (codec excluded)',
+         'frame_rate': rate, 'sample_steps': s.steps,
+         'params': bench_lib.param_count(model),
+         'model': {'layers': int(b.num_layers), 'dim': int(b.dim),
+                   'heads': int(b.num_heads), 'kv_heads': int(b.num_kv_heads),
+                   'mlp_dim': int(b.mlp_dim),
+                   'codebooks': int(config.model.num_codebooks),
+                   'codebook_size': int(config.model.codebook_size)},
+         'attention_chunk': int(b.attention_chunk), 'songs': []}
+  for n, total, timed in plan:
+    seconds = n / rate
+    song = {'frames': n, 'seconds': seconds, 'steps': total,
+            'timed_steps': timed}
     for name, scale in (('nocfg', 1.0), ('cfg', GUIDANCE_SCALE)):
       sc = dataclasses.replace(s, cfg_scale=scale, steps=timed)
-      fn, args, t_compile = _compiled(model, config, frames, scale != 1.0, sc)
+      fn, args, t_compile = _compiled(model, config, n, scale != 1.0, sc)
       times = []
-      for _ in range(1 if long else repeats):
+      for _ in range(repeats if timed == total else 1):
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
-      t = statistics.median(times) * s.steps / timed
-      key = f'{int(seconds)}s_{name}'
-      out[f'timed_steps_{key}'] = timed
-      out[f'rtf_{key}'] = round(t / seconds, 4)
-      out[f'wall_s_{key}'] = round(t, 4)
-      out[f'compile_s_{key}'] = round(t_compile, 1)
-      how = f', {timed} of {s.steps} steps timed' if timed != s.steps else ''
-      print(f'[bench accomp] {seconds:g} s {name}: RTF {t / seconds:.3f} '
-            f'({t:.1f} s{how}, compile {t_compile:.0f} s)', flush=True)
+      t = statistics.median(times) * total / timed
+      song[f'rtf_{name}'] = round(t / seconds, 4)
+      song[f'wall_s_{name}'] = round(t, 4)
+      song[f'ms_per_step_{name}'] = round(1e3 * t / total, 3)
+      song[f'compile_s_{name}'] = round(t_compile, 1)
+      how = f', {timed} of {total} steps timed' if timed != total else ''
+      print(f'[bench accomp] {n} frames ({seconds:g} s), {total} steps, '
+            f'{name}: RTF {t / seconds:.3f} ({t:.1f} s{how}, compile '
+            f'{t_compile:.0f} s)', flush=True)
+    out['songs'].append(song)
+  out['machine'] = bench_lib.machine(load_start)
   return out
 
 
@@ -165,8 +205,8 @@ def _experiment(name: str, benchmark: str, metric: str, key: str, what: str,
   synthetic data and reports the final `metric` of each run as out[key_label]
   (and its mean). Runs go to `workdir`, or a temporary directory removed
   afterwards."""
-  out = {'benchmark': benchmark, 'log_v': float(np.log(SYNTHETIC_CODES)),
-         'machine': bench_lib.machine()}
+  load_start = bench_lib.load_now()
+  out = {'benchmark': benchmark, 'log_v': float(np.log(SYNTHETIC_CODES))}
   tmp = None if workdir else tempfile.TemporaryDirectory(
       prefix=name.replace('-', '_') + '_')
   root = workdir or tmp.name
@@ -187,6 +227,7 @@ def _experiment(name: str, benchmark: str, metric: str, key: str, what: str,
   finally:
     if tmp is not None:
       tmp.cleanup()
+  out['machine'] = bench_lib.machine(load_start)
   return out
 
 

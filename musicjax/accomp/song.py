@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from musicjax.accomp import model as model_lib
 from musicjax.accomp import sample as sample_lib
 from musicjax.accomp import task as task_lib
 from musicjax.data import song_text
@@ -56,10 +55,13 @@ class AccompContext(lm_song.SongContext):
   def __init__(self, config, workdir: str, codec_workdir: str | None = None,
                step: int | None = None):
     # pylint: disable=super-init-not-called  (the LM's context builds LM text)
+    from musicjax import config as config_lib  # pylint: disable=g-import-not-at-top
     from musicjax.accomp import data  # pylint: disable=g-import-not-at-top
     from musicjax.lm import token_data  # pylint: disable=g-import-not-at-top
     from musicjax.parallel import rules  # pylint: disable=g-import-not-at-top
     from musicjax.train import trainer  # pylint: disable=g-import-not-at-top
+    # Before restoring: another kind of run would fail later, naming neither.
+    config_lib.require_task(config, workdir, ('accomp',), 'accompany')
     self.config = config
     task, self.mesh, state = trainer.restore_for_inference(config, workdir, step)
     self.model = task.inference_model(state)

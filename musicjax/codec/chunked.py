@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import zipfile
 from typing import Callable
 
 import jax
@@ -20,9 +21,20 @@ from flax import nnx
 from tqdm import tqdm
 
 from musicjax import __version__
+from musicjax import config as config_lib
 from musicjax.errors import UserError
 
 CODES_FORMAT = 'musicjax-codes-v1'
+# The arrays decoding reads; encode_file also writes channels, frame_rate,
+# n_q, source and musicjax_version.
+_CODES_ARRAYS = ('format', 'codes', 'sample_rate', 'num_samples', 'hop_length',
+                 'codebook_size')
+_CODES_EXPECTED = (
+    'A musicjax codes file is the .npz that `musicjax encode --workdir '
+    "CODEC_RUN song.wav song.npz` writes: 'codes' (int16 or int32, shape "
+    f"[frames, codebooks]), 'format' (the string {CODES_FORMAT!r}) and the "
+    "numbers 'sample_rate', 'num_samples', 'hop_length' and 'codebook_size'; "
+    'make one with that command')
 
 
 def _windows(total: int, chunk: int, context: int) -> list[tuple[int, int, int]]:
@@ -112,6 +124,7 @@ def encode_file(config, workdir: str, in_path: str, out_path: str, *,
                 context_seconds: float = 1.0) -> dict:
   """Any audio file (any rate/channels) -> .npz with codes and metadata."""
   from musicjax.data import audio as audio_io
+  config_lib.require_task(config, workdir, ('codec',), 'encode')
   if not os.path.isfile(in_path):
     raise UserError(f'input audio not found: {in_path}')
   model, _ = _load_model(config, workdir)
@@ -136,20 +149,88 @@ def encode_file(config, workdir: str, in_path: str, out_path: str, *,
   return meta
 
 
+def _not_codes(path: str, why: str) -> UserError:
+  return UserError(f'{path} is not a musicjax codes file: {why}. {_CODES_EXPECTED}')
+
+
+def _unreadable(path: str, name: str | None, e: Exception) -> UserError:
+  """The error for an archive numpy cannot read, never suggesting unpickling."""
+  text = str(e)
+  # numpy's own message tells the user to pass allow_pickle=True: loading a
+  # pickle from a file of unknown origin runs its code, so never repeat it.
+  if 'pickle' in text.lower():
+    if name is None:  # a zip that np.load did not take for an .npz
+      return _not_codes(path, 'it is a zip archive, but not an .npz')
+    return _not_codes(path, f'its {name!r} array holds Python objects (dtype '
+                      'object), which musicjax never loads from a file '
+                      '(loading them could run code from it)')
+  what = 'it' if name is None else f'its {name!r} array'
+  return _not_codes(path, f'{what} could not be read ({type(e).__name__}: '
+                    f'{text}): the file is corrupt or truncated')
+
+
+def load_codes(path: str) -> dict[str, np.ndarray]:
+  """The arrays of a codes file written by `encode_file`, checked.
+
+  Never unpickles anything: the file may come from anywhere.
+
+  Args:
+    path: the .npz file.
+
+  Returns:
+    {name: array} for 'format', 'codes', 'sample_rate', 'num_samples',
+    'hop_length' and 'codebook_size'.
+
+  Raises:
+    UserError: no such file, or it is not a codes file (the message says what
+      the file holds and what a codes file holds).
+  """
+  if not os.path.isfile(path):
+    raise UserError(f'codes file not found: {path}; make one with `musicjax '
+                    f'encode --workdir CODEC_RUN song.wav {path}`')
+  # np.load tries to unpickle whatever is neither .npz nor .npy (and its error
+  # then suggests allow_pickle): only hand it zip archives.
+  if not zipfile.is_zipfile(path):
+    raise _not_codes(path, 'it is not an .npz (zip) archive, or the archive is '
+                     'truncated')
+  name = None
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      names = list(z.files)
+      missing = [k for k in _CODES_ARRAYS if k not in names]
+      if missing:
+        raise _not_codes(path, f'it holds the arrays {names} but not {missing}')
+      data = {}
+      for name in _CODES_ARRAYS:
+        data[name] = z[name]
+  except UserError:
+    raise
+  except Exception as e:  # zip/npy errors come in many types
+    raise _unreadable(path, name, e) from None
+  for name, value in data.items():
+    if not isinstance(value, np.ndarray):  # a zip member that is not an .npy
+      raise _not_codes(path, f'its {name!r} member is not a NumPy array')
+  fmt = data['format']
+  if fmt.shape != () or fmt.dtype.kind != 'U' or str(fmt) != CODES_FORMAT:
+    raise _not_codes(path, f"its 'format' is {fmt.dtype} {fmt.shape} "
+                     f'{fmt.tolist()!r}, not {CODES_FORMAT!r}')
+  codes = data['codes']
+  if codes.ndim != 2 or not np.issubdtype(codes.dtype, np.integer):
+    raise _not_codes(path, f"its 'codes' array has dtype {codes.dtype} and shape "
+                     f'{codes.shape}, not int16/int32 [frames, codebooks]')
+  for name in _CODES_ARRAYS[2:]:
+    v = data[name]
+    if v.shape != () or v.dtype.kind not in 'iuf':
+      raise _not_codes(path, f'its {name!r} is {v.dtype} {v.shape}, not a number')
+  return data
+
+
 def decode_file(config, workdir: str, in_path: str, out_path: str, *,
                 chunk_seconds: float = 10.0, context_seconds: float = 1.0) -> dict:
   """.npz from encode_file -> audio file at the codec's sample rate."""
   import soundfile as sf
-  if not os.path.isfile(in_path):
-    raise UserError(f'codes file not found: {in_path}')
-  try:
-    with np.load(in_path, allow_pickle=False) as z:
-      data = {k: z[k] for k in z.files}
-  except Exception as e:  # zip/npy errors come in many types
-    raise UserError(f'{in_path} is not a readable .npz codes file: {e}') from None
-  if str(data.get('format', '')) != CODES_FORMAT or 'codes' not in data:
-    raise UserError(f'{in_path} was not written by `musicjax encode` '
-                    f'(missing format={CODES_FORMAT!r})')
+  config_lib.require_task(config, workdir, ('codec',), 'decode')
+  data = load_codes(in_path)  # before restoring: a bad file fails fast
   model, _ = _load_model(config, workdir)
   codes = data['codes']
   if codes.ndim != 2 or codes.shape[1] > model.num_codebooks:

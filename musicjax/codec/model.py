@@ -17,6 +17,7 @@ from musicjax.parallel import rules
 
 from musicjax.codec.rvq import ResidualVQ
 from musicjax.nn.conv import Snake, WNConv1d, WNConvTranspose1d
+from musicjax.nn.dc_block import dc_block
 
 
 class ResidualUnit(nnx.Module):
@@ -99,9 +100,15 @@ class Encoder(nnx.Module):
 
 
 class Decoder(nnx.Module):
+  """Latents [B, F, latent_dim] -> audio [B, F * hop, C].
 
-  def __init__(self, audio_channels: int, cfg: ml_collections.ConfigDict, *,
-               rngs: nnx.Rngs):
+  With `cfg.output_highpass_hz` > 0 the last conv's output goes through a
+  fixed DC blocker (musicjax/nn/dc_block.py) before the optional tanh, so no
+  bias or drift inside the decoder can put a DC offset on the audio.
+  """
+
+  def __init__(self, audio_channels: int, cfg: ml_collections.ConfigDict,
+               sample_rate: int, *, rngs: nnx.Rngs):
     ch = cfg.decoder_dim
     self.stem = WNConv1d(cfg.latent_dim, ch, cfg.stem_kernel, padding=cfg.padding,
                          rngs=rngs)
@@ -114,12 +121,17 @@ class Decoder(nnx.Module):
     self.out = WNConv1d(ch, audio_channels, cfg.stem_kernel, padding=cfg.padding,
                         rngs=rngs)
     self.output_tanh = bool(cfg.output_tanh)
+    self.highpass_hz = float(cfg.output_highpass_hz)
+    self.highpass_tolerance = float(cfg.output_highpass_tolerance)
+    self.sample_rate = int(sample_rate)
 
   def __call__(self, z: jax.Array) -> jax.Array:
     x = self.stem(z)
     for block in self.blocks:
       x = block(x)
     x = self.out(self.act(x))
+    if self.highpass_hz > 0:
+      x = dc_block(x, self.highpass_hz, self.sample_rate, self.highpass_tolerance)
     return jnp.tanh(x) if self.output_tanh else x
 
 
@@ -136,6 +148,12 @@ def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
               'latent_kernel', 'down_kernel_multiple', 'up_kernel_multiple'):
     if cfg[key] < 1:
       raise ValueError(f'config.model.{key} must be >= 1, got {cfg[key]}')
+  if cfg.output_highpass_hz < 0:
+    raise ValueError('config.model.output_highpass_hz must be >= 0 (0 = off), '
+                     f'got {cfg.output_highpass_hz}')
+  if cfg.output_highpass_hz > 0 and not 0 < cfg.output_highpass_tolerance < 1:
+    raise ValueError('config.model.output_highpass_tolerance must be in (0, 1), '
+                     f'got {cfg.output_highpass_tolerance}')
 
 
 class CodecModel(nnx.Module):
@@ -144,9 +162,12 @@ class CodecModel(nnx.Module):
   def __init__(self, cfg: ml_collections.ConfigDict, sample_rate: int,
                audio_channels: int, *, rngs: nnx.Rngs):
     validate_model_config(cfg)
+    if cfg.output_highpass_hz >= sample_rate / 2:
+      raise ValueError(f'config.model.output_highpass_hz ({cfg.output_highpass_hz}) '
+                       f'must be below Nyquist ({sample_rate / 2:g} Hz)')
     self.encoder = Encoder(audio_channels, cfg, rngs=rngs)
     self.quantizer = ResidualVQ(cfg.latent_dim, cfg.rvq, rngs=rngs)
-    self.decoder = Decoder(audio_channels, cfg, rngs=rngs)
+    self.decoder = Decoder(audio_channels, cfg, sample_rate, rngs=rngs)
     self._hop = int(math.prod(cfg.strides))
     self.sample_rate = int(sample_rate)
     self.audio_channels = int(audio_channels)

@@ -49,6 +49,16 @@ def default_config() -> ConfigDict:
   m.up_kernel_multiple = 2       # transposed conv kernel = multiple * stride
   m.padding = 'same'             # same (centred) | causal
   m.output_tanh = True
+  # Fixed DC blocker at the decoder output, in Hz (0 = off): no loss pins DC
+  # down, and decoders trained without it put 0.01-0.04 offsets on mastered
+  # music. 10 Hz is below the lowest musical fundamentals (B0 31 Hz loses
+  # 0.4 dB, E1 41 Hz 0.25 dB, which training can compensate) and keeps the FIR
+  # short: ln(1/tolerance) * sr / (2 pi f_c) taps, ~5300 at 24 kHz. Runs saved
+  # before this key existed load with 0 (saved_config_defaults below).
+  m.output_highpass_hz = 10.0
+  # Its impulse response is cut where R^k < this; the cut tail is put back by
+  # rescaling, so DC stays exactly zero and only the response near f_c moves.
+  m.output_highpass_tolerance = 1e-6
   m.init_std = 0.02              # conv weight init std (DAC); 0 = fan-in scaled
   q = m.rvq = ConfigDict()
   q.num_codebooks = 8
@@ -63,6 +73,20 @@ def default_config() -> ConfigDict:
   q.dead_code_threshold = 0.05   # EMA uses per batch below which a code restarts (0 = off)
   q.quantizer_dropout = 0.5      # share of items trained with n_q ~ U[1, K]
   q.norm_eps = 1e-12
+
+  da = c.data = ConfigDict()
+  # Gain augmentation of training segments (DAC trains over a wide loudness
+  # range): each segment is scaled to a target RMS drawn uniformly from this
+  # (low, high) dBFS range, so the codec sees quiet masters as well as loud
+  # ones. () or None = off; eval segments are never scaled.
+  da.gain_augment_dbfs = (-40.0, -10.0)
+  # ...unless that would put the peak above this: the peak cap wins (the RMS
+  # ends lower), so nothing clips (-1 dBFS as in augment.FREQUENCY_BALANCE).
+  da.gain_augment_peak_dbfs = -1.0
+  # Segments quieter than this keep their level: silence stays silence, and a
+  # fade-out's noise floor is not raised into loud hiss (without a floor a
+  # -110 dBFS tail would gain up to 100 dB).
+  da.gain_augment_floor_dbfs = -60.0
 
   d = c.disc = ConfigDict()
   d.periods = (2, 3, 5, 7, 11)
@@ -116,6 +140,14 @@ def default_config() -> ConfigDict:
   return c
 
 
+def saved_config_defaults() -> dict[str, Any]:
+  """Keys of default_config() newer than some saved runs, with the values that
+  reproduce those runs (config.load_saved fills them in): no output high-pass
+  (their decoders were trained without it) and no gain augmentation (a
+  resumed run keeps its data stream)."""
+  return {'model.output_highpass_hz': 0.0, 'data.gain_augment_dbfs': ()}
+
+
 def make_optimizer(lr: float, clip: float, o: ConfigDict) -> optax.GradientTransformation:
   decay = optax.exponential_decay(lr, transition_steps=1, decay_rate=o.lr_decay)
   if o.warmup_steps > 0:
@@ -156,6 +188,10 @@ class CodecTask(Task):
   @classmethod
   def default_config(cls) -> ConfigDict:
     return default_config()
+
+  @classmethod
+  def saved_config_defaults(cls) -> dict[str, Any]:
+    return saved_config_defaults()
 
   def create_state(self, rngs: nnx.Rngs) -> CodecState:
     return CodecState(self.config, rngs)

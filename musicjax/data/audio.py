@@ -30,6 +30,8 @@ AUDIO_EXTENSIONS = ('.wav', '.flac', '.ogg', '.mp3')
 _FLOAT_SUBTYPES = ('FLOAT', 'DOUBLE')
 # Frames per block when checking a float file for NaN/Inf without loading it whole.
 _SCAN_BLOCK_FRAMES = 1 << 20
+# The upfront scan reads this many frames at the end of each file (truncation).
+_TAIL_CHECK_FRAMES = 1024
 
 _bad_lock = threading.Lock()
 _bad: dict[str, str] = {}
@@ -156,9 +158,11 @@ def audio_info(source: Source, name: str | None = None) -> AudioInfo:
 def check_file(source: Source, *, min_seconds: float = 0.0,
                max_seconds: float | None = None,
                name: str | None = None) -> AudioInfo:
-  """Cheap upfront check: header, length limits, and NaN/Inf for float files."""
+  """Cheap upfront check: header, length limits, the end of the audio is
+  readable, and NaN/Inf for float files."""
   name = name or (source if isinstance(source, str) else '<bytes>')
   info = audio_info(source, name)
+  _check_tail(source, name, info)
   if max_seconds is not None and max_seconds > 0 and info.seconds > max_seconds:
     raise BadAudio(name, f'too long: {info.seconds:.1f} s > max_file_seconds '
                    f'{max_seconds:g} s')
@@ -176,6 +180,24 @@ def check_file(source: Source, *, min_seconds: float = 0.0,
     except Exception as e:
       raise BadAudio(name, f'undecodable or corrupt ({_short(e)})') from None
   return info
+
+
+def _check_tail(source: Source, name: str, info: AudioInfo) -> None:
+  """Reads the last frames the header promises: a truncated FLAC or MP3 keeps
+  its full-length header, and would otherwise pass the scan and fail later,
+  when a pipeline reads it (maybe never named, in an eval split not used)."""
+  want = min(info.frames, _TAIL_CHECK_FRAMES)
+  try:
+    with sf.SoundFile(_open(source)) as f:
+      f.seek(info.frames - want)
+      got = f.read(want, dtype='float32').shape[0]
+  except Exception as e:  # libsndfile raises several types for damaged data
+    raise BadAudio(name, f'truncated or corrupt: the header promises '
+                   f'{info.frames} frames, reading its end failed '
+                   f'({_short(e)})') from None
+  if got < want:
+    raise BadAudio(name, f'truncated: the header promises {info.frames} frames, '
+                   f'the data ends before frame {info.frames - want + got}')
 
 
 def _short(e: Exception) -> str:

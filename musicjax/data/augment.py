@@ -21,6 +21,9 @@ Tempo and pitch (`time_stretch`, `pitch_shift`) use librosa's phase vocoder
 and resampler; a caller applies the same transform to every stem of a song.
 `stretch_meta` / `shift_meta` adjust the metadata to match.
 
+`random_loudness` is the codec's training-time gain augmentation (applied
+per segment by musicjax/data/pipeline.py, see `data.gain_augment_dbfs`).
+
 Every random choice comes from a numpy Generator; `song_rng` seeds one from
 (seed, song id, purpose...) with a stable hash, so reruns are identical.
 """
@@ -156,6 +159,29 @@ def normalize_loudness(wave: np.ndarray, target_rms_dbfs: float,
   peak = float(np.max(np.abs(wave)))
   gain = min(gain, from_dbfs(peak_cap_dbfs) / peak)
   return (np.asarray(wave, np.float64) * gain).astype(np.float32)
+
+
+def random_loudness(wave: np.ndarray, rng: np.random.Generator,
+                    target_rms_dbfs: tuple[float, float], peak_cap_dbfs: float,
+                    floor_dbfs: float) -> np.ndarray:
+  """Gain augmentation: `wave` at an RMS drawn uniformly from the range.
+
+  Args:
+    wave: [T] or [T, C]; one gain for every channel.
+    rng: the draw's generator (one number is drawn, whatever the wave, so
+      the stream after it does not depend on the audio).
+    target_rms_dbfs: (low, high) range of the target RMS level.
+    peak_cap_dbfs: the peak never ends above this (normalize_loudness).
+    floor_dbfs: waves at or below this RMS level keep their level, so
+      silence stays silence and near-silence is not raised into loud noise.
+
+  Returns:
+    float32, the shape of `wave`.
+  """
+  target = _uniform(rng, target_rms_dbfs)
+  if to_dbfs(rms(wave)) <= floor_dbfs:
+    return np.asarray(wave, np.float32)
+  return normalize_loudness(wave, target, peak_cap_dbfs)
 
 
 # ------------------------------------------------------------------ biquads

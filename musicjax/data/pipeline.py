@@ -6,6 +6,8 @@
       -> read: decode the crop window -> channels -> resample -> exact length
          (train: random crop seeded by data.shuffle_seed and the global index;
           eval: the centre)
+      -> train, if data.gain_augment_dbfs is set (the codec's config): scale to
+         a random RMS level from the same per-element generator
       -> this process's share: [shard_index::shard_count]
       -> drop unreadable items (reported once each by path)
       -> batch(local batch, drop_remainder) -> optional mp_prefetch workers
@@ -27,6 +29,7 @@ import soundfile as sf
 
 from musicjax.config import ConfigError
 from musicjax.data import audio
+from musicjax.data import augment
 from musicjax.data import sources
 
 # Extra source frames read past the crop so the resampler's output covers it.
@@ -91,13 +94,37 @@ def _safe_read(item, position, config) -> dict[str, np.ndarray] | None:
   return None
 
 
+def gain_augment(config: ml_collections.ConfigDict
+                 ) -> tuple[tuple[float, float], float, float] | None:
+  """(target range, peak cap, floor) in dBFS of the training gain
+  augmentation, or None when off (unset, None or ()).
+
+  Raises:
+    ConfigError: a range that is not (low, high) with low <= high.
+  """
+  d = config.data
+  bounds = d.get('gain_augment_dbfs')
+  if not bounds:
+    return None
+  if len(bounds) != 2 or not bounds[0] <= bounds[1]:
+    raise ConfigError('config.data.gain_augment_dbfs must be (low, high) target '
+                      f'RMS levels in dBFS with low <= high, or () for none; got '
+                      f'{bounds!r}')
+  return ((float(bounds[0]), float(bounds[1])), float(d.gain_augment_peak_dbfs),
+          float(d.gain_augment_floor_dbfs))
+
+
 class _RandomCrop(grain.transforms.RandomMap):
 
   def __init__(self, config: ml_collections.ConfigDict):
     self._config = config
+    self._gain = gain_augment(config)
 
   def random_map(self, item, rng: np.random.Generator):
-    return _safe_read(item, float(rng.random()), self._config)
+    out = _safe_read(item, float(rng.random()), self._config)
+    if out is not None and self._gain is not None:
+      out['audio'] = augment.random_loudness(out['audio'], rng, *self._gain)
+    return out
 
 
 class _CentreCrop(grain.transforms.Map):

@@ -15,6 +15,15 @@ the result is the same as an uninterrupted run. Shards written with other
 settings (another codec or checkpoint, other data, process count or shard
 size) are an error, not silently mixed in.
 
+Resume is per song, not per shard: while a shard is being written, each
+finished item is kept as its own file in the hidden folder `.<shard>.parts/`
+(`NNNNN.rec`, the record bytes, or `NNNNN.bad.json`, why the item was
+skipped), written atomically beside `settings.json`. A rerun takes every item
+found there as done and encodes only the rest; the shard is then assembled
+from the parts in item order, so a killed run loses at most the song it was
+encoding, and the dataset is byte for byte the one an uninterrupted run
+writes. The folder is removed once its shard is final.
+
 Stems (`--stems`): records also get the codes of the vocal and accompaniment
 stems. Chorales have them. A folder dataset (`data.kind=folder`) uses this
 convention, one sub-folder per song:
@@ -69,6 +78,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from typing import Any
 
@@ -103,6 +113,10 @@ ACTIVE_THRESHOLD_DBFS = -40.0
 TIME_STRETCH, PITCH_SHIFT = 'time_stretch', 'pitch_shift'
 _TMP_PREFIX = '.'
 _TMP_SUFFIX = '.tmp'
+# Finished items of a shard in progress (module docstring: resume per song).
+_PARTS_SUFFIX = '.parts'
+_PART_RECORD, _PART_BAD = '{:05d}.rec', '{:05d}.bad.json'
+_PARTS_SETTINGS = 'settings.json'
 
 
 # ----------------------------------------------------------------- the codec
@@ -200,10 +214,9 @@ def stem_folder_items(config: ml_collections.ConfigDict,
                                 'data.kind=folder needs a folder of song folders)')
   songs = _find_stem_songs(root)
   dirs = sorted(songs, key=lambda d: os.path.relpath(d, root))
-  chosen = sources.folder_split(dirs, root, config.data.eval_fraction)[split]
   exts = '|'.join(e.lstrip('.') for e in audio.AUDIO_EXTENSIONS)
-  items = []
-  for song in chosen:
+  usable = []
+  for song in dirs:  # every split's bad songs are named, then the rest split
     found = songs[song]
     missing = [f'{STEM_FILES[s]}.<{exts}>' for s in REQUIRED_STEMS if s not in found]
     doubled = [os.path.basename(p) for s in found.values() if len(s) > 1 for p in s]
@@ -212,15 +225,19 @@ def stem_folder_items(config: ml_collections.ConfigDict,
                 f'more than one file for a stem: {", ".join(doubled)}')
       audio.report_bad(song, reason)
       continue
-    stems = {s: paths[0] for s, paths in found.items()}
+    usable.append(song)
+  chosen = sources.folder_split(usable, root, config.data.eval_fraction)[split]
+  items = []
+  for song in chosen:
+    stems = {s: paths[0] for s, paths in songs[song].items()}
     items.append({'name': song, 'source': stems.get('mix'), 'stems': stems,
                   'meta': _song_meta(song)})
   if not items:
     raise sources.NoUsableAudio(
         f'no usable song folder for split {split!r} in {where}: --stems with '
         f'data.kind=folder needs sub-folders with {STEM_FILES["vocal"]}.<ext> and '
-        f'{STEM_FILES["accompaniment"]}.<ext> ({len(chosen)} candidate(s), '
-        f'{audio.bad_file_count()} bad file(s) reported above)')
+        f'{STEM_FILES["accompaniment"]}.<ext> ({len(dirs)} song folder(s), '
+        f'{len(usable)} usable, the rest named above; each split needs one)')
   return items
 
 
@@ -498,26 +515,91 @@ def _check_settings(shard_path: str, found: dict[str, Any],
         f'{os.path.dirname(shard_path)} to start over')
 
 
-def _write_shard(path: str, items: list[dict[str, Any]], encode, bar) -> dict[str, Any]:
-  """Encodes `items` into `path` via a temporary file; returns the sidecar."""
+def _parts_dir(path: str) -> str:
+  directory, name = os.path.split(path)
+  return os.path.join(directory, _TMP_PREFIX + name + _PARTS_SUFFIX)
+
+
+def _open_parts(path: str, settings: dict[str, Any]) -> str:
+  """The parts folder of the shard at `path`, checked against `settings`."""
+  parts = _parts_dir(path)
+  marker = os.path.join(parts, _PARTS_SETTINGS)
+  if os.path.isfile(marker):
+    try:
+      with open(marker, encoding='utf-8') as f:
+        found = json.load(f)
+    except (OSError, ValueError):
+      found = None
+    if not isinstance(found, dict):
+      raise UserError(f'{marker} is unreadable; delete {parts} (its songs are '
+                      're-encoded) and rerun')
+    _check_settings(path, found, settings)
+  else:
+    os.makedirs(parts, exist_ok=True)
+    _atomic_write_json(marker, settings)
+  return parts
+
+
+def _finished_part(parts: str, index: int) -> tuple[str, Any] | None:
+  """('record', bytes) or ('bad', {path: reason}) of a finished item, else None."""
+  rec = os.path.join(parts, _PART_RECORD.format(index))
+  if os.path.isfile(rec):
+    with open(rec, 'rb') as f:
+      return 'record', f.read()
+  bad = os.path.join(parts, _PART_BAD.format(index))
+  if os.path.isfile(bad):
+    with open(bad, encoding='utf-8') as f:
+      return 'bad', json.load(f)
+  return None
+
+
+def _write_shard(path: str, items: list[dict[str, Any]], encode, bar,
+                 settings: dict[str, Any]) -> dict[str, Any]:
+  """Encodes `items` into `path` via a temporary file; returns the sidecar.
+
+  Items already in the shard's parts folder (an interrupted earlier run) are
+  taken from there; each newly encoded one is saved there before the next
+  starts.
+  """
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  parts = _open_parts(path, settings)
+  for index, item in enumerate(items):
+    if _finished_part(parts, index) is not None:
+      bar.update(1)
+      continue
+    try:
+      raw = encode(item)
+    except audio.BadAudio as e:
+      _atomic_write_json(os.path.join(parts, _PART_BAD.format(index)),
+                         {e.path: e.reason})
+    else:
+      fileio.write_with(os.path.join(parts, _PART_RECORD.format(index)),
+                        lambda tmp, raw=raw: _write_bytes(tmp, raw),
+                        prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX)
+    bar.update(1)
   directory, name = os.path.split(path)
   tmp = os.path.join(directory, _TMP_PREFIX + name + _TMP_SUFFIX)
   bad: dict[str, str] = {}
   records = 0
   writer = array_record_module.ArrayRecordWriter(tmp, token_records.WRITER_OPTIONS)
   try:
-    for item in items:
-      try:
-        writer.write(encode(item))
+    for index in range(len(items)):
+      kind, value = _finished_part(parts, index)
+      if kind == 'record':
+        writer.write(value)
         records += 1
-      except audio.BadAudio as e:
-        audio.report_bad(e.path, e.reason)
-        bad[e.path] = e.reason
-      bar.update(1)
+      else:  # named again: a resumed run reports what the first one found
+        for bad_path, reason in value.items():
+          audio.report_bad(bad_path, reason)
+        bad.update(value)
   finally:
     writer.close()
-  return {'tmp': tmp, 'records': records, 'bad_files': bad}
+  return {'tmp': tmp, 'records': records, 'bad_files': bad, 'parts': parts}
+
+
+def _write_bytes(path: str, raw: bytes) -> None:
+  with open(path, 'wb') as f:
+    f.write(raw)
 
 
 def _items_fingerprint(items: list[dict[str, Any]]) -> str:
@@ -545,13 +627,15 @@ def _prepare_split(split: str, items: list[dict[str, Any]], out_dir: str,
       side = _read_sidecar(path) if os.path.isfile(path) else None
       if side is not None:  # finished in an earlier run
         _check_settings(path, side.get('settings', {}), settings)
+        shutil.rmtree(_parts_dir(path), ignore_errors=True)  # killed after the rename
         bar.update(len(chunk))
         continue
-      done = _write_shard(path, chunk, encode, bar)
-      tmp = done.pop('tmp')
+      done = _write_shard(path, chunk, encode, bar, settings)
+      tmp, parts = done.pop('tmp'), done.pop('parts')
       _atomic_write_json(path + token_records.SIDECAR_SUFFIX,
                          dict(done, settings=settings))
-      os.replace(tmp, path)  # last: the final name marks the shard done
+      os.replace(tmp, path)  # the final name marks the shard done
+      shutil.rmtree(parts)
 
 
 def _split_settings(settings: dict[str, Any], split: str,

@@ -8,12 +8,17 @@ worker processes. Record-based sources (array_record, tfds) hold audio that the
 project wrote from an already-scanned source; problems found while reading them
 are reported by the pipeline.
 
-Folder split: a file is in 'eval' iff the first 32 bits of the SHA-1 of its
+Folder split: every audio file of the folder is scanned first (both splits,
+so each bad file is named whichever split it would fall in), and the usable
+ones are split. A file is in 'eval' iff the first 32 bits of the SHA-1 of its
 path relative to `config.data.path`, read as a fraction of 2**32, are below
 `config.data.eval_fraction`. It depends on nothing but the path, so adding
 files never moves others. If that leaves eval empty and the folder has >= 2
-files, the file with the smallest hash goes to eval (a 1-file folder has no
-eval split); likewise, if train would be empty, the largest hash goes to train.
+usable files, the usable file with the smallest hash goes to eval (a folder
+with one usable file has no eval split unless eval_fraction is 1; train
+without evaluation, `config.train.eval_every=0`); likewise, if train would be
+empty, the largest hash goes to train. So a small folder whose hashed eval files are all bad
+still trains and evaluates, on a good file moved over.
 """
 from __future__ import annotations
 
@@ -71,7 +76,9 @@ def folder_split(files: Sequence[str], root: str,
   eval_set = {f for f in files if frac[f] < eval_fraction}
   if not eval_set and len(files) >= 2 and eval_fraction > 0:
     eval_set = {min(files, key=lambda f: (frac[f], rels[f]))}
-  if len(eval_set) == len(files) and len(files) >= 2:
+  # Train needs a file more than eval, unless eval_fraction 1 asks for all.
+  if files and len(eval_set) == len(files) and (len(files) >= 2 or
+                                                eval_fraction < 1):
     eval_set.remove(max(files, key=lambda f: (frac[f], rels[f])))
   return {'train': [f for f in files if f not in eval_set],
           'eval': [f for f in files if f in eval_set]}
@@ -96,15 +103,31 @@ def sidecar_metadata(path: str) -> dict[str, Any]:
   return {}
 
 
+# Scan results by (path, size, mtime, limits): every eval rebuilds its dataset.
+_scanned: dict[tuple[Any, ...], str | None] = {}
+
+
 def scan(paths: Sequence[str], config: ml_collections.ConfigDict) -> list[str]:
   """The usable files of `paths`; reports each unusable one (main process)."""
   good = []
+  limits = (config.data.segment_seconds, config.data.max_file_seconds)
   for p in paths:
     try:
-      audio.check_file(p, min_seconds=config.data.segment_seconds,
-                       max_seconds=config.data.max_file_seconds)
-    except audio.BadAudio as e:
-      audio.report_bad(e.path, e.reason)
+      st = os.stat(p)
+      key = (p, st.st_size, st.st_mtime_ns, *limits)
+    except OSError:
+      key = None
+    reason = _scanned.get(key, '') if key else ''
+    if reason == '':  # not scanned yet
+      try:
+        audio.check_file(p, min_seconds=limits[0], max_seconds=limits[1])
+        reason = None
+      except audio.BadAudio as e:
+        reason = e.reason
+      if key:
+        _scanned[key] = reason
+    if reason is not None:
+      audio.report_bad(p, reason)
       continue
     good.append(p)
   return good
@@ -124,12 +147,21 @@ def folder_items(config: ml_collections.ConfigDict, split: str) -> list[dict[str
   if not config.data.path or not os.path.isdir(root):
     raise NoUsableAudio(f'{where} is not a directory (data.kind=folder needs a '
                         'folder of wav/flac/ogg/mp3 files)')
-  files = folder_split(list_audio_files(root), root,
-                       config.data.eval_fraction)[split]
-  good = scan(files, config)
-  if not good:
-    raise _no_usable(config, split, where, len(files))
-  return [{'name': p, 'source': p, 'meta': sidecar_metadata(p)} for p in good]
+  files = list_audio_files(root)
+  usable = scan(files, config)
+  splits = folder_split(usable, root, config.data.eval_fraction)
+  if not splits[split]:
+    counts = ', '.join(f'{k} {len(v)}' for k, v in splits.items())
+    fix = ('add audio files' if len(usable) < 2 else
+           'raise config.data.eval_fraction above 0')
+    raise NoUsableAudio(
+        f'no usable audio for split {split!r} in {where}: {len(files)} audio '
+        f'file(s), {len(usable)} usable ({counts}) and {len(files) - len(usable)} '
+        f'bad (each named above). Each split needs a usable file: {fix}'
+        + (', or train without evaluation (--config.train.eval_every=0)'
+           if split == 'eval' else ''))
+  return [{'name': p, 'source': p, 'meta': sidecar_metadata(p)}
+          for p in splits[split]]
 
 
 def chorale_items(config: ml_collections.ConfigDict, split: str) -> list[dict[str, Any]]:

@@ -169,12 +169,22 @@ def shard_paths(directory: str, split: str) -> list[str]:
   return sorted(glob.glob(os.path.join(directory, f'{split}-p*-*.array_record')))
 
 
+def _require_directory(directory: str) -> None:
+  """An empty path is an unset config.data.path: say so, not "'' not found"."""
+  if not str(directory).strip():
+    raise UserError('config.data.path is empty, so there is no token dataset to '
+                    'read: set it to the directory that `musicjax prepare '
+                    '--codec-workdir CODEC_RUN --out DIR` wrote, e.g. '
+                    '--config.data.path=DIR')
+
+
 def _open_records(directory: str, split: str):
   """(ArrayRecordDataSource of `split`, the name prefix of its records).
 
   Raises:
     UserError: no directory, no shards for `split`, or the shards are empty.
   """
+  _require_directory(directory)
   where = os.path.expanduser(directory)
   if not os.path.isdir(where):
     raise UserError(f'token dataset {directory!r} is not a directory; '
@@ -260,6 +270,7 @@ def metas(directory: str, split: str) -> list[dict[str, Any]]:
 
 def read_dataset_info(directory: str) -> dict[str, Any]:
   """DIR/dataset.json: codec facts, split counts and bad files of a finished run."""
+  _require_directory(directory)
   path = os.path.join(os.path.expanduser(directory), DATASET_INFO)
   if not os.path.isfile(path):
     raise UserError(f'{path} not found: {directory!r} is not a finished token '

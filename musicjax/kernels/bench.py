@@ -359,6 +359,7 @@ def run_case(opts: Options, batch: int, impls: list[str], peak_bps: float,
 
 def run(opts: Options = Options()) -> dict:
   """The benchmark on the default device; one JSON-able dict."""
+  load_start = bench_lib.load_now()
   check(opts)
   device = jax.devices()[0]
   impls, skipped = implementations(opts, device.platform)
@@ -392,5 +393,5 @@ def run(opts: Options = Options()) -> dict:
                      f'{TARGET_LARGE_BATCH} (S=8192, 8 KV heads, D=128)')
   out['cases'] = [run_case(opts, b, impls, peak_bps, device.device_kind)
                   for b in opts.batch]
-  out['machine'] = bench_lib.machine()
+  out['machine'] = bench_lib.machine(load_start)
   return out

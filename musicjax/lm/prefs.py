@@ -360,6 +360,7 @@ def prefs_main(config, workdir: str, out: str, num_prompts: int,
     raise UserError(f'--metric {metric!r} is unknown; known: {sorted(METRICS)}')
   if config is None:
     config = config_lib.load_saved(workdir)
+  config_lib.require_task(config, workdir, song.LM_TASKS, 'prefs')
   ctx = song.SongContext(config, workdir, codec_workdir)
   frames = _frames(seconds, ctx.frame_rate)
   prompts = prompts_from_tokens(config, split, num_prompts, frames,

@@ -30,6 +30,8 @@ from musicjax.lm import sequence
 from musicjax.lm import task as lm_task
 
 logger = logging.getLogger('musicjax.lm')
+# The tasks whose runs generate songs (a DPO-tuned run is still an LM).
+LM_TASKS = ('lm', 'lm_dpo')
 # Tag values seen in training are collected from at most this many records.
 _KNOWN_TAG_RECORDS = 10000
 
@@ -54,9 +56,12 @@ class SongContext:
 
   def __init__(self, config, workdir: str, codec_workdir: str | None = None,
                step: int | None = None):
+    from musicjax import config as config_lib  # pylint: disable=g-import-not-at-top
     from musicjax.lm import token_data  # pylint: disable=g-import-not-at-top
     from musicjax.parallel import rules  # pylint: disable=g-import-not-at-top
     from musicjax.train import trainer  # pylint: disable=g-import-not-at-top
+    # Before restoring: another kind of run would fail later, naming neither.
+    config_lib.require_task(config, workdir, LM_TASKS, 'generate')
     self.config = config
     task, self.mesh, state = trainer.restore_for_inference(config, workdir, step)
     self.model = task.inference_model(state)

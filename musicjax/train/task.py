@@ -5,6 +5,8 @@ preemption and the non-finite guard. A task owns everything model-specific:
 
   * `default_config()`: the task's own config keys (model/optim/loss/...), merged
     into the schema that validates every config file.
+  * `saved_config_defaults()`: optional; for keys a run saved before they
+    existed lacks, the values that keep its old behaviour.
   * `create_state(rngs)`: builds the whole train state as one `nnx.Module`
     (models, optimizers, counters). Parameters carry logical axis names via
     `nnx.Param(..., out_sharding=(...))`; the trainer evaluates it abstractly
@@ -58,6 +60,16 @@ class Task(abc.ABC):
   @abc.abstractmethod
   def default_config(cls) -> ml_collections.ConfigDict:
     """Task keys (sections model/optim/loss/...) with their defaults."""
+
+  @classmethod
+  def saved_config_defaults(cls) -> Mapping[str, Any]:
+    """{'a.b': value} for keys added after some runs were saved, where the
+    behaviour before the key existed differs from `default_config()`'s.
+
+    `config.load_saved` gives a saved run that lacks such a key this value
+    instead of the default, so old checkpoints and exports behave as before.
+    """
+    return {}
 
   @abc.abstractmethod
   def create_state(self, rngs: nnx.Rngs) -> nnx.Module:

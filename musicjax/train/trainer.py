@@ -326,7 +326,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       eval_fn = make_eval_step(s)
       pending: list[tuple[int, Any, Any]] = []  # device values, not yet fetched
       window: list[dict] = []                     # fetched, finite steps
-      if start == 0 and c.eval_at_start:
+      evaluates = _check_eval_split(s, start)
+      if start == 0 and c.eval_at_start and evaluates:
         # A baseline for "how much better did training make it".
         ev = _eval(s, eval_fn, state, c.eval_steps)
         record0 = {f'eval/{k}': v for k, v in ev.items()}
@@ -345,7 +346,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         n_window += 1
         stop = preempt.agreed()
         is_log = step % c.log_every == 0 or step == c.steps or stop
-        is_eval = step % c.eval_every == 0
+        is_eval = evaluates and step % c.eval_every == 0
         is_ckpt = step % c.checkpoint_every == 0 or step == c.steps or stop
         is_summary = is_eval or (c.summary_every and step % c.summary_every == 0)
         record: dict[str, float] = {}
@@ -391,6 +392,34 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     if writer is not None:
       writer.close()
   return last
+
+
+def _check_eval_split(s: Setup, start: int) -> bool:
+  """Whether this run (steps start+1 .. steps) evaluates; checks its data first.
+
+  The eval dataset is built up front either way, so its bad files are named
+  before training even when no evaluation follows. Data that cannot be
+  evaluated stops the run here, before any compile, only when an evaluation
+  (or a summary, which reads eval batches) would need it; otherwise it is a
+  warning.
+  """
+  c = s.config.train
+  evals = bool(c.eval_every) and c.steps // c.eval_every > start // c.eval_every
+  summaries = bool(c.summary_every) and c.steps // c.summary_every > start // c.summary_every
+  try:
+    s.task.dataset('eval', jax.process_index(), jax.process_count())
+  except UserError as e:
+    if not (evals or summaries):
+      _log(f'no evaluation in this run (config.train.eval_every='
+           f'{c.eval_every}, steps {start + 1}..{c.steps}), so training goes on '
+           f'without an eval split: {e}')
+      return False
+    raise UserError(
+        f'{e}\nThis run evaluates (config.train.eval_every={c.eval_every}, '
+        f'summary_every={c.summary_every}, steps {start + 1}..{c.steps}). Fix the '
+        'eval split (add usable files, or raise config.data.eval_fraction), or '
+        'train without evaluation: --config.train.eval_every=0') from None
+  return evals
 
 
 def _write_summaries(s: Setup, state, step: int, writer) -> None:
