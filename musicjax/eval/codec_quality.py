@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -25,6 +23,7 @@ import jax
 import numpy as np
 import soundfile as sf
 
+from musicjax.data import augment
 from musicjax.errors import UserError
 
 LOW_CUTOFF_HZ = 40.0          # "below 40 Hz": rumble and DC, not music
@@ -39,7 +38,7 @@ OPUS_FALLBACK_RATE = 48000    # other codec rates: decode here, then resample
 OPUS_TOOLS = ('opusenc', 'opusdec')
 OPUS_INSTALL = 'apt-get install opus-tools'
 # Level reported for digital silence, so that every figure stays finite (JSON).
-SILENCE_DBFS = -150.0
+SILENCE_DBFS = augment.SILENCE_DBFS
 # Clips quieter than this are skipped: their quiet copy would be amplified noise.
 MIN_INPUT_DBFS = -90.0
 # Shortest clip measured: the mel distance's longest window must fit in it.
@@ -64,15 +63,9 @@ _SYSTEM_WIDTH = 6
 
 
 def rms_dbfs(x: np.ndarray) -> float:
-  """20 log10(RMS) over all samples and channels (a full-scale sine: -3.01).
-
-  Digital silence gives SILENCE_DBFS rather than -inf.
-  """
-  x = np.asarray(x, np.float64)
-  mean_square = float(np.mean(np.square(x))) if x.size else 0.0
-  if mean_square <= 0.0:
-    return SILENCE_DBFS
-  return max(10.0 * math.log10(mean_square), SILENCE_DBFS)
+  """20 log10(RMS) over all samples and channels (a full-scale sine: -3.01);
+  digital silence gives augment.SILENCE_DBFS rather than -inf."""
+  return augment.to_dbfs(augment.rms(x))
 
 
 def level_difference_db(reference: np.ndarray, estimate: np.ndarray) -> float:
@@ -280,21 +273,10 @@ def _load_clip(path: str, sample_rate: int, channels: int, seconds: float,
 
 def host_info() -> dict[str, Any]:
   """CPU model, 1-minute load average and JAX device: context for timings."""
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          cpu = line.split(':', 1)[1].strip()
-          break
-  except OSError:
-    pass
-  try:
-    load = os.getloadavg()[0]
-  except OSError:
-    load = None
+  from musicjax import bench  # pylint: disable=g-import-not-at-top
   device = jax.devices()[0]
-  return dict(cpu_model=cpu, cpu_count=os.cpu_count(), load_avg_1m=load,
+  return dict(cpu_model=bench.cpu_model(), cpu_count=os.cpu_count(),
+              load_avg_1m=bench.load_now(),
               jax_device=f'{device.platform}:{device.device_kind}')
 
 
