@@ -1,6 +1,9 @@
 """ArrayRecord shards: write, read back, prepare from a folder, pipeline."""
 import logging
 import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -96,3 +99,65 @@ def test_all_records_unreadable_stops_with_named_error(tmp_path):
     next(iter(pipeline.audio_dataset(c, 'train')))
   # Each named once, not once per repeat.
   assert len(fx.bad_under(tmp_path)) == 3, audio.bad_files()
+
+
+# A real kill (SIGKILL: no finally, no cleanup) when file number `after` loads.
+_KILLED_PREPARE = '''
+import os, signal, sys
+from musicjax.data import audio, prepare_audio
+from tests import audio_fixtures as fx
+src, out, after = sys.argv[1:4]
+real, loaded = audio.load_audio, []
+
+def load_then_die(*args, **kwargs):
+  if len(loaded) == int(after):
+    os.kill(os.getpid(), signal.SIGKILL)
+  loaded.append(args[0])
+  return real(*args, **kwargs)
+
+audio.load_audio = load_then_die
+prepare_audio.prepare_audio_main(
+    fx.data_config(src, eval_fraction=0.3, records_per_shard=2), out)
+'''
+
+
+def _shard_bytes(out):
+  return {name: open(os.path.join(out, name), 'rb').read()
+          for name in sorted(os.listdir(out)) if name.endswith('.array_record')}
+
+
+def test_a_killed_prepare_resumes_at_its_file_and_equals_a_clean_run(
+    tmp_path, monkeypatch):
+  src = str(tmp_path / 'src')
+  fx.good_folder(src, 7, sample_rate=22050)
+  c = fx.data_config(src, eval_fraction=0.3, records_per_shard=2)
+  clean = str(tmp_path / 'clean')
+  prepare_audio.prepare_audio_main(c, clean)
+
+  train = [it['name'] for it in sources.folder_items(c, 'train')]
+  evals = [it['name'] for it in sources.folder_items(c, 'eval')]
+  assert len(evals) >= 2
+  out = str(tmp_path / 'killed')
+  killed = subprocess.run(
+      [sys.executable, '-c', _KILLED_PREPARE, src, out, str(len(train) + 1)],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      capture_output=True, text=True, timeout=300)
+  # Train was written; eval was killed on its second file.
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  assert all(n.startswith('train-') for n in _shard_bytes(out))
+  assert sorted(os.listdir(os.path.join(out, '.eval.parts'))) == [
+      '00000.rec', 'settings.json']
+
+  loaded = []
+  real = audio.load_audio
+
+  def counting(source, *args, **kwargs):
+    loaded.append(source)
+    return real(source, *args, **kwargs)
+
+  monkeypatch.setattr(audio, 'load_audio', counting)
+  counts = prepare_audio.prepare_audio_main(c, out)
+  assert loaded == evals[1:]  # only the files the kill left undone
+  assert counts == {'train': len(train), 'eval': len(evals)}
+  assert _shard_bytes(out) == _shard_bytes(clean)
+  assert not [n for n in os.listdir(out) if n.endswith('.parts')]

@@ -18,12 +18,16 @@ from typing import Any, Iterable
 import ml_collections
 import numpy as np
 
+from musicjax import fileio
 from musicjax.data import audio
 from musicjax.data import npz
+from musicjax.data import song_parts
 
 _SHARD_PATTERN = '{split}-{index:05d}-of-{count:05d}.array_record'
 # One record per chunk: random access reads exactly one record.
 _WRITER_OPTIONS = 'group_size:1'
+# Marks a split whose shards are complete, with the settings they were made with.
+_DONE = '.{split}.done.json'
 
 
 def encode_record(x: np.ndarray, sample_rate: int, meta: dict[str, Any]) -> bytes:
@@ -58,13 +62,21 @@ def write_array_record(records: Iterable[dict[str, Any]], out_dir: str,
   Shards are written under temporary names and renamed once the count is
   known, so readers never see a half-written set.
   """
+  return write_raw_records(
+      (encode_record(r['audio'], r['sample_rate'], r.get('meta', {}))
+       for r in records), out_dir, shard_size, split)
+
+
+def write_raw_records(records: Iterable[bytes], out_dir: str, shard_size: int,
+                      split: str = 'train') -> list[str]:
+  """`write_array_record` of records already encoded (`encode_record`)."""
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   if shard_size < 1:
     raise ValueError(f'shard_size must be >= 1, got {shard_size}')
   os.makedirs(out_dir, exist_ok=True)
   tmp_paths, writer, in_shard = [], None, 0
   try:
-    for r in records:
+    for raw in records:
       if writer is None or in_shard == shard_size:
         if writer is not None:
           writer.close()
@@ -72,7 +84,7 @@ def write_array_record(records: Iterable[dict[str, Any]], out_dir: str,
         writer = array_record_module.ArrayRecordWriter(tmp_paths[-1],
                                                        _WRITER_OPTIONS)
         in_shard = 0
-      writer.write(encode_record(r['audio'], r['sample_rate'], r.get('meta', {})))
+      writer.write(raw)
       in_shard += 1
   finally:
     if writer is not None:
@@ -106,28 +118,53 @@ def prepare_audio_main(config: ml_collections.ConfigDict, out_dir: str) -> dict[
   """Converts the config's source (chorales/folder/...) to ArrayRecord shards.
 
   Audio is stored at `config.data.sample_rate` with `config.data.channels`.
-  Returns the number of records written per split.
+  A rerun with the same `out_dir` after a kill resumes at the file it was on
+  (`song_parts`: each finished file is kept in DIR/.<split>.parts/ until the
+  split's shards are written). Returns the number of records per split.
   """
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   from musicjax.data import sources  # pylint: disable=g-import-not-at-top
   d = config.data
+  os.makedirs(out_dir, exist_ok=True)
+
+  def encode(item):
+    x = audio.load_audio(item['source'], d.sample_rate, d.channels,
+                         d.max_file_seconds, name=item['name'])
+    origin = item['name'] if isinstance(item['source'], str) else None
+    meta = dict(item['meta'], origin=item['meta'].get('origin', origin))
+    return encode_record(x, d.sample_rate, meta)
+
   counts = {}
   for split in sources.SPLITS:
     items = sources.items(config, split)
-
-    def records(items=items, split=split):
-      for item in tqdm(items, desc=f'prepare {split}', unit='file'):
-        try:
-          x = audio.load_audio(item['source'], d.sample_rate, d.channels,
-                               d.max_file_seconds, name=item['name'])
-        except audio.BadAudio as e:
-          audio.report_bad(e.path, e.reason)
-          continue
-        origin = item['name'] if isinstance(item['source'], str) else None
-        meta = dict(item['meta'], origin=item['meta'].get('origin', origin))
-        counts[split] = counts.get(split, 0) + 1
-        yield {'audio': x, 'sample_rate': d.sample_rate, 'meta': meta}
-
-    write_array_record(records(), out_dir, d.records_per_shard, split)
-    counts.setdefault(split, 0)
+    settings = {'format': 'musicjax-audio-records', 'split': split,
+                'data': sources.describe(config), 'sample_rate': int(d.sample_rate),
+                'channels': int(d.channels),
+                'max_file_seconds': float(d.max_file_seconds),
+                'records_per_shard': int(d.records_per_shard),
+                'items': song_parts.items_fingerprint([it['name'] for it in items])}
+    done = os.path.join(out_dir, _DONE.format(split=split))
+    finished = _read_json(done)
+    if finished and finished.get('settings') == settings and _shards(out_dir, split):
+      counts[split] = int(finished['records'])  # written by an earlier run
+      continue
+    parts = song_parts.SongParts(os.path.join(out_dir, f'.{split}.parts'),
+                                 settings, os.path.join(out_dir, f'{split}-*'))
+    with tqdm(total=len(items), desc=f'prepare {split}', unit='file') as bar:
+      parts.make(items, encode, bar)
+    records, _ = parts.finished(len(items))
+    write_raw_records(records, out_dir, d.records_per_shard, split)
+    fileio.write_text(done, json.dumps({'settings': settings,
+                                        'records': len(records)}))
+    parts.remove()
+    counts[split] = len(records)
   return counts
+
+
+def _read_json(path: str) -> dict[str, Any] | None:
+  try:
+    with open(path, encoding='utf-8') as f:
+      out = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return out if isinstance(out, dict) else None

@@ -17,8 +17,7 @@ size) are an error, not silently mixed in.
 
 Resume is per song, not per shard: while a shard is being written, each
 finished item is kept as its own file in the hidden folder `.<shard>.parts/`
-(`NNNNN.rec`, the record bytes, or `NNNNN.bad.json`, why the item was
-skipped), written atomically beside `settings.json`. A rerun takes every item
+(`song_parts`). A rerun takes every item
 found there as done and encodes only the rest; the shard is then assembled
 from the parts in item order, so a killed run loses at most the song it was
 encoding, and the dataset is byte for byte the one an uninterrupted run
@@ -73,7 +72,6 @@ At the end process 0 trains DIR/tokenizer.json on the train records' texts
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -89,6 +87,7 @@ import numpy as np
 from musicjax import fileio
 from musicjax.data import audio
 from musicjax.data import augment
+from musicjax.data import song_parts
 from musicjax.data import sources
 from musicjax.data import token_records
 from musicjax.errors import UserError
@@ -115,8 +114,6 @@ _TMP_PREFIX = '.'
 _TMP_SUFFIX = '.tmp'
 # Finished items of a shard in progress (module docstring: resume per song).
 _PARTS_SUFFIX = '.parts'
-_PART_RECORD, _PART_BAD = '{:05d}.rec', '{:05d}.bad.json'
-_PARTS_SETTINGS = 'settings.json'
 
 
 # ----------------------------------------------------------------- the codec
@@ -503,54 +500,12 @@ def _read_sidecar(shard_path: str) -> dict[str, Any] | None:
   return side if isinstance(side, dict) else None
 
 
-def _check_settings(shard_path: str, found: dict[str, Any],
-                    settings: dict[str, Any]) -> None:
-  differ = sorted(k for k in set(found) | set(settings)
-                  if found.get(k) != settings.get(k))
-  if differ:
-    k = differ[0]
-    raise UserError(
-        f'{shard_path} was written with other settings ({k}: {found.get(k)!r}, '
-        f'now {settings.get(k)!r}); pass a new --out, or delete '
-        f'{os.path.dirname(shard_path)} to start over')
+_check_settings = song_parts.settings_differ
 
 
 def _parts_dir(path: str) -> str:
   directory, name = os.path.split(path)
   return os.path.join(directory, _TMP_PREFIX + name + _PARTS_SUFFIX)
-
-
-def _open_parts(path: str, settings: dict[str, Any]) -> str:
-  """The parts folder of the shard at `path`, checked against `settings`."""
-  parts = _parts_dir(path)
-  marker = os.path.join(parts, _PARTS_SETTINGS)
-  if os.path.isfile(marker):
-    try:
-      with open(marker, encoding='utf-8') as f:
-        found = json.load(f)
-    except (OSError, ValueError):
-      found = None
-    if not isinstance(found, dict):
-      raise UserError(f'{marker} is unreadable; delete {parts} (its songs are '
-                      're-encoded) and rerun')
-    _check_settings(path, found, settings)
-  else:
-    os.makedirs(parts, exist_ok=True)
-    _atomic_write_json(marker, settings)
-  return parts
-
-
-def _finished_part(parts: str, index: int) -> tuple[str, Any] | None:
-  """('record', bytes) or ('bad', {path: reason}) of a finished item, else None."""
-  rec = os.path.join(parts, _PART_RECORD.format(index))
-  if os.path.isfile(rec):
-    with open(rec, 'rb') as f:
-      return 'record', f.read()
-  bad = os.path.join(parts, _PART_BAD.format(index))
-  if os.path.isfile(bad):
-    with open(bad, encoding='utf-8') as f:
-      return 'bad', json.load(f)
-  return None
 
 
 def _write_shard(path: str, items: list[dict[str, Any]], encode, bar,
@@ -559,55 +514,21 @@ def _write_shard(path: str, items: list[dict[str, Any]], encode, bar,
 
   Items already in the shard's parts folder (an interrupted earlier run) are
   taken from there; each newly encoded one is saved there before the next
-  starts.
+  starts (`song_parts`).
   """
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-  parts = _open_parts(path, settings)
-  for index, item in enumerate(items):
-    if _finished_part(parts, index) is not None:
-      bar.update(1)
-      continue
-    try:
-      raw = encode(item)
-    except audio.BadAudio as e:
-      _atomic_write_json(os.path.join(parts, _PART_BAD.format(index)),
-                         {e.path: e.reason})
-    else:
-      fileio.write_with(os.path.join(parts, _PART_RECORD.format(index)),
-                        lambda tmp, raw=raw: _write_bytes(tmp, raw),
-                        prefix=_TMP_PREFIX, suffix=_TMP_SUFFIX)
-    bar.update(1)
+  parts = song_parts.SongParts(_parts_dir(path), settings, path)
+  parts.make(items, encode, bar)
+  records, bad = parts.finished(len(items))
   directory, name = os.path.split(path)
   tmp = os.path.join(directory, _TMP_PREFIX + name + _TMP_SUFFIX)
-  bad: dict[str, str] = {}
-  records = 0
   writer = array_record_module.ArrayRecordWriter(tmp, token_records.WRITER_OPTIONS)
   try:
-    for index in range(len(items)):
-      kind, value = _finished_part(parts, index)
-      if kind == 'record':
-        writer.write(value)
-        records += 1
-      else:  # named again: a resumed run reports what the first one found
-        for bad_path, reason in value.items():
-          audio.report_bad(bad_path, reason)
-        bad.update(value)
+    for raw in records:
+      writer.write(raw)
   finally:
     writer.close()
-  return {'tmp': tmp, 'records': records, 'bad_files': bad, 'parts': parts}
-
-
-def _write_bytes(path: str, raw: bytes) -> None:
-  with open(path, 'wb') as f:
-    f.write(raw)
-
-
-def _items_fingerprint(items: list[dict[str, Any]]) -> str:
-  """Identifies the item list: a changed dataset would move items between shards."""
-  h = hashlib.sha1()
-  for it in items:
-    h.update(it['name'].encode('utf-8') + b'\0')
-  return h.hexdigest()
+  return {'tmp': tmp, 'records': len(records), 'bad_files': bad, 'parts': parts}
 
 
 def _prepare_split(split: str, items: list[dict[str, Any]], out_dir: str,
@@ -635,12 +556,12 @@ def _prepare_split(split: str, items: list[dict[str, Any]], out_dir: str,
       _atomic_write_json(path + token_records.SIDECAR_SUFFIX,
                          dict(done, settings=settings))
       os.replace(tmp, path)  # the final name marks the shard done
-      shutil.rmtree(parts)
+      parts.remove()
 
 
 def _split_settings(settings: dict[str, Any], split: str,
                     items: list[dict[str, Any]]) -> dict[str, Any]:
-  return dict(settings, split=split, items=_items_fingerprint(items))
+  return dict(settings, split=split, items=song_parts.items_fingerprint([it['name'] for it in items]))
 
 
 def _summarise(out_dir: str,
