@@ -60,7 +60,8 @@ def listening_kit(config, workdir: str, seconds: float) -> dict:
   task, _, state = trainer.restore_for_inference(config, workdir)
   model = task.inference_model(state)
   codes = chunked.encode_array(model, wave)
-  recon = chunked.decode_array(model, codes)[:wave.shape[0]]
+  recon = chunked.decode_array(model, codes, scales=chunked.frame_scales(
+      model, wave))[:wave.shape[0]]
   sf.write(os.path.join(workdir, 'original.wav'), wave, sr)
   sf.write(os.path.join(workdir, 'reconstruction.wav'), np.clip(recon, -1, 1), sr)
   meta = piece.get('meta', {})

@@ -494,6 +494,10 @@ class Codec(nn.Module):
     self.hop_length = int(math.prod(int(s) for s in cfg['strides']))
     self.sample_rate = int(sample_rate)
     self.audio_channels = int(audio_channels)
+    # Input normalisation as in JAX (exports before it existed: off).
+    self.normalize = bool(cfg.get('normalize', False))
+    self.normalize_rms = 10.0 ** (float(cfg.get('normalize_rms_dbfs', 0.0)) / 20.0)
+    self.normalize_eps = float(cfg.get('normalize_eps', 0.0))
 
   @classmethod
   def from_config(cls, meta: Mapping[str, Any]) -> 'Codec':
@@ -536,9 +540,19 @@ class Codec(nn.Module):
     """int64 codes [B, F, n_q] of latents [B, F, latent_dim]."""
     return self.quantizer.encode(latents, n_q)
 
+  def input_scale(self, audio: torch.Tensor) -> torch.Tensor:
+    """[B, 1, 1]: each input's RMS over the normalize level, plus eps (ones
+    without normalize), as in JAX."""
+    if not self.normalize:
+      return torch.ones(audio.shape[0], 1, 1, dtype=audio.dtype, device=audio.device)
+    rms = audio.float().square().mean(dim=(1, 2), keepdim=True).sqrt()
+    return (rms / self.normalize_rms + self.normalize_eps).to(audio.dtype)
+
   def encode(self, audio: torch.Tensor, n_q: int | None = None) -> torch.Tensor:
     """int64 codes [B, ceil(T / hop), n_q]; audio is zero-padded to a hop
-    multiple as in JAX."""
+    multiple as in JAX (and divided by `input_scale` with normalize)."""
+    if self.normalize:
+      audio = audio / self.input_scale(audio)
     return self.quantize(self.encode_latents(audio), n_q)
 
   def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
@@ -549,14 +563,19 @@ class Codec(nn.Module):
     """Audio [B, F * hop, C] from (quantized) latents [B, F, latent_dim]."""
     return self.decoder(latents.to(self.dtype).transpose(1, 2)).transpose(1, 2)
 
-  def decode(self, codes: torch.Tensor) -> torch.Tensor:
-    """Audio [B, F * hop, C] (model dtype) from codes [B, F, n_q]."""
-    return self.decode_latents(self.dequantize(codes))
+  def decode(self, codes: torch.Tensor,
+             scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Audio [B, F * hop, C] (model dtype) from codes [B, F, n_q], times
+    `scale` (from `input_scale`) when given."""
+    audio = self.decode_latents(self.dequantize(codes))
+    return audio if scale is None else audio * scale.to(audio.dtype)
 
   def forward(self, audio: torch.Tensor, n_q: int | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(reconstruction [B, T, C], codes [B, F, n_q]); gradients pass the
     quantizer straight through (for fine-tuning)."""
-    z_q, codes = self.quantizer(self.encode_latents(audio), n_q)
-    recon = self.decode_latents(z_q)
-    return recon[:, :audio.shape[1]], codes
+    scale = self.input_scale(audio) if self.normalize else None
+    z_q, codes = self.quantizer(
+        self.encode_latents(audio / scale if self.normalize else audio), n_q)
+    recon = self.decode_latents(z_q)[:, :audio.shape[1]]
+    return (recon * scale.to(recon.dtype) if self.normalize else recon), codes

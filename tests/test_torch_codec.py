@@ -54,7 +54,8 @@ G_RANGE, ALPHA_RANGE, BIAS_STD = (0.5, 1.5), (0.5, 2.0), 0.1
 # the stride (multiple 1), transposed kernels 3x the stride, Euclidean EMA
 # codebooks, stereo, no tanh. `odd`: odd strides and an even residual kernel,
 # so every 'same' padding and transposed-conv trim is odd and split unevenly,
-# and no output high-pass (the others have the default one).
+# and no output high-pass (the others have the default one). `normalized`:
+# model.normalize on.
 VARIANTS = {
     'same': dict(padding='same', strides=(4, 4)),
     'causal': dict(padding='causal', strides=(2, 3), down_kernel_multiple=1,
@@ -63,6 +64,8 @@ VARIANTS = {
                    channels=2),
     'odd': dict(padding='same', strides=(3, 5), residual_kernel=4,
                 output_highpass_hz=0.0),
+    # EnCodec-style input normalisation: codes of audio / its scale.
+    'normalized': dict(padding='same', strides=(4, 4), normalize=True),
 }
 
 
@@ -226,6 +229,24 @@ def test_ties_pick_the_first_code_like_jax():
                      [np.nan] * 4, [5.0, 1.0, 5.0, 5.0]], np.float32)
   want = np.asarray(rvq._first_argmax(jnp.asarray(scores)))  # pylint: disable=protected-access
   np.testing.assert_array_equal(first_argmax(torch.from_numpy(scores)).numpy(), want)
+
+
+def test_normalized_codes_ignore_the_level_and_the_scale_restores_it(cases):
+  case = cases('normalized')
+  model = musicjax_torch.from_pretrained(case.dir)
+  audio = torch.from_numpy(case.audio)
+  with torch.no_grad():
+    # x 1/8: exact in floats, so the normalised input is bit for bit the same.
+    np.testing.assert_array_equal(model.encode(audio / 8).numpy(), case.codes)
+    scale = model.input_scale(audio)
+    got = model.decode(torch.from_numpy(case.codes), scale)
+    recon, _ = model(audio)
+  want_scale = np.asarray(case.model.input_scale(jnp.asarray(case.audio)))
+  assert_close(to_numpy(scale), want_scale, REL, 'input scale')
+  want = np.asarray(case.model.decode(jnp.asarray(case.codes),
+                                      jnp.asarray(want_scale)))
+  assert_close(to_numpy(got), want, REL, 'decoded audio at the input scale')
+  assert_close(to_numpy(recon), want[:, :audio.shape[1]], REL, 'forward')
 
 
 def test_forward_reconstructs_like_decode_of_encode(same_case):

@@ -29,6 +29,8 @@ CODES_FORMAT = 'musicjax-codes-v1'
 # n_q, source and musicjax_version.
 _CODES_ARRAYS = ('format', 'codes', 'sample_rate', 'num_samples', 'hop_length',
                  'codebook_size')
+# Written only by a codec with model.normalize: the input scale per frame.
+_SCALE = 'scale'
 _CODES_EXPECTED = (
     'A musicjax codes file is the .npz that `musicjax encode --workdir '
     "CODEC_RUN song.wav song.npz` writes: 'codes' (int16 or int32, shape "
@@ -102,15 +104,44 @@ def encode_array(model, audio: np.ndarray, *, n_q: int | None = None,
                       batch, 'encode', progress)
 
 
-def decode_array(model, codes: np.ndarray, *, chunk_seconds: float = 10.0,
-                 context_seconds: float = 1.0, batch: int = 1,
-                 progress: bool = True) -> np.ndarray:
-  """codes [F, K'] -> audio [F * hop, C]."""
+def frame_scales(model, audio: np.ndarray, *, chunk_seconds: float = 10.0,
+                 context_seconds: float = 1.0) -> np.ndarray | None:
+  """float32 [F]: the `input_scale` each frame was encoded with by
+  `encode_array` (one per window: its RMS over the model's normalize level),
+  or None for a codec without `model.normalize`."""
+  if not model.normalize:
+    return None
+  hop = model.hop_length
+  frames = math.ceil(audio.shape[0] / hop)
+  audio = np.pad(audio, ((0, frames * hop - audio.shape[0]), (0, 0)))
+  chunk, context = _chunk_and_context(model, chunk_seconds, context_seconds)
+  length = chunk + 2 * context
+  plan = ([(0, 0, frames)] if frames <= length else
+          _windows(frames, chunk, context))
+  out = np.empty(frames, np.float32)
+  for w0, a, b in plan:
+    window = audio[w0 * hop:(w0 + (frames if frames <= length else length)) * hop]
+    rms = float(np.sqrt(np.mean(np.square(window, dtype=np.float64))))
+    out[w0 + a:w0 + b] = rms / model.normalize_rms + model.normalize_eps
+  return out
+
+
+def decode_array(model, codes: np.ndarray, *, scales: np.ndarray | None = None,
+                 chunk_seconds: float = 10.0, context_seconds: float = 1.0,
+                 batch: int = 1, progress: bool = True) -> np.ndarray:
+  """codes [F, K'] -> audio [F * hop, C], times the per-frame `scales` [F]
+  (`frame_scales`) when given."""
   graphdef, state = nnx.split(model)
   dec = lambda c: _decode(graphdef, state, jnp.asarray(c))
   chunk, context = _chunk_and_context(model, chunk_seconds, context_seconds)
-  return _run_chunked(dec, codes.astype(np.int32), 1, chunk, context,
-                      model.hop_length, batch, 'decode', progress)
+  audio = _run_chunked(dec, codes.astype(np.int32), 1, chunk, context,
+                       model.hop_length, batch, 'decode', progress)
+  if scales is None:
+    return audio
+  if np.shape(scales) != (codes.shape[0],):
+    raise ValueError(f'scales must be [frames] = [{codes.shape[0]}], got '
+                     f'{np.shape(scales)}')
+  return audio * np.repeat(np.asarray(scales, np.float32), model.hop_length)[:, None]
 
 
 def _load_model(config, workdir):
@@ -138,6 +169,8 @@ def encode_file(config, workdir: str, in_path: str, out_path: str, *,
     raise UserError(str(e)) from None
   codes = encode_array(model, audio, n_q=n_q, chunk_seconds=chunk_seconds,
                        context_seconds=context_seconds)
+  scales = frame_scales(model, audio, chunk_seconds=chunk_seconds,
+                        context_seconds=context_seconds)
   dtype = np.int16 if model.codebook_size <= np.iinfo(np.int16).max else np.int32
   meta = dict(format=CODES_FORMAT, sample_rate=sr, channels=audio.shape[1],
               num_samples=audio.shape[0], hop_length=model.hop_length,
@@ -145,7 +178,8 @@ def encode_file(config, workdir: str, in_path: str, out_path: str, *,
               codebook_size=model.codebook_size, source=os.path.basename(in_path),
               musicjax_version=__version__)
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-  np.savez_compressed(out_path, codes=codes.astype(dtype), **meta)
+  extra = {} if scales is None else {'scale': scales}  # codec.normalize
+  np.savez_compressed(out_path, codes=codes.astype(dtype), **extra, **meta)
   return meta
 
 
@@ -179,7 +213,8 @@ def load_codes(path: str) -> dict[str, np.ndarray]:
 
   Returns:
     {name: array} for 'format', 'codes', 'sample_rate', 'num_samples',
-    'hop_length' and 'codebook_size'.
+    'hop_length' and 'codebook_size', plus 'scale' [frames] when the codec
+    normalises its input (`model.normalize`).
 
   Raises:
     UserError: no such file, or it is not a codes file (the message says what
@@ -201,7 +236,7 @@ def load_codes(path: str) -> dict[str, np.ndarray]:
       if missing:
         raise _not_codes(path, f'it holds the arrays {names} but not {missing}')
       data = {}
-      for name in _CODES_ARRAYS:
+      for name in _CODES_ARRAYS + ((_SCALE,) if _SCALE in names else ()):
         data[name] = z[name]
   except UserError:
     raise
@@ -222,6 +257,12 @@ def load_codes(path: str) -> dict[str, np.ndarray]:
     v = data[name]
     if v.shape != () or v.dtype.kind not in 'iuf':
       raise _not_codes(path, f'its {name!r} is {v.dtype} {v.shape}, not a number')
+  scale = data.get(_SCALE)
+  if scale is not None and (scale.shape != (codes.shape[0],) or
+                            scale.dtype.kind != 'f' or
+                            not np.all(np.isfinite(scale) & (scale > 0))):
+    raise _not_codes(path, f"its {_SCALE!r} array ({scale.dtype} {scale.shape}) "
+                     f'is not one positive finite float per frame ({codes.shape[0]})')
   return data
 
 
@@ -243,7 +284,8 @@ def decode_file(config, workdir: str, in_path: str, out_path: str, *,
                     f'{int(data["codebook_size"])}) than the one in {workdir}')
   if codes.min() < 0 or codes.max() >= model.codebook_size:
     raise UserError(f'{in_path}: codes outside [0, {model.codebook_size})')
-  audio = decode_array(model, codes, chunk_seconds=chunk_seconds,
+  audio = decode_array(model, codes, scales=data.get('scale'),
+                       chunk_seconds=chunk_seconds,
                        context_seconds=context_seconds)
   audio = audio[:int(data['num_samples'])]
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)

@@ -171,6 +171,11 @@ class CodecModel(nnx.Module):
     self._hop = int(math.prod(cfg.strides))
     self.sample_rate = int(sample_rate)
     self.audio_channels = int(audio_channels)
+    self.normalize = bool(cfg.normalize)
+    # Normalised input sits at this RMS (a level with headroom, so codes
+    # decoded without their scale, e.g. an LM's, play at a sane loudness).
+    self.normalize_rms = 10.0 ** (float(cfg.normalize_rms_dbfs) / 20.0)
+    self.normalize_eps = float(cfg.normalize_eps)
 
   @property
   def hop_length(self) -> int:
@@ -195,23 +200,41 @@ class CodecModel(nnx.Module):
     extra = (-audio.shape[1]) % self._hop
     return jnp.pad(audio, ((0, 0), (0, extra), (0, 0))) if extra else audio
 
+  def input_scale(self, audio: jax.Array) -> jax.Array:
+    """[B, 1, 1]: what `normalize` divides each input by (EnCodec's
+    normalisation): its RMS over time and channels over normalize_rms, plus
+    eps so silence stays finite. Ones when normalize is off."""
+    if not self.normalize:
+      return jnp.ones((audio.shape[0], 1, 1), audio.dtype)
+    rms = jnp.sqrt(jnp.mean(jnp.square(audio.astype(jnp.float32)), axis=(1, 2),
+                            keepdims=True))
+    return (rms / self.normalize_rms + self.normalize_eps).astype(audio.dtype)
+
   def encode(self, audio: jax.Array, n_q: int | None = None) -> jax.Array:
-    """int32 codes [B, ceil(T/hop), n_q]; audio is zero-padded to a hop multiple."""
+    """int32 codes [B, ceil(T/hop), n_q]; audio is zero-padded to a hop
+    multiple (and, with normalize, divided by `input_scale`: keep that scale
+    to decode at the input's level)."""
+    audio = audio / self.input_scale(audio) if self.normalize else audio
     return self.quantizer.encode(self.encoder(self._pad(audio)), n_q)
 
-  def decode(self, codes: jax.Array) -> jax.Array:
-    """Audio [B, F*hop, C] from codes [B, F, n_q] (n_q <= K)."""
-    return self.decoder(self.quantizer.decode(codes))
+  def decode(self, codes: jax.Array, scale: jax.Array | None = None) -> jax.Array:
+    """Audio [B, F*hop, C] from codes [B, F, n_q] (n_q <= K), times `scale`
+    ([B, 1, 1] or [B, F*hop, 1]; from `input_scale`) when given."""
+    audio = self.decoder(self.quantizer.decode(codes))
+    return audio if scale is None else audio * scale
 
   def __call__(self, audio: jax.Array, rng: jax.Array, train: bool
                ) -> tuple[jax.Array, dict[str, Any]]:
     """(reconstruction [B,T,C], aux) with aux = quantizer aux plus 'codes'."""
     t = audio.shape[1]
-    z = self.encoder(self._pad(audio))
+    scale = self.input_scale(audio) if self.normalize else None
+    z = self.encoder(self._pad(audio / scale if self.normalize else audio))
     z_q, codes, aux = self.quantizer(z, rng, train)
     # Keep the batch split over data-parallel devices through the quantizer's
     # global statistics (a layout hint on Auto meshes, a type on Explicit ones).
     z_q = rules.shard_activation(z_q, ('batch', 'time', None))
-    recon = rules.shard_activation(self.decoder(z_q)[:, :t], ('batch', 'time', None))
+    recon = self.decoder(z_q)[:, :t]
+    recon = recon * scale if self.normalize else recon
+    recon = rules.shard_activation(recon, ('batch', 'time', None))
     aux['codes'] = codes
     return recon, aux

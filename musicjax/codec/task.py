@@ -59,6 +59,14 @@ def default_config() -> ConfigDict:
   # Its impulse response is cut where R^k < this; the cut tail is put back by
   # rescaling, so DC stays exactly zero and only the response near f_c moves.
   m.output_highpass_tolerance = 1e-6
+  # EnCodec's optional input normalisation: each encoded window is divided by
+  # its RMS (over normalize_rms_dbfs), and the scale is kept beside the codes
+  # (`musicjax encode` writes it; decode multiplies it back). Off by default:
+  # gain augmentation (data.gain_augment_dbfs) already trains across levels,
+  # and token datasets for the LM keep no scale.
+  m.normalize = False
+  m.normalize_rms_dbfs = -20.0   # codes decoded without a scale play at this RMS
+  m.normalize_eps = 1e-8         # keeps the scale of silence finite (as EnCodec)
   m.init_std = 0.02              # conv weight init std (DAC); 0 = fan-in scaled
   q = m.rvq = ConfigDict()
   q.num_codebooks = 8

@@ -378,7 +378,9 @@ def run(workdir: str, audio: list[str], *, seconds: float = DEFAULT_SECONDS,
         inp = x if copy == 'as_is' else scale_to_dbfs(x, quiet_dbfs)
         t0 = time.perf_counter()
         codes = chunked.encode_array(model, inp, progress=False)
-        y = chunked.decode_array(model, codes, progress=False)[:inp.shape[0]]
+        y = chunked.decode_array(  # at the input's level (model.normalize)
+            model, codes, scales=chunked.frame_scales(model, inp),
+            progress=False)[:inp.shape[0]]
         codec_wall = time.perf_counter() - t0  # the first clip's includes compiling
         row = dict(clip=name, file=path, start_seconds=start,
                    seconds=clip_seconds, copy=copy,
