@@ -36,7 +36,7 @@ _EPILOG = """examples:
   musicjax import-torch --from exports/lm_finetuned --workdir runs/lm_ft
 
 Any --config.a.b=value overrides one key of the config (its type is checked).
-Multi-host: launch/local.sh N -- musicjax train ...  (see README)."""
+Multi-host: launch/local.sh N -- musicjax train ...  (see docs/training.md)."""
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -26,7 +26,7 @@ class ConfigError(UserError, ValueError):
 
 
 def base_config() -> ConfigDict:
-  """Keys every training config has. Their names are stable (README)."""
+  """Keys every training config has. Their names are stable (docs/configs.md)."""
   c = ConfigDict()
   c.task = 'codec'
 

@@ -1,5 +1,5 @@
 """`musicjax bench accomp` measures the sampler on whole songs (tiny shapes
-here; the real figures come from configs/accomp/tiny.py in README)."""
+here; the real figures come from configs/accomp/tiny.py in docs/figures.md)."""
 import json
 import os
 

@@ -73,7 +73,7 @@ def default_config() -> ConfigDict:
   lo = c.loss = ConfigDict()
   # none (released code: mean CE over masked tokens) | inv_t (paper eq. 3) |
   # elbo (exact weight for the cosine schedule); the default is from the
-  # experiment in README ("Loss weighting").
+  # experiment in docs/figures.md ("Loss weighting").
   lo.weighting = 'none'
   lo.rtd_weight = 0.2                  # seed 003 eq. 4 (0 = no RTD, an ablation)
   lo.rtd_backbone_grad = True          # False = the released code (head only)

@@ -32,7 +32,7 @@ TRAIN_TARGET_TOKENS = 6500.0     # audio tokens/s at batch 4 x 250 frames
 TRAIN_TARGET_MFU = 0.5
 PROMPT_TOKENS = 64
 # Frames generated per decode case (the context length at the end of a case):
-# 200 is the README's figure; 1000 shows how flat the per-frame time stays as
+# 200 is docs/figures.md's figure; 1000 shows how flat the per-frame time stays as
 # the context grows (4000 on request: ~1 min per case on 2 cores).
 DECODE_FRAMES = (200, 1000)
 GEMM_SIZE = 2048
