@@ -116,11 +116,13 @@ def frame_scales(model, audio: np.ndarray, *, chunk_seconds: float = 10.0,
   audio = np.pad(audio, ((0, frames * hop - audio.shape[0]), (0, 0)))
   chunk, context = _chunk_and_context(model, chunk_seconds, context_seconds)
   length = chunk + 2 * context
-  plan = ([(0, 0, frames)] if frames <= length else
-          _windows(frames, chunk, context))
+  if frames <= length:  # _run_chunked's short input: one window, all of it
+    length, plan = frames, [(0, 0, frames)]
+  else:
+    plan = _windows(frames, chunk, context)
   out = np.empty(frames, np.float32)
   for w0, a, b in plan:
-    window = audio[w0 * hop:(w0 + (frames if frames <= length else length)) * hop]
+    window = audio[w0 * hop:(w0 + length) * hop]
     rms = float(np.sqrt(np.mean(np.square(window, dtype=np.float64))))
     out[w0 + a:w0 + b] = rms / model.normalize_rms + model.normalize_eps
   return out

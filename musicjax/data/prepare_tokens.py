@@ -500,9 +500,6 @@ def _read_sidecar(shard_path: str) -> dict[str, Any] | None:
   return side if isinstance(side, dict) else None
 
 
-_check_settings = song_parts.settings_differ
-
-
 def _parts_dir(path: str) -> str:
   directory, name = os.path.split(path)
   return os.path.join(directory, _TMP_PREFIX + name + _PARTS_SUFFIX)
@@ -547,7 +544,7 @@ def _prepare_split(split: str, items: list[dict[str, Any]], out_dir: str,
       path = os.path.join(out_dir, token_records.shard_name(split, process, shard))
       side = _read_sidecar(path) if os.path.isfile(path) else None
       if side is not None:  # finished in an earlier run
-        _check_settings(path, side.get('settings', {}), settings)
+        song_parts.settings_differ(path, side.get('settings', {}), settings)
         shutil.rmtree(_parts_dir(path), ignore_errors=True)  # killed after the rename
         bar.update(len(chunk))
         continue
@@ -576,7 +573,7 @@ def _summarise(out_dir: str,
         raise UserError(f'{path} has no readable sidecar {os.path.basename(path)}'
                         f'{token_records.SIDECAR_SUFFIX}; delete the shard and rerun '
                         'the same `musicjax prepare` to re-encode it')
-      _check_settings(path, side.get('settings', {}), settings)
+      song_parts.settings_differ(path, side.get('settings', {}), settings)
       counts[split] += int(side['records'])
       bad.update(side.get('bad_files', {}))
   return {'splits': counts, 'bad_files': bad}
