@@ -1,7 +1,15 @@
 # The two commands of the README. Each one sets itself up from nothing.
+# PYTHON picks the interpreter, with a venv of its own: `make test` uses .venv
+# (python3); `make test PYTHON=python3.12` uses .venv-py3.12. TESTS narrows
+# the suite (files or node ids, as pytest takes them).
 PYTHON ?= python3
-VENV   := .venv
+PYVER  := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
+ifeq ($(PYVER),)
+$(error PYTHON=$(PYTHON) does not run here; give an interpreter, e.g. make test PYTHON=python3.12 (pyenv: PYTHON=$$(pyenv root)/versions/3.12.1/bin/python3.12))
+endif
+VENV   ?= $(if $(filter python3,$(PYTHON)),.venv,.venv-py$(PYVER))
 PY     := $(VENV)/bin/python
+TESTS  ?=
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 # loadfile: a file's tests share one worker, so module fixtures (a trained codec, a
 # 1-device baseline) are built once.
@@ -26,7 +34,7 @@ demo: $(STAMP)
 	$(PY) -m musicjax.demo --workdir runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS) $(TESTS)
 
 bench: $(STAMP)
 	$(VENV)/bin/musicjax bench codec --config configs/codec/base.py
@@ -38,4 +46,4 @@ bench: $(STAMP)
 	$(VENV)/bin/musicjax bench decode-attention
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf .venv .venv-py* runs .pytest_cache

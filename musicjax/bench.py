@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from musicjax import runtime
 from musicjax import tasks
 
 # The target for the base codec on a 2-core CPU: encode + decode >= 100x real time.
@@ -71,8 +72,10 @@ def machine(load_start: float | None = None) -> dict:
       'load_1min_start': start, 'load_1min_end': end,
       'busy_load_threshold': threshold, 'busy': busy,
       # glibc may return freed buffers to the kernel and fault them in again (notes/README).
-      'malloc_env': {k: os.environ[k] for k in ('MALLOC_MMAP_MAX_', 'MALLOC_TRIM_THRESHOLD_')
+      'malloc_env': {k: os.environ[k] for k in runtime.USER_ENV
                      if k in os.environ},
+      # What the CLI set with mallopt (musicjax/runtime.py), if anything.
+      'malloc': runtime.malloc_status(),
   }
   if busy:
     out['busy_note'] = (

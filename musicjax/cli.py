@@ -244,6 +244,11 @@ def _parser() -> argparse.ArgumentParser:
   da.add_argument('--impl', choices=['auto', 'xla', 'pallas', 'interpret', 'all'],
                   help='auto (default): XLA, plus the native kernel on GPU/TPU; '
                   "interpret: also the kernel in Pallas's interpreter")
+  da.add_argument('--shipped', choices=['native', 'all', 'none'],
+                  help="the decode kernels jax and tokamax ship, beside ours: "
+                  'native (default) = those that compile for this device; all '
+                  '= also their CPU forms (interpreter / XLA path, labelled); '
+                  'none')
   da.add_argument('--rotate', type=int,
                   help='distinct caches per timed executable (default 0: enough '
                   'to exceed 256 MB, at most 16; 1 = hot cache)')
@@ -486,6 +491,10 @@ def configure_logging() -> None:
     logging.getLogger(name).setLevel(logging.WARNING)
 
 
+# Verbs that run training or timed steps: glibc malloc tuned (musicjax/runtime.py).
+_MALLOC_VERBS = ('train', 'eval', 'bench')
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   parser = _parser()
@@ -495,6 +504,11 @@ def main(argv: list[str] | None = None) -> int:
   if unknown:
     parser.error(f'unrecognized arguments: {" ".join(unknown)}')
   configure_logging()
+  if args.verb in _MALLOC_VERBS:
+    # Before JAX starts its threads (musicjax/runtime.py: XLA:CPU's per-step
+    # temporaries would otherwise be page-faulted in again on every step).
+    from musicjax import runtime
+    runtime.tune_malloc()
   from musicjax.errors import UserError
   try:
     return _run(args, overrides)

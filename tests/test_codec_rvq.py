@@ -151,5 +151,5 @@ def test_learned_codebook_gets_gradient_ema_does_not():
                                    rngs=nnx.Rngs(0)))
     assert isinstance(q.codebook, nnx.Param) == expect_param
     params = nnx.state(q, nnx.Param)
-    names = {'/'.join(map(str, p)) for p, _ in params.flat_state()}
+    names = {'/'.join(map(str, p)) for p, _ in nnx.to_flat_state(params)}
     assert ('codebook' in names) == expect_param

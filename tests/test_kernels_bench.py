@@ -2,6 +2,7 @@
 it reports, and the errors a user sees. Tiny shapes; the real run is in the
 Makefile's bench target."""
 import collections
+import dataclasses
 import json
 import re
 
@@ -12,6 +13,9 @@ import pytest
 from musicjax import cli
 from musicjax.kernels import bench
 from musicjax.kernels import decode_attention as kernel
+from musicjax.kernels import decode_reference
+from musicjax.kernels import shipped
+from musicjax.kernels import targets
 
 TINY = dict(batch=(1,), seq=256, q_heads=4, kv_heads=2, head_dim=16,
             block_k=16, splits=2, rotate=2, calls=2, repeats=2)
@@ -105,7 +109,10 @@ def test_implementations_per_platform():
 
 
 @pytest.mark.parametrize('impl,platform,target', [
-    ('triton', 'cuda', '__gpu'), ('tpu', 'tpu', 'tpu_custom_call')])
+    (i, p, t) for i, p, t in (('triton', 'cuda', '__gpu'),
+                              ('tpu', 'tpu', 'tpu_custom_call'),
+                              ('mosaic_gpu', 'cuda', 'mosaic_gpu_v2'))
+    if i in kernel.AVAILABLE])
 def test_timed_executable_lowers_one_kernel_per_call(impl, platform, target):
   """The GPU/TPU path without the hardware: each call is one kernel on its own
   cache argument (no dynamic slice copies a stacked cache)."""
@@ -115,7 +122,8 @@ def test_timed_executable_lowers_one_kernel_per_call(impl, platform, target):
   sds = jax.ShapeDtypeStruct
   args = [sds((b, 4, d), jnp.bfloat16), sds((b,), jnp.int32)] + [
       sds((b, hkv, s, d), jnp.bfloat16)] * (2 * rotate)
-  text = fn.trace(*args).lower(lowering_platforms=(platform,)).as_text()
+  with targets.lowering_target(platform):
+    text = fn.trace(*args).lower(lowering_platforms=(platform,)).as_text()
   assert collections.Counter(re.findall(r'custom_call @(\w+)', text))[target] == calls
   assert 'dynamic_slice' not in text
 
@@ -135,3 +143,84 @@ def test_cli_prints_json_without_config(capsys, monkeypatch):
 def test_cli_bad_sizes_exit_2_with_the_fix(capsys):
   assert cli.main(['bench', 'decode-attention', '--seq', '1000']) == 2
   assert 'block_k*num_splits' in capsys.readouterr().err
+
+
+SHIPPED_HERE = [n for n, why in shipped.available().items() if why is None]
+
+
+def _decode_inputs(b=2, hq=8, hkv=2, s=1024, d=128, dtype=jnp.bfloat16):
+  keys = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(keys[0], (b, hq, d), dtype)
+  k = jax.random.normal(keys[1], (b, hkv, s, d), dtype)
+  v = jax.random.normal(keys[2], (b, hkv, s, d), dtype)
+  return q, k, v, jnp.asarray([300, s][:b], jnp.int32)
+
+
+def test_shipped_kernels_are_the_ones_this_jax_has():
+  """jax <= 0.10 ships the Triton GQA decode kernel, 0.12 does not; tokamax
+  installs only beside jax >= 0.11.1 on Python >= 3.12; the TPU paged kernel
+  is in both."""
+  have = shipped.available()
+  assert have['jax_paged'] is None
+  if jax.__version_info__ >= (0, 12):
+    assert 'no longer ships' in have['jax_gqa']
+  else:
+    assert have['jax_gqa'] is None and 'not installed' in have['tokamax']
+
+
+@pytest.mark.parametrize('name', SHIPPED_HERE)
+def test_shipped_kernel_matches_the_reference_on_cpu(name):
+  """Each shipped baseline in its CPU form (Pallas's interpreters, or
+  tokamax's XLA path) against our reference on our cache, with lengths 300
+  and 1024: the layout conversion and the call are what the bench times.
+  bfloat16 in, the reference in float32 from the same values: the
+  kernels' bfloat16 softmax weights and output allow 3e-3 + 2^-8 |ref|."""
+  q, k, v, lengths = _decode_inputs()
+  prepare, call = shipped.attend(name, native=False)
+  out = jax.jit(call)(q, prepare(k, v), lengths).astype(jnp.float32)
+  f32 = lambda x: x.astype(jnp.float32)
+  ref = decode_reference.decode_attention_reference(f32(q), f32(k), f32(v),
+                                                    lengths, None)
+  assert out.shape == ref.shape
+  assert bool(jnp.all(jnp.abs(out - ref) <= 3e-3 + 2 ** -8 * jnp.abs(ref)))
+
+
+@pytest.mark.parametrize('name', SHIPPED_HERE)
+def test_shipped_kernel_lowers_for_its_platform(name):
+  """The native form lowers from this CPU to its accelerator's custom call
+  (tokamax's own device check is lifted with its cross-compile option)."""
+  q, k, v, lengths = _decode_inputs(b=1, hq=32, hkv=8, s=8192)
+  prepare, call = shipped.attend(name, native=True)
+  base = shipped.BASELINES[name]
+  platform = {'gpu': 'cuda', 'tpu': 'tpu'}[base.native]
+  sds = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+  import contextlib
+  ctx = shipped.cross_compile() if name == 'tokamax' else contextlib.nullcontext()
+  with ctx:
+    text = targets.lower_text(lambda q, k, v, l: call(q, prepare(k, v), l),
+                              [sds(x) for x in (q, k, v, lengths)], platform)
+  marker = '__gpu$xla.gpu.triton' if platform == 'cuda' else 'tpu_custom_call'
+  assert marker in text
+
+
+def test_bench_reports_shipped_kernels_with_their_error():
+  """--shipped all on CPU: each shipped kernel's CPU form is timed on the same
+  caches, labelled as not its speed, with its difference from XLA; the ones
+  this install lacks are named with the reason."""
+  opts = bench.Options(batch=(1,), seq=512, q_heads=4, kv_heads=2, head_dim=64,
+                       block_k=64, splits=2, rotate=1, calls=1, repeats=1,
+                       impl='xla', shipped='all', peak_gbs=10.0)
+  out = bench.run(opts)
+  assert out['implementations'] == ['xla'] + [n + bench.CPU_FORM
+                                              for n in SHIPPED_HERE]
+  missing = {n for n in shipped.BASELINES if n not in SHIPPED_HERE}
+  assert set(out.get('shipped_not_run', {})) == missing
+  (case,) = out['cases']
+  assert case['results']['xla']['max_abs_err_vs_xla'] == 0.0
+  for name in SHIPPED_HERE:
+    r = case['results'][name + bench.CPU_FORM]
+    assert 'not its speed' in r['what'] and r['seconds_per_call'] > 0
+    assert 0.0 < r['max_abs_err_vs_xla'] < 2e-2, name
+  native = bench.run(dataclasses.replace(opts, shipped='native'))
+  assert native['implementations'] == ['xla']
+  assert set(native['shipped_not_run']) == set(shipped.BASELINES)

@@ -8,6 +8,7 @@ import pytest
 
 import lm_fixtures as F
 from musicjax.kernels import dispatch
+from musicjax.kernels import targets
 from musicjax.lm import generate as G
 from musicjax.lm import layout
 from musicjax.lm import patterns
@@ -180,13 +181,16 @@ def test_generate_lowers_with_the_kernel_on_gpu_and_tpu(
   """The whole decode loop, as 'auto' builds it on a GPU or TPU, lowers for
   that platform from this CPU machine, with one kernel call per global layer
   (split caches, CFG rows and the loop around it included)."""
+  # An Ampere GPU (arch 8.0): the Triton wrapper, on every jax version.
   monkeypatch.setattr(dispatch, 'resolve',
-                      functools.partial(dispatch.resolve, platform=resolved_as))
+                      functools.partial(dispatch.resolve, platform=resolved_as,
+                                        arch=8.0))
   c, m, prompt, rng = _kernel_case(variant)
   s = G.Sampling(temperature=1.0, max_frames=12, cfg_scale=2.0,
                  attention='auto', attention_block_k=block_k,
                  attention_splits=2)
   fn = jax.jit(lambda mm, pr: G.generate(mm, pr, rng=jax.random.key(3),
                                          sampling=s, num_cond=1))
-  text = fn.trace(m, prompt).lower(lowering_platforms=(platform,)).as_text()
+  with targets.lowering_target(platform):
+    text = fn.trace(m, prompt).lower(lowering_platforms=(platform,)).as_text()
   assert text.count(marker) == c.model.backbone.num_layers

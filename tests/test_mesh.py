@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import AxisType, PartitionSpec as P
 
 from musicjax import config as config_lib
@@ -95,10 +96,9 @@ def _train_steps(config, devices, n=3):
       state, m, bad = step_fn(state, batch, np.int32(i))
       losses.append(float(m['loss']))
       assert not bool(bad)
-  params = {k: np.asarray(v) for k, v in state['model'].to_pure_dict().items()}
-  shardings = {k: v.sharding for k, v in
-               zip(state['model'].to_pure_dict(),
-                   state['model'].to_pure_dict().values())}
+  pure = nnx.to_pure_dict(state['model'])
+  params = {k: np.asarray(v) for k, v in pure.items()}
+  shardings = {k: v.sharding for k, v in pure.items()}
   return s, params, losses, shardings
 
 

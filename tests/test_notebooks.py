@@ -74,22 +74,42 @@ def test_notebook_runs_with_quick_settings(path, runs, monkeypatch):
     assert any(want in s for s in shown), f'{_name(path)} shows no {want}'
 
 
+@pytest.mark.parametrize('jax_there', [None, '0.4.38', '0.13.0', '0.10.2',
+                                       '0.12.0.1'])
 @pytest.mark.parametrize('runtime,extra', [('cpu', ''), ('gpu', 'cuda12,'),
                                            ('tpu', 'tpu,')])
 def test_colab_first_cell_installs_the_jax_build_of_the_runtime(
-    runtime, extra, monkeypatch, tmp_path):
+    runtime, extra, jax_there, monkeypatch, tmp_path):
   """Each notebook's first cell, run as in Colab (a `google.colab` module is
-  present): it clones the repository and pip-installs it with the jax extra
-  of the runtime, plus tinysoundfont without its playback-only deps. The
-  commands are recorded here, not run."""
+  present): it clones the repository and pip-installs it, plus tinysoundfont
+  without its playback-only deps. A preinstalled jax inside pyproject's range
+  is kept (no jax extra, so pip leaves Colab's build alone); none, or one
+  outside the range, gets the jax extra of the runtime. The commands are
+  recorded here, not run (the clone is a copy of pyproject.toml)."""
+  import importlib.metadata
   import shutil
   import subprocess
   import sys
   import types
   calls, dirs = [], []
+  dest = str(tmp_path / 'musicjax')
+
+  def check_call(cmd):
+    calls.append(cmd)
+    if cmd[:2] == ['git', 'clone']:
+      os.makedirs(cmd[-1])
+      shutil.copy(os.path.join(REPO, 'pyproject.toml'), cmd[-1])
+
+  def version(name):
+    if jax_there is None:
+      raise importlib.metadata.PackageNotFoundError(name)
+    return jax_there
+
   monkeypatch.chdir(REPO)
+  monkeypatch.setenv('MUSICJAX_COLAB_DIR', dest)
   monkeypatch.setitem(sys.modules, 'google.colab', types.ModuleType('google.colab'))
-  monkeypatch.setattr(subprocess, 'check_call', lambda cmd: calls.append(cmd))
+  monkeypatch.setattr(subprocess, 'check_call', check_call)
+  monkeypatch.setattr(importlib.metadata, 'version', version)
   monkeypatch.setattr(shutil, 'which',
                       lambda name: '/usr/bin/nvidia-smi' if runtime == 'gpu' else None)
   monkeypatch.delenv('COLAB_TPU_ADDR', raising=False)
@@ -101,8 +121,9 @@ def test_colab_first_cell_installs_the_jax_build_of_the_runtime(
   sources = {nbformat.read(p, as_version=4).cells[1].source for p in NOTEBOOKS}
   assert len(sources) == 1, 'the notebooks disagree on their setup cell'
   exec(compile(sources.pop(), 'setup-cell', 'exec'), {'__name__': 'nb'})
-  assert calls[0][:2] == ['git', 'clone'] and calls[0][-1] == '/content/musicjax'
+  assert calls[0][:2] == ['git', 'clone'] and calls[0][-1] == dest
   pip = [c for c in calls if c[1:4] == ['-m', 'pip', 'install']]
-  assert pip[0][-1] == f'/content/musicjax[{extra}notebooks]'
+  kept = jax_there in ('0.10.2', '0.12.0.1')
+  assert pip[0][-1] == f'{dest}[{"" if kept else extra}notebooks]'
   assert pip[1][-2:] == ['--no-deps', 'tinysoundfont>=0.3.6']
-  assert dirs[0] == '/content/musicjax'
+  assert dirs[0] == dest

@@ -200,12 +200,13 @@ def test_schedule_and_noise_scale_match_jax():
   compiled as in the sampler (traced step, static steps), agree: the counts
   exactly, the noise scale to float32 rounding.
 
-  The schedule floors cos(angle) * total. XLA:CPU's float32 cos is one ulp
-  off the correctly rounded value torch computes for ~1% of angles, so a
-  product within an ulp of an integer can still floor one apart beyond this
-  grid (measured: 36 of 33.8M counts for up to 128 steps and 4096 tokens, the
-  smallest total 1193). The angle divided as written, rather than as XLA
-  folds it, differs on this grid."""
+  The schedule floors cos(angle) * total. With jax 0.10, XLA:CPU's float32
+  cos is one ulp off the correctly rounded value torch computes for ~1% of
+  angles, so a product within an ulp of an integer can still floor one apart
+  beyond this grid (measured: 36 of 33.8M counts for up to 128 steps and 4096
+  tokens, the smallest total 1193; none with jax 0.12). The angle divided as
+  written, rather than as num_masked_after spells it out, differs on this
+  grid."""
   totals = np.arange(MAX_TOTAL + 1)
   n_masked = np.maximum(totals, 1)
   jax_sched = jax.jit(diffusion.num_masked_after, static_argnums=1)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 LOSS_KINDS = ('none', 'inv_t', 'elbo')
 
@@ -277,7 +278,12 @@ def num_masked_after(step: jax.Array | int, steps: int, total: jax.Array,
   """
   if not isinstance(steps, int) or steps < 1:
     raise ValueError(f'steps must be a positive int, got {steps!r}')
-  ratio = jnp.cos(0.5 * jnp.pi * (jnp.asarray(step, jnp.float32) + 1) / steps)
+  # The angle is (step + 1) * (pi/2 * (1/steps)) in float32, the constant made
+  # here: left to XLA, how it folds the division into the constant changed
+  # between versions (jax 0.10 folded it thus, jax 0.12 keeps pi/2 * (step + 1)
+  # apart), and with it the floor below for some counts.
+  per_step = np.float32(0.5 * np.pi) * (np.float32(1.0) / np.float32(steps))
+  ratio = jnp.cos((jnp.asarray(step, jnp.float32) + 1) * per_step)
   n_masked = jnp.asarray(n_masked, jnp.int32)
   n = jnp.floor(ratio * jnp.asarray(total, jnp.float32)).astype(jnp.int32)
   n = jnp.maximum(1, jnp.minimum(n_masked - 1, n))

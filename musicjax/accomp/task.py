@@ -299,7 +299,7 @@ class AccompTask(Task):
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     state.opt.update(state.model, grads)
     state.step[...] = step + 1
-    metrics['optim/grad_norm'] = optax.global_norm(grads)
+    metrics['optim/grad_norm'] = optax.tree.norm(grads)
     return metrics
 
   def eval_step(self, state: AccompState, batch, rng):

@@ -286,6 +286,10 @@ class ResidualVQ(nnx.Module):
 
     _, ys = jax.lax.scan(body, z, xs)
     mask = (jnp.arange(k)[:, None] < n_q[None, :]).astype(z.dtype)  # [K, B]
+    # The mask's batch dim laid out as the stages' outputs: on an Explicit mesh
+    # the contraction's batch dims must share a sharding (jax 0.12 raises;
+    # jax 0.10 silently gathered z_q to replicated).
+    mask = rules.shard_activation(mask, (None, 'batch'))
     z_q = jnp.einsum('kb,kbfd->bfd', mask, ys['out'])
     aux = dict(
         commit=jnp.mean(jnp.sum(mask * ys['commit'], 0)),

@@ -327,7 +327,7 @@ class CodecTask(Task):
         'loss/wave': parts['wave'], 'loss/adv_g': parts['adv_g'],
         'loss/adv_d': adv_d, 'loss/feat': parts['feat'],
         'loss/commit': aux['commit'], 'loss/codebook': aux['codebook'],
-        'optim/g_grad_norm': optax.global_norm(grads),
+        'optim/g_grad_norm': optax.tree.norm(grads),
         'rvq/dead_codes': jnp.sum(aux['dead_codes']).astype(jnp.float32),
         'rvq/mean_n_q': jnp.mean(aux['n_q'].astype(jnp.float32)),
     }

@@ -15,6 +15,13 @@ rotating caches whose total exceeds the L2 keeps the cache cold: a single
 per-layer cache fits in an H100's 50 MB L2 and would read faster than HBM.
 On CPU the kernel only runs in Pallas's interpreter, whose timing measures
 the interpreter (§6); it is reported for completeness and labelled so.
+
+Beside ours, the decode kernels that jax and tokamax ship (kernels/shipped.py)
+run on the same caches, converted once to their layout outside the timing:
+`--shipped native` (default) times those that compile for this device,
+`all` adds their CPU forms (interpreter or XLA path, labelled), `none` skips
+them. Every result carries its largest difference from the XLA reference on
+the first cache, so a fast wrong kernel cannot pass unseen.
 """
 from __future__ import annotations
 
@@ -30,8 +37,11 @@ from musicjax import bench as bench_lib
 from musicjax.errors import UserError
 from musicjax.kernels import decode_attention as kernel
 from musicjax.kernels import dispatch
+from musicjax.kernels import shipped
 
 IMPLS = ('auto', 'xla', 'pallas', 'interpret', 'all')
+SHIPPED = ('native', 'all', 'none')
+CPU_FORM = '_cpu'    # suffix of a shipped kernel's CPU form in the results
 DTYPES = ('bfloat16', 'float32')
 # Rotated caches should together exceed any L2 (50 MB on an H100) several times.
 COLD_TOTAL_BYTES = 256 * 10 ** 6
@@ -71,6 +81,8 @@ _WHAT = {
     'xla': 'XLA reference (decode_reference: einsum, softmax, einsum), jitted',
     'triton': 'Pallas split-K kernel, Triton lowering (GPU)',
     'tpu': 'Pallas split-K kernel, Mosaic lowering (TPU)',
+    'mosaic_gpu': 'Pallas split-K kernel, Mosaic GPU lowering (Hopper+, '
+                  'TMA + WGMMA)',
     'interpret': "Pallas kernel in Pallas's interpreter: interpreter timing, "
                  'meaningless for speed',
 }
@@ -97,6 +109,7 @@ class Options:
   sweep: bool = False
   peak_gbs: float | None = None  # None: table, or measured on CPU
   repeats: int = 5
+  shipped: str = 'native'  # shipped baselines: native | all | none
 
   @property
   def params(self) -> kernel.KernelParams:
@@ -180,8 +193,31 @@ def _kernel_issue(opts: Options, backend: str) -> str | None:
 
 
 def _backend(platform: str) -> str | None:
-  """The kernel wrapper this platform compiles natively; None on CPU."""
-  return dispatch._NATIVE.get(platform)  # pylint: disable=protected-access
+  """The kernel wrapper this platform compiles natively, best first; None on
+  CPU."""
+  natives = dispatch.native_backends(platform)
+  return natives[0] if natives else None
+
+
+def shipped_impls(opts: Options, platform: str) -> tuple[list[str], dict]:
+  """(shipped baselines to time, {name: why not} for those left out)."""
+  if opts.shipped not in SHIPPED:
+    raise BenchError(f'--shipped must be one of {SHIPPED}, got {opts.shipped!r}')
+  if opts.shipped == 'none':
+    return [], {}
+  here = 'gpu' if platform in ('gpu', 'cuda') else platform
+  out, skipped = [], {}
+  for name, why in shipped.available().items():
+    base = shipped.BASELINES[name]
+    if why:
+      skipped[name] = why
+    elif base.native == here:
+      out.append(name)
+    elif opts.shipped == 'all':
+      out.append(name + CPU_FORM)
+    else:
+      skipped[name] = f'compiles for {base.native}, not {platform}'
+  return out, skipped
 
 
 def implementations(opts: Options, platform: str) -> tuple[list[str], str | None]:
@@ -277,10 +313,45 @@ def _many_calls(attend, rotate: int, calls: int):
   return jax.jit(many)
 
 
+def _shipped_attend(impl: str, flat: list) -> tuple:
+  """(attend, caches in its layout) for a shipped baseline."""
+  name = impl.removesuffix(CPU_FORM)
+  prepare, call = shipped.attend(name, native=not impl.endswith(CPU_FORM))
+  converted = []
+  for i in range(0, len(flat), 2):
+    converted.extend(prepare(flat[i], flat[i + 1]))
+  return (lambda q, k, v, lengths: call(q, (k, v), lengths)), converted
+
+
+def _impl_attend(impl, params, flat):
+  if impl.removesuffix(CPU_FORM) in shipped.BASELINES:
+    return _shipped_attend(impl, flat)
+  return _attend(impl, params), flat
+
+
 def _time_impl(impl, params, q, lengths, flat, rotate, calls, repeats) -> float:
   """Seconds per call (median executable time / calls)."""
-  fn = _many_calls(_attend(impl, params), rotate, calls)
+  attend, flat = _impl_attend(impl, params, flat)
+  fn = _many_calls(attend, rotate, calls)
   return bench_lib._time(lambda: fn(q, lengths, *flat), repeats) / calls  # pylint: disable=protected-access
+
+
+def max_error(impl, params, q, lengths, flat) -> float:
+  """Largest |impl - XLA reference| on the first cache, in float32."""
+  attend, conv = _impl_attend(impl, params, flat[:2])
+  out = jax.jit(attend)(q, conv[0], conv[1], lengths).astype(jnp.float32)
+  ref = jax.jit(_attend('xla', params))(q, flat[0], flat[1], lengths)
+  return float(jnp.max(jnp.abs(out - ref.astype(jnp.float32))))
+
+
+def _what(impl: str) -> str:
+  name = impl.removesuffix(CPU_FORM)
+  if name in shipped.BASELINES:
+    base = shipped.BASELINES[name]
+    if impl.endswith(CPU_FORM):
+      return (f'{base.what}, as {base.cpu_form} on CPU: not its speed')
+    return base.what
+  return _WHAT[impl]
 
 
 def _figures(seconds: float, nbytes: int, peak_bps: float) -> dict:
@@ -336,7 +407,9 @@ def run_case(opts: Options, batch: int, impls: list[str], peak_bps: float,
     _log(f'  {impl}')
     t = _time_impl(impl, opts.params, q, lengths, flat, rotate, calls,
                    opts.repeats)
-    case['results'][impl] = {'what': _WHAT[impl], **_figures(t, nbytes, peak_bps)}
+    case['results'][impl] = {
+        'what': _what(impl), **_figures(t, nbytes, peak_bps),
+        'max_abs_err_vs_xla': max_error(impl, opts.params, q, lengths, flat)}
   native = _native(impls)
   if native and 'xla' in impls:
     xla_t = case['results']['xla']['seconds_per_call']
@@ -363,6 +436,8 @@ def run(opts: Options = Options()) -> dict:
   check(opts)
   device = jax.devices()[0]
   impls, skipped = implementations(opts, device.platform)
+  baselines, shipped_skipped = shipped_impls(opts, device.platform)
+  impls = impls + baselines
   native = _native(impls)
   if opts.sweep and not native:
     raise BenchError('--sweep times the native kernel, which needs a GPU or '
@@ -387,6 +462,8 @@ def run(opts: Options = Options()) -> dict:
   }
   if skipped:
     out['kernel_not_run'] = skipped
+  if shipped_skipped:
+    out['shipped_not_run'] = shipped_skipped
   if TARGET_DEVICE in device.device_kind.lower():
     out['target'] = (f'H100 issue targets: >= {TARGET_BATCH_1:.0%} of HBM '
                      f'bandwidth at B=1, >= {TARGET_LARGE:.0%} at B >= '

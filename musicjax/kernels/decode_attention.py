@@ -14,14 +14,18 @@ sequence's length, and writes an unnormalised partial (o, m, l); `_merge`
 combines the splits in JAX. Splitting the KV axis puts B * Hkv * num_splits
 programs in flight, which is what keeps a GPU busy at batch 1.
 
-One body (`_body`, plain jnp/lax on refs) serves both wrappers; they differ
-only in how lengths arrive and in compiler parameters:
-  * 'triton' (GPU, jax 0.10's Pallas-Triton lowering): lengths are an ordinary
-    blocked input; the loop bound skips the slots past the length, and a split
-    entirely past it runs zero iterations.
+Three wrappers produce the same partials:
+  * 'triton' (GPU, Pallas's Triton lowering: jax 0.10, deprecated from 0.11
+    on but still shipped): lengths are an ordinary blocked input; the loop
+    bound skips the slots past the length, and a split entirely past it runs
+    zero iterations.
   * 'tpu' (Mosaic): lengths are scalar-prefetched into SMEM; the K/V/valid
     index maps clamp a split past the length to the last useful one, so the
     pipeline sees the same block index again and skips its copy.
+  * 'mosaic_gpu' (Hopper and newer, jax >= 0.11; decode_attention_mosaic_gpu):
+    a TMA pipeline over the blocks below the length, WGMMA for both matmuls.
+'triton' and 'tpu' share one body (`_body`, plain jnp/lax on refs).
+`AVAILABLE` lists the wrappers the installed jax offers.
 """
 from __future__ import annotations
 
@@ -33,12 +37,25 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as pltriton
 
-BACKENDS = ('triton', 'tpu')
+try:  # Deprecated from jax 0.11 on; gone in some later jax.
+  from jax.experimental.pallas import triton as pltriton
+except ImportError:  # pragma: no cover (not in the tested jax versions)
+  pltriton = None
+try:  # jax >= 0.11: plgpu.kernel with out_type and the GPU interpreter.
+  from musicjax.kernels import decode_attention_mosaic_gpu as mosaic_gpu
+except (ImportError, AttributeError, TypeError):
+  mosaic_gpu = None
+if mosaic_gpu is not None and jax.__version_info__ < (0, 11):
+  mosaic_gpu = None   # imports on 0.10, but its plgpu.kernel API differs
+
+BACKENDS = ('triton', 'tpu', 'mosaic_gpu')
+AVAILABLE = tuple(b for b, ok in (('triton', pltriton is not None), ('tpu', True),
+                                  ('mosaic_gpu', mosaic_gpu is not None)) if ok)
 # Query rows per program: Triton's tl.dot needs M >= 16; TPU tiles are 8
-# sublanes (16 for packed bfloat16).
-_GROUP_ROWS = {('triton', 4): 16, ('triton', 2): 16, ('tpu', 4): 8, ('tpu', 2): 16}
+# sublanes (16 for packed bfloat16); WGMMA takes 64 rows.
+_GROUP_ROWS = {('triton', 4): 16, ('triton', 2): 16, ('tpu', 4): 8, ('tpu', 2): 16,
+               ('mosaic_gpu', 2): 64}
 # Masked scores: finite, so exp(m_old - m_new) stays defined while every key
 # seen so far is masked (-inf - -inf would be NaN).
 _NEG = -1e30
@@ -52,7 +69,8 @@ class KernelParams:
   block_k: int = 128     # keys per inner step; power of 2, >= 16 (GPU), multiple of 128 (TPU)
   num_splits: int = 8    # KV splits per (batch, kv head); power of 2
   num_warps: int = 4     # GPU (Triton) only
-  num_stages: int = 2    # GPU (Triton) only: software-pipelining depth
+  num_stages: int = 2    # GPU only: blocks in flight (Triton's software
+                         # pipelining depth; Mosaic GPU's TMA buffers)
 
   @property
   def granule(self) -> int:
@@ -74,10 +92,17 @@ def check_params(params: KernelParams, backend: str) -> None:
   if backend not in BACKENDS:
     raise ValueError(f'decode attention backend must be one of {BACKENDS}, got '
                      f'{backend!r}')
+  if backend not in AVAILABLE:
+    raise ValueError(f'decode attention backend {backend!r} is not in the '
+                     f'installed jax {jax.__version__} (it has {AVAILABLE}); '
+                     "'mosaic_gpu' needs jax >= 0.11")
   bk, ns = params.block_k, params.num_splits
   if not _pow2(bk) or bk < 16:
     raise ValueError(f'block_k={bk} must be a power of 2 and >= 16 (Triton '
                      'loads power-of-2 tiles and tl.dot needs 16 rows)')
+  if backend == 'mosaic_gpu' and bk < 64:
+    raise ValueError(f'block_k={bk} must be >= 64 for Mosaic GPU (the WGMMA '
+                     'tile)')
   if backend == 'tpu' and bk % 128:
     raise ValueError(f'block_k={bk} must be a multiple of 128 on TPU (the lane '
                      'width of a vector register)')
@@ -111,6 +136,15 @@ def check_inputs(q, k, v, lengths, valid, params: KernelParams,
   if not (q.dtype == k.dtype == v.dtype):
     raise ValueError(f'q, k, v must share a dtype; got {q.dtype}, {k.dtype}, '
                      f'{v.dtype}')
+  if backend == 'mosaic_gpu':
+    if q.dtype not in mosaic_gpu.DTYPES:
+      raise ValueError(f'the Mosaic GPU kernel takes a bfloat16 cache, got '
+                       f'{q.dtype}; cast the cache, or use the Triton or XLA '
+                       'path for float32')
+    if d % 64 or hq // hkv > mosaic_gpu.ROWS:
+      raise ValueError(f'head dim {d} must be a multiple of 64 and the query '
+                       f'group {hq // hkv} at most {mosaic_gpu.ROWS} for Mosaic '
+                       'GPU (128-byte swizzled tiles, 64-row WGMMA)')
   if backend == 'triton' and (not _pow2(d) or d < 16):
     raise ValueError(f'head dim {d} must be a power of 2 >= 16 for the Triton '
                      'lowering (it loads power-of-2 tiles)')
@@ -280,6 +314,15 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   else:
     valid3 = valid.astype(jnp.int32).reshape(b, 1, s)
   scale = d ** -0.5 if sm_scale is None else float(sm_scale)
+  if backend == 'mosaic_gpu':
+    # The last block may run past the length: its slots are masked here.
+    keep = ((valid3[:, 0] != 0) & (jnp.arange(s)[None] < lengths[:, None])
+            ).astype(jnp.float32)
+    o, m, l = mosaic_gpu.partials(
+        q4, k, v, lengths, keep, block_k=params.block_k,
+        num_splits=params.num_splits, stages=params.num_stages, sm_scale=scale,
+        interpret=mosaic_gpu.interpret_params() if interpret else None)
+    return _merge(o, m, l, g, q.dtype)
   call = _triton_call if backend == 'triton' else _tpu_call
   o, m, l = call(q4, k, v, lengths, valid3, params, scale, interpret)
   return _merge(o, m, l, g, q.dtype)

@@ -1,9 +1,11 @@
 """Which decode attention runs: the Pallas kernel on GPU and TPU, XLA on CPU.
 
 `sample.attention` in an LM config (and `gen.Sampling.attention`):
-  * 'auto': the kernel where it compiles natively (GPU via Triton, TPU via
-    Mosaic) and the shapes suit it; XLA otherwise (CPU, or a head dim Triton
-    cannot tile);
+  * 'auto': the kernel where it compiles natively and the shapes suit it:
+    on TPU the Mosaic wrapper; on a Hopper-or-newer GPU with jax >= 0.11 the
+    Mosaic GPU wrapper (bfloat16 caches); on other GPUs, or for a float32
+    cache, the Triton wrapper while the installed jax still ships it; XLA
+    otherwise (CPU, or shapes no wrapper tiles);
   * 'xla': the XLA path everywhere;
   * 'pallas': the kernel everywhere; where Pallas has no native backend (CPU)
     it runs in Pallas's interpreter (slow; for tests and debugging).
@@ -27,7 +29,29 @@ from musicjax.kernels import decode_reference
 from musicjax.parallel import rules
 
 IMPLS = ('auto', 'xla', 'pallas')
-_NATIVE = {'gpu': 'triton', 'cuda': 'triton', 'tpu': 'tpu'}  # platform -> wrapper
+_GPU = ('gpu', 'cuda')
+MOSAIC_GPU_MIN_ARCH = 9.0   # WGMMA and TMA: Hopper
+
+
+def gpu_arch() -> float | None:
+  """Compute capability of the first local GPU (9.0 on an H100), or None."""
+  try:
+    return float(jax.devices('gpu')[0].compute_capability)
+  except (RuntimeError, AttributeError, ValueError, IndexError):
+    return None
+
+
+def native_backends(platform: str, arch: float | None = None) -> tuple[str, ...]:
+  """The kernel wrappers that compile natively on `platform`, best first
+  (`arch`: the GPU's compute capability; default the local GPU's)."""
+  if platform == 'tpu':
+    return ('tpu',)
+  if platform not in _GPU:
+    return ()
+  arch = gpu_arch() if arch is None else arch
+  hopper = arch is not None and arch >= MOSAIC_GPU_MIN_ARCH
+  order = ('mosaic_gpu', 'triton') if hopper else ('triton',)
+  return tuple(b for b in order if b in kernel.AVAILABLE)
 
 
 def check_impl(impl: str) -> None:
@@ -47,16 +71,20 @@ def unsupported(num_heads: int, num_kv_heads: int, head_dim: int,
     return f'{num_heads} query heads are not a multiple of {num_kv_heads} KV heads'
   if backend == 'triton' and (head_dim < 16 or head_dim & (head_dim - 1)):
     return f'head dim {head_dim} is not a power of 2 >= 16 (Triton tiles)'
+  if backend == 'mosaic_gpu' and (head_dim % 64 or num_heads // num_kv_heads > 64):
+    return (f'head dim {head_dim} is not a multiple of 64, or the query group '
+            f'{num_heads // num_kv_heads} exceeds 64 rows (Mosaic GPU tiles)')
   return None
 
 
 # What `resolve` returns: the XLA path, a native kernel, or the kernel run in
 # Pallas's interpreter (Triton-style wrapper; any platform).
-RESOLVED = ('xla', 'triton', 'tpu', 'interpret')
+RESOLVED = ('xla', 'triton', 'tpu', 'mosaic_gpu', 'interpret')
 
 
 def resolve(impl: str, num_heads: int, num_kv_heads: int, head_dim: int,
-            params: kernel.KernelParams, platform: str | None = None) -> str:
+            params: kernel.KernelParams, platform: str | None = None,
+            arch: float | None = None) -> str:
   """One of RESOLVED for this platform (default: jax's default backend).
 
   Static on purpose: `lax.platform_dependent` would trace the kernel for
@@ -66,18 +94,28 @@ def resolve(impl: str, num_heads: int, num_kv_heads: int, head_dim: int,
   if impl == 'xla':
     return 'xla'
   platform = platform or jax.default_backend()
-  native = _NATIVE.get(platform)
-  why = unsupported(num_heads, num_kv_heads, head_dim, params,
-                    native or 'triton')
+  natives = native_backends(platform, arch)
+  whys = {b: unsupported(num_heads, num_kv_heads, head_dim, params, b)
+          for b in natives or ('triton',)}
+  fits = [b for b in natives if whys[b] is None]
   if impl == 'pallas':
-    if why:
-      raise ValueError(f'sample.attention=pallas: {why}; use '
+    if natives and not fits:
+      raise ValueError(f'sample.attention=pallas: {whys[natives[0]]}; use '
                        "sample.attention='xla' or change the kernel parameters")
-    return native or 'interpret'
-  return native if native and why is None else 'xla'
+    if not natives and whys['triton']:
+      raise ValueError(f"sample.attention=pallas: {whys['triton']}; use "
+                       "sample.attention='xla' or change the kernel parameters")
+    return fits[0] if fits else 'interpret'
+  return fits[0] if fits else 'xla'
 
 
 def _pallas(q, k, v, lengths, valid, impl: str, params: kernel.KernelParams):
+  if impl == 'mosaic_gpu' and q.dtype not in kernel.mosaic_gpu.DTYPES:
+    # The cache dtype is only known here: a float32 cache takes the Triton
+    # wrapper where jax has it, else XLA.
+    if 'triton' not in kernel.AVAILABLE:
+      return decode_reference.decode_attention_reference(q, k, v, lengths, valid)
+    impl = 'triton'
   if impl == 'interpret':
     return kernel.decode_attention(q, k, v, lengths, valid, backend='triton',
                                    params=params, interpret=True)

@@ -96,7 +96,7 @@ class ToyTask(Task):
     del rng
     loss, grads = nnx.value_and_grad(self._loss)(state.model, batch)
     state.optimizer.update(state.model, grads)
-    return {'loss': loss, 'grad_norm': optax.global_norm(grads)}
+    return {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
 
   def eval_step(self, state: ToyState, batch, rng) -> dict[str, jax.Array]:
     del rng
