@@ -35,7 +35,10 @@ _EPILOG = """examples:
   musicjax export --workdir runs/lm --out exports/lm [--dtype bfloat16]
   musicjax import-torch --from exports/lm_finetuned --workdir runs/lm_ft
 
-Any --config.a.b=value overrides one key of the config (its type is checked).
+--config takes a file path or the name of a shipped config (lm/tiny, codec/tiny,
+...); PATH:ARG passes ARG to the file's get_config(arg).
+Any --config.a.b=value (or --config.a.b value) overrides one key of the config
+(its type is checked).
 Multi-host: launch/local.sh N -- musicjax train ...  (see docs/training.md)."""
 
 
@@ -47,7 +50,9 @@ def _parser() -> argparse.ArgumentParser:
 
   def add_config(sp, required: bool):
     sp.add_argument('--config', required=required, metavar='PATH',
-                    help='config file (configs/...). Overrides: --config.a.b=value.'
+                    help='config file (configs/...) or shipped config name '
+                    '(lm/tiny); PATH:ARG calls get_config(ARG). Overrides: '
+                    '--config.a.b=value or --config.a.b value.'
                     + ('' if required else ' Default: WORKDIR/config.json.'))
 
   t = sub.add_parser('train', help='train a model; resumes if WORKDIR has checkpoints')
@@ -495,8 +500,30 @@ def configure_logging() -> None:
 _MALLOC_VERBS = ('train', 'eval', 'bench')
 
 
+def _join_overrides(argv: list[str]) -> list[str]:
+  """`--config.a.b value` -> `--config.a.b=value` (ml_collections' flag form).
+
+  The next word is the value unless it is another option (`--...`); a bare
+  `--config.a.b` is left for the config to read (a bool key: True).
+  """
+  out, i = [], 0
+  while i < len(argv):
+    a = argv[i]
+    if a == '--':
+      out += argv[i:]
+      break
+    if (a.startswith('--config.') and '=' not in a and i + 1 < len(argv)
+        and not argv[i + 1].startswith('--')):
+      out.append(f'{a}={argv[i + 1]}')
+      i += 2
+      continue
+    out.append(a)
+    i += 1
+  return out
+
+
 def main(argv: list[str] | None = None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
+  argv = _join_overrides(list(sys.argv[1:] if argv is None else argv))
   parser = _parser()
   args, rest = parser.parse_known_args(argv)
   overrides = [a for a in rest if a.startswith('--config.')]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib.util
+import inspect
 import json
 import os
 from typing import Any, Iterable
@@ -110,19 +111,122 @@ def base_config() -> ConfigDict:
   return c
 
 
-def _load_file(path: str) -> ConfigDict:
-  if not os.path.isfile(path):
-    raise ConfigError(f'config file not found: {path}')
-  spec = importlib.util.spec_from_file_location('_musicjax_config', path)
-  mod = importlib.util.module_from_spec(spec)
+def shipped_dir() -> str | None:
+  """The folder of the configs musicjax ships (configs/ of the repo).
+
+  A wheel carries them as package data in musicjax/configs/ (pyproject.toml
+  maps the repo's top-level configs/ there); a source checkout or an editable
+  install reads the repo's configs/ itself.
+  """
+  here = os.path.dirname(os.path.abspath(__file__))
+  for d in (os.path.join(here, 'configs'),
+            os.path.join(os.path.dirname(here), 'configs')):
+    if os.path.isdir(d):
+      return d
+  return None
+
+
+def shipped_names() -> list[str]:
+  """Names of the shipped configs, e.g. ['accomp/tiny', ..., 'lm/tiny']."""
+  root = shipped_dir()
+  if root is None:
+    return []
+  names = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames if not d.startswith(('_', '.')))
+    for f in filenames:
+      if f.endswith('.py') and not f.startswith('_'):
+        rel = os.path.relpath(os.path.join(dirpath, f), root)
+        names.append(rel[:-3].replace(os.sep, '/'))
+  return sorted(names)
+
+
+def _split_arg(spec: str) -> tuple[str, str | None]:
+  """'path.py:arg' -> ('path.py', 'arg'); a spec without one -> (spec, None).
+
+  The argument is everything after the first colon (it may hold more colons
+  or slashes); an existing file whose name has a colon stays whole.
+  """
+  if os.path.isfile(spec) or ':' not in spec:
+    return spec, None
+  path, arg = spec.split(':', 1)
+  return path, arg
+
+
+def resolve(spec: str) -> str:
+  """The file a --config value names (without any ':arg').
+
+  An existing file path wins; otherwise `spec` names a shipped config:
+  'lm/tiny', 'lm/tiny.py' and 'configs/lm/tiny.py' all name configs/lm/tiny.py,
+  so the documented commands work from any directory after `pip install`.
+
+  Raises:
+    ConfigError: for an unknown name, listing the shipped configs (closest first).
+  """
+  if os.path.isfile(spec):
+    return spec
+  name = spec.replace(os.sep, '/').removesuffix('.py')
+  while name.startswith('./'):
+    name = name[2:]
+  name = name.removeprefix('configs/')
+  root = shipped_dir()
+  names = shipped_names()
+  if root is not None and name in names:
+    return os.path.join(root, *name.split('/')) + '.py'
+  # Spelling slips (lm/tinny), then the same file in another folder (tiny).
+  close = difflib.get_close_matches(name, names, n=3, cutoff=0.8)
+  leaf = name.split('/')[-1]
+  close += [n for n in names if n.split('/')[-1] == leaf and n not in close]
+  hint = f' (did you mean {" or ".join(close)}?)' if close else ''
+  available = ', '.join(names) if names else 'none found'
+  raise ConfigError(
+      f'config file not found: {spec}, and it is not the name of a shipped '
+      f'config{hint}. Pass a path to a config file, or one of: {available}')
+
+
+def _takes_arg(fn) -> bool:
   try:
-    spec.loader.exec_module(mod)
+    params = inspect.signature(fn).parameters.values()
+  except (TypeError, ValueError):
+    return False
+  return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+             for p in params)
+
+
+def _needs_arg(fn) -> bool:
+  try:
+    params = inspect.signature(fn).parameters.values()
+  except (TypeError, ValueError):
+    return False
+  return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+             and p.default is p.empty for p in params)
+
+
+def _load_file(spec: str) -> ConfigDict:
+  """Runs get_config() of the config `spec` names: a path or a shipped name,
+  optionally with ':arg', passed as get_config(arg) (big_vision style)."""
+  spec_path, arg = _split_arg(spec)
+  path = resolve(spec_path)
+  module_name = '_musicjax_config'
+  module_spec = importlib.util.spec_from_file_location(module_name, path)
+  mod = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(mod)
   except SyntaxError as e:
     raise ConfigError(f'{path}: syntax error in the config file: {e}') from e
   if not hasattr(mod, 'get_config'):
     raise ConfigError(f'{path} has no get_config() function')
+  get_config = mod.get_config
+  if arg is not None and not _takes_arg(get_config):
+    raise ConfigError(
+        f'--config {spec}: {path} has get_config() without a parameter, so it '
+        f'takes no ":{arg}" argument; pass --config {spec_path}')
+  if arg is None and _needs_arg(get_config):
+    raise ConfigError(
+        f'{path}: get_config() needs an argument: pass --config {spec_path}:ARG '
+        '(the text after the colon is passed to get_config)')
   try:
-    return mod.get_config()
+    return get_config(arg) if arg is not None else get_config()
   except (TypeError, AttributeError, KeyError) as e:
     # ConfigDict type-checks assignments; its message names the field.
     raise ConfigError(f'{path}: get_config() failed: {e}') from e
@@ -191,7 +295,12 @@ def apply_overrides(config: ConfigDict, overrides: Iterable[str]) -> ConfigDict:
   flat = _flatten(config)
   for item in overrides:
     if '=' not in item:
-      raise ConfigError(f'override {item!r} must look like --config.a.b=value')
+      # A bare bool key is True (`--config.train.eval_at_start`, as absl does).
+      key = item.removeprefix('--').removeprefix('config.')
+      if not isinstance(flat.get(key), bool):
+        raise ConfigError(f'override {item!r} must look like --config.a.b=value '
+                          'or --config.a.b value')
+      item = f'{key}=true'
     key, text = item.split('=', 1)
     key = key.removeprefix('--').removeprefix('config.')
     if key not in flat:
@@ -264,7 +373,11 @@ def schema_for(config: ConfigDict) -> ConfigDict:
 
 
 def load(path: str, overrides: Iterable[str] = ()) -> ConfigDict:
-  """Loads a config file, applies overrides, validates it against its schema."""
+  """Loads a config, applies overrides, validates it against its schema.
+
+  `path` is a config file, or the name of a shipped config ('lm/tiny'), either
+  optionally followed by ':arg' for a get_config(arg) (resolve()).
+  """
   config = _load_file(path)
   config = apply_overrides(config, overrides)
   validate(config, schema_for(config))

@@ -219,8 +219,9 @@ class AccompModel(nn.Module):
                 mask_temperature: float = DEFAULT_MASK_TEMPERATURE,
                 cfg_scale: float = 1.0, known: torch.Tensor | None = None,
                 generator: torch.Generator | None = None,
-                noise: 'Noise | None' = None, prefix: torch.Tensor | None = None
-                ) -> torch.Tensor:
+                noise: 'Noise | None' = None,
+                prefix: torch.Tensor | None = None,
+                temperature_after_filter: bool = True) -> torch.Tensor:
     """Accompaniment codes [B, T, K] for vocal codes [B, T, K].
 
     valid [B, T] (default all): invalid frames stay PAD. text_ids [B, L] and
@@ -236,11 +237,15 @@ class AccompModel(nn.Module):
     under the filtered logits at temperature 1; JAX requires temperature >
     0) and mask_temperature 0 remasks by confidence alone: with both, no
     noise is drawn and the result is deterministic.
+    temperature_after_filter (config.sample.temperature_after_filter): True
+    cuts top-p / top-k on the raw logits and divides the kept ones by the
+    temperature (the released LaDA-Band order), False divides first.
     """
     valid = _default_valid(vocal, valid)
     if prefix is None:
       prefix = self.condition(vocal, text_ids, ref_codes, ref_valid)
-    settings = Sampling(temperature, top_k, top_p, cfg_scale)
+    settings = Sampling(temperature, top_k, top_p, cfg_scale,
+                        temperature_after_filter)
     noise = noise if noise is not None else GumbelNoise(generator)
     was_training = self.training
     self.eval()
@@ -260,7 +265,8 @@ class AccompModel(nn.Module):
                    ref_valid=None, temperature: float = 1.0,
                    top_k: int = DEFAULT_TOP_K, top_p: float = DEFAULT_TOP_P,
                    cfg_scale: float = 1.0, generator=None, noise=None,
-                   prefix=None) -> torch.Tensor:
+                   prefix=None, temperature_after_filter: bool = True
+                   ) -> torch.Tensor:
     """The 'ar' ablation's decoding (as JAX `accompany_ar`): frame by frame,
     each step running the causal model over the whole window."""
     if not self.causal:
@@ -268,7 +274,8 @@ class AccompModel(nn.Module):
     return self.accompany(vocal, valid, text_ids, ref_codes, ref_valid,
                           temperature=temperature, top_k=top_k, top_p=top_p,
                           cfg_scale=cfg_scale, generator=generator, noise=noise,
-                          prefix=prefix)
+                          prefix=prefix,
+                          temperature_after_filter=temperature_after_filter)
 
 
 def _default_valid(vocal: torch.Tensor, valid: torch.Tensor | None
@@ -315,7 +322,7 @@ class Sampling:
   """Guidance and token settings shared by both decoders."""
 
   def __init__(self, temperature: float, top_k: int, top_p: float,
-               cfg_scale: float):
+               cfg_scale: float, temperature_after_filter: bool = True):
     if temperature < 0:
       raise ValueError(f'temperature must be >= 0, got {temperature}')
     if not isinstance(top_k, int) or top_k < 0:
@@ -324,6 +331,7 @@ class Sampling:
       raise ValueError(f'top_p must be in (0, 1], got {top_p}')
     self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
     self.cfg_scale = cfg_scale
+    self.temperature_after_filter = temperature_after_filter
 
   @property
   def cfg(self) -> bool:
@@ -368,23 +376,25 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0
   return torch.where(logits >= cut, logits, torch.full_like(logits, -math.inf))
 
 
+def schedule_ratios(steps: int) -> list[float]:
+  """Masked fraction after each step (JAX `diffusion.schedule_ratios`):
+  cos(progress * pi / 2), progress = (i + 1) / steps, Python floats (float64)
+  in this order, clipped to [0, 1], as LaDA-Band's released sampler."""
+  if not isinstance(steps, int) or steps < 1:
+    raise ValueError(f'steps must be a positive int, got {steps!r}')
+  return [min(1.0, max(0.0, math.cos((i + 1) / steps * math.pi / 2.0)))
+          for i in range(steps)]
+
+
 def num_masked_after(step: int, steps: int, total: torch.Tensor,
                      n_masked: torch.Tensor) -> torch.Tensor:
   """Tokens left masked after step `step` of `steps` [B] (JAX
-  `diffusion.num_masked_after`, in the same float32 operations):
-  floor(cos(pi/2 (step+1)/steps) * total), clipped to [1, n_masked - 1]
-  before the last step, 0 at the last."""
-  f32 = torch.float32
-  # The angle as JAX's num_masked_after spells it out for a static `steps`:
-  # (step + 1) * (pi/2 * (1/steps)), all in float32.
-  per_step = torch.tensor(0.5 * math.pi, dtype=f32) * (
-      torch.tensor(1.0, dtype=f32) / torch.tensor(steps, dtype=f32))
-  angle = torch.tensor(step + 1, dtype=f32) * per_step
-  # cos of the float32 angle, correctly rounded: XLA:CPU's float32 cos is
-  # one ulp off that for 1.3% of these angles with jax 0.10 (none with jax
-  # 0.12), torch's for 4.9% (every step of 1 to 512 steps).
-  ratio = torch.cos(angle.double()).float()
-  n = torch.floor(ratio * total.float()).long()
+  `diffusion.num_masked_after`): the float64 product ratio * total made
+  float32, then floored (as the released sampler's torch.tensor of a Python
+  float), clipped to [1, n_masked - 1] before the last step, 0 at the last."""
+  ratio = schedule_ratios(steps)[step]
+  product = ratio * total.to(torch.float64)       # one float64 rounding
+  n = torch.floor(product.to(torch.float32)).long()
   n = torch.clamp(torch.minimum(n_masked - 1, n), min=1)
   if step >= steps - 1:
     n = torch.zeros_like(n)
@@ -422,12 +432,17 @@ def remask(confidence: torch.Tensor, still_masked: torch.Tensor,
 
 def draw(logits: torch.Tensor, s: Sampling, noise: Noise | None, step: int
          ) -> tuple[torch.Tensor, torch.Tensor]:
-  """(tokens, filtered logits) from guided logits [..., V]: temperature,
-  top-p then top-k, then the Gumbel-max draw (argmax at temperature 0)."""
+  """(tokens, filtered logits) from guided logits [..., V]: top-p then
+  top-k and the temperature, in the order s.temperature_after_filter names
+  (JAX `sample.token_logits`), then the Gumbel-max draw (argmax at
+  temperature 0)."""
   if s.temperature == 0:
     lg = filter_logits(logits, s.top_k, s.top_p)
     return torch.argmax(lg, dim=-1), lg
-  lg = filter_logits(logits / s.temperature, s.top_k, s.top_p)
+  if s.temperature_after_filter:
+    lg = filter_logits(logits, s.top_k, s.top_p) / s.temperature
+  else:
+    lg = filter_logits(logits / s.temperature, s.top_k, s.top_p)
   g = noise.tokens(step, lg.shape).to(lg.device)
   return torch.argmax(lg + g, dim=-1), lg
 

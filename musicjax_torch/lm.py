@@ -236,7 +236,8 @@ class AudioLM(nn.Module):
                ref_valid: torch.Tensor | None = None,
                generator: torch.Generator | None = None, min_frames: int = 0,
                teacher: torch.Tensor | None = None,
-               record_logits: bool = False) -> dict[str, torch.Tensor]:
+               record_logits: bool = False,
+               top_k_keep_ties: bool = True) -> dict[str, torch.Tensor]:
     """Samples a song after a left-padded prompt (see `decode`).
 
     prompt: text [B,P], audio [B,P,K], melody [B,P], positions [B,P],
@@ -246,7 +247,9 @@ class AudioLM(nn.Module):
       first, each left-padded with EMPTY and ending in '<audio>'.
     melody: [B, max_frames] melody ids of the frames to generate.
     ref_codes, ref_valid: reference segment [B,R,K] and whether it is given.
-    temperature 0 is greedy (argmax); otherwise top-k, then top-p within it.
+    temperature 0 is greedy (argmax); otherwise top-k, then top-p within it;
+    top_k_keep_ties keeps every token tied with the last kept one (heartlib's
+    top-k; False: exactly k).
     teacher: frames [B,T,K] (pattern steps for single_stream) consumed
       instead of samples; record_logits: also return the guided logits.
 
@@ -259,7 +262,8 @@ class AudioLM(nn.Module):
       raise ValueError(f'cfg_scale={cfg_scale} needs 2 * num_cond = '
                        f'{2 * num_cond} prompt rows (conditional, then null), '
                        f'got {b}')
-    sampler = Sampler(temperature, top_k, top_p, cfg_scale, num_cond, generator)
+    sampler = Sampler(temperature, top_k, top_p, cfg_scale, num_cond, generator,
+                      top_k_keep_ties)
     run = decode if self.variant == 'global_local' else decode_stream
     was_training = self.training
     self.eval()
@@ -293,13 +297,15 @@ class Sampler:
   """Guidance and token sampling of the decode loop."""
 
   def __init__(self, temperature: float, top_k: int, top_p: float,
-               cfg_scale: float, num_cond: int, generator=None):
+               cfg_scale: float, num_cond: int, generator=None,
+               top_k_keep_ties: bool = True):
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
       raise ValueError(f'need temperature >= 0, top_k >= 0, 0 < top_p <= 1; '
                        f'got {temperature}, {top_k}, {top_p}')
     self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
     self.cfg_scale, self.num_cond = cfg_scale, num_cond
     self.generator = generator
+    self.top_k_keep_ties = top_k_keep_ties
 
   def guide(self, logits: torch.Tensor) -> torch.Tensor:
     """u + s * (c - u) over the (conditional, null) row halves."""
@@ -310,7 +316,9 @@ class Sampler:
     return uncond + self.cfg_scale * (cond - uncond)
 
   def sample(self, logits: torch.Tensor) -> torch.Tensor:
-    """logits [..., V] -> ids [...]: top-k first, then top-p within it."""
+    """logits [..., V] -> ids [...]: top-k first, then top-p within it (JAX
+    `generate.sample_tokens`); with top_k_keep_ties every token >= the last
+    kept value stays."""
     if self.temperature == 0:
       return torch.argmax(logits, dim=-1)
     logits = logits / self.temperature
@@ -322,6 +330,15 @@ class Sampler:
       before = torch.cumsum(probs, dim=-1) - probs     # mass of better tokens
       vals = torch.where(before < self.top_p, vals,
                          torch.full_like(vals, -float('inf')))
+    if self.top_k_keep_ties and (k < vocab or self.top_p < 1):
+      # The kept values are a prefix of vals; every logit >= the last stays.
+      finite = torch.isfinite(vals)
+      cut = torch.where(finite, vals, torch.full_like(vals, float('inf')))
+      cut = cut.min(dim=-1, keepdim=True).values
+      vals = torch.where(logits >= cut, logits,
+                         torch.full_like(logits, -float('inf')))
+      k = vocab
+      idx = torch.arange(vocab, device=logits.device).expand(logits.shape)
     probs = torch.softmax(vals, dim=-1)
     flat = probs.reshape(-1, k)
     choice = torch.multinomial(flat, 1, generator=self.generator)

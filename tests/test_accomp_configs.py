@@ -51,3 +51,11 @@ def test_lada_1b_has_the_papers_size():
   # Llama-3.2-1B's 16 blocks (~0.97B) + two half-width embedding tables, the
   # text table and 16384-way head; no tied input embedding.
   assert 1.0e9 < n < 1.2e9, n
+
+
+def test_sampling_order_key_defaults_to_the_released_code_and_passes_through():
+  c = _load('tiny.py')
+  assert c.sample.temperature_after_filter      # the released LaDA-Band order
+  assert task_lib.sampling(c).temperature_after_filter
+  c.sample.temperature_after_filter = False
+  assert not task_lib.sampling(c).temperature_after_filter

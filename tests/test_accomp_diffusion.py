@@ -1,4 +1,6 @@
 """Masked-diffusion maths for accompaniment tokens: schedules, losses, sampler."""
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -159,6 +161,60 @@ def test_num_masked_after_schedule():
   # A row with one masked token waits; it is never asked for more than it has.
   n = D.num_masked_after(3, steps, jnp.array([750, 750]), jnp.array([1, 0]))
   np.testing.assert_array_equal(n, [1, 0])
+
+
+def test_num_masked_after_counts_as_the_released_sampler_hand_cases():
+  """Two counts checked by hand.
+
+  80 tokens, step 39 of 60: progress 40/60 = 2/3 and cos(pi/3) = 1/2 exactly,
+  so 40 stay masked. The released code's float64 ratio is 0.5000000000000001
+  (product 40.000000000000007 -> 40); the old float32 schedule had
+  cos(40 * float32(pi/120)) = 0.49999997 -> 39.999998 -> 39.
+
+  2911 tokens, step 0 of 3: cos(pi/6) = 0.8660254037844387 and the float64
+  product is 2520.99995041650...; made float32 (gap 2^-12 = 0.000244 between
+  2048 and 4096) it rounds to 2521.0, which the released code floors to 2521
+  (a pure float64 floor would give 2520).
+  """
+  f = jax.jit(D.num_masked_after, static_argnums=1)
+  assert int(f(39, 60, jnp.array([80]), jnp.array([81]))[0]) == 40
+  assert int(f(0, 3, jnp.array([2911]), jnp.array([3000]))[0]) == 2521
+
+
+def _released_counts(steps: int, totals: np.ndarray) -> np.ndarray:
+  """[steps - 1, len(totals)]: LaDA-Band's count before clipping, as its
+  sampler computes it: Python-float ratio cos(progress * pi / 2), times the
+  token count in float64, made a float32 tensor, floored."""
+  r = np.array([math.cos((i + 1) / steps * math.pi / 2.0)
+                for i in range(steps - 1)])
+  product = r[:, None] * totals[None].astype(np.float64)
+  return np.floor(product.astype(np.float32)).astype(np.int64)
+
+
+def test_schedule_counts_are_exact_for_every_total_and_step_count():
+  """The device count (exact int32 arithmetic) equals the float64 reference
+  for every total in [0, 4096] and every step but the last (which leaves
+  none) of 2..128 steps (33.8M counts; 1890 of them differ from a plain
+  float64 floor, 18274 from a floor of numpy's cos(pi/2 * (i+1)/steps)), and
+  for totals up to MAX_SCHEDULE_TOTAL."""
+  max_steps, totals = 128, np.arange(4097)
+  count = jax.jit(D._floor_like_released)
+  for steps in range(2, max_steps + 1):
+    # Padded to one shape, so that this compiles once.
+    digits = np.zeros((max_steps, D._R_DIGITS), np.int32)
+    digits[:steps] = D._ratio_digits(steps)
+    got = np.asarray(count(jnp.asarray(digits)[:, None],
+                           jnp.asarray(totals)[None]))
+    want = _released_counts(steps, totals)
+    bad = np.argwhere(got[:steps - 1] != want)
+    assert not len(bad), (steps, bad[:5])
+  big = np.array([0, 1, 2**22 - 1, 2**22, 2**22 + 1, 5_000_000,
+                  D.MAX_SCHEDULE_TOTAL])
+  for steps in (2, 3, 60, 128):
+    digits = D._ratio_digits(steps)[:-1]
+    got = np.asarray(count(jnp.asarray(digits)[:, None],
+                           jnp.asarray(big)[None]))
+    np.testing.assert_array_equal(got, _released_counts(steps, big))
 
 
 def test_gumbel_scale():

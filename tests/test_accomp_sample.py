@@ -72,3 +72,29 @@ def test_cfg_scale_one_equals_conditional_and_other_scales_differ():
   strong = S.accompany(m, x['vocal'], x['valid'], p, r,
                        S.Sampling(steps=4, cfg_scale=5.0), null)
   assert (np.asarray(strong) != np.asarray(plain)).any()
+
+
+def test_temperature_after_filter_follows_the_released_order():
+  """probs (0.5, 0.3, 0.2), top_p 0.75, temperature 2, no top-k.
+
+  After the cut (released code): the nucleus of the raw probs keeps tokens 0
+  and 1 (mass before token 2 is 0.8 >= 0.75); temperature 2 then gives
+  sqrt(.5) : sqrt(.3) = 0.7071 : 0.5477 -> (0.5635, 0.4365, 0).
+  Before the cut: temperature 2 first gives sqrt(.5, .3, .2) / 1.7020 =
+  (0.4155, 0.3218, 0.2628); the mass before token 2 is 0.7373 < 0.75, so all
+  three stay.
+  """
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.2]]))
+  after = S.Sampling(temperature=2.0, top_k=0, top_p=0.75)
+  assert after.temperature_after_filter      # the default: the paper's code
+  before = S.Sampling(temperature=2.0, top_k=0, top_p=0.75,
+                      temperature_after_filter=False)
+  np.testing.assert_allclose(jax.nn.softmax(S.token_logits(logits, after))[0],
+                             [0.5635, 0.4365, 0.0], atol=1e-4)
+  np.testing.assert_allclose(jax.nn.softmax(S.token_logits(logits, before))[0],
+                             [0.4155, 0.3218, 0.2628], atol=1e-4)
+  # At temperature 1 the two orders are the same.
+  one = dict(temperature=1.0, top_k=2, top_p=0.75)
+  np.testing.assert_array_equal(
+      S.token_logits(logits, S.Sampling(**one)),
+      S.token_logits(logits, S.Sampling(**one, temperature_after_filter=False)))

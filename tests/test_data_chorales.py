@@ -175,3 +175,21 @@ def test_split_limits_and_bwv_numbers():
       269, 1, 248]
   assert chorales.split_of('40.8', 10) == 'eval'
   assert chorales.split_of('269', 10) == 'train'
+
+
+def test_missing_tinysoundfont_names_the_install_command(tmp_path, monkeypatch):
+  """`pip install musicjax` cannot bring tinysoundfont (its declared pyaudio has
+  no Linux wheel): rendering says how to install it instead of a bare
+  ModuleNotFoundError."""
+  from musicjax.errors import UserError
+  monkeypatch.setitem(sys.modules, 'tinysoundfont', None)  # import fails
+  with pytest.raises(UserError) as e:
+    chorales.render_events([(0.0, 0.5, 60, 0, 100)], SR, 1.0)
+  msg = str(e.value)
+  assert "pip install --no-deps 'tinysoundfont>=0.3.6'" in msg, msg
+  assert 'chorale' in msg, msg
+  # The same error reaches the caller of the dataset (nothing is half-written).
+  c = _config(str(tmp_path / 'cache'), max_pieces=1)
+  with pytest.raises(UserError, match='tinysoundfont'):
+    chorales.chorale_manifest(c, 'train')
+  assert not any(f.endswith('.flac') for _, _, fs in os.walk(tmp_path) for f in fs)

@@ -64,3 +64,11 @@ def test_heartmula_3b_lowers_for_tpu_v5p_64():
   assert "mesh {'data': 1, 'fsdp': 16, 'tensor': 4}" in r.stdout
   # Stacked MLP weights: layers unsharded, embed over fsdp, mlp over tensor.
   assert "P(None, 'fsdp', 'tensor')" in r.stdout, r.stdout
+
+
+def test_top_k_keeps_ties_by_default_and_the_key_passes_through():
+  c = cfg.load(CONFIG)
+  assert c.sample.top_k_keep_ties                # heartlib's top-k
+  assert task_lib.sampling_from_config(c.sample).top_k_keep_ties
+  c.sample.top_k_keep_ties = False
+  assert not task_lib.sampling_from_config(c.sample).top_k_keep_ties

@@ -112,6 +112,26 @@ def test_top_k_draws_only_the_k_largest_with_renormalised_softmax():
   _assert_frequencies(draws, probs)
 
 
+def test_top_k_keeps_tokens_tied_with_the_kth_as_heartlib():
+  """logits (2, 1, 1, 1, 0), top_k 2, temperature 1.
+
+  heartlib drops only logits < the 2nd largest (1), so tokens 0..3 stay:
+  p = (e^2, e, e, e) / (e^2 + 3e) = (e, 1, 1, 1) / (e + 3)
+    = (0.4754, 0.1749, 0.1749, 0.1749, 0). Exactly k (top_k_keep_ties False,
+  the old rule) keeps tokens 0 and 1 (ties go to the lower id):
+  (e, 1) / (e + 1) = (0.7311, 0.2689, 0, 0, 0).
+  """
+  logits = np.array([2.0, 1.0, 1.0, 1.0, 0.0])
+  e = np.e
+  ties = _draws(logits, G.Sampling(temperature=1.0, top_k=2))
+  assert G.Sampling().top_k_keep_ties                    # the default
+  _assert_frequencies(ties, [e / (e + 3), 1 / (e + 3), 1 / (e + 3),
+                             1 / (e + 3), 0.0])
+  exact = _draws(logits, G.Sampling(temperature=1.0, top_k=2,
+                                    top_k_keep_ties=False))
+  _assert_frequencies(exact, [e / (e + 1), 1 / (e + 1), 0.0, 0.0, 0.0])
+
+
 @pytest.mark.parametrize('top_p', [0.3, 0.6, 0.75, 0.97])
 def test_top_p_keeps_the_smallest_set_reaching_p(top_p):
   probs = np.array([0.1, 0.05, 0.45, 0.02, 0.25, 0.13])

@@ -200,13 +200,10 @@ def test_schedule_and_noise_scale_match_jax():
   compiled as in the sampler (traced step, static steps), agree: the counts
   exactly, the noise scale to float32 rounding.
 
-  The schedule floors cos(angle) * total. With jax 0.10, XLA:CPU's float32
-  cos is one ulp off the correctly rounded value torch computes for ~1% of
-  angles, so a product within an ulp of an integer can still floor one apart
-  beyond this grid (measured: 36 of 33.8M counts for up to 128 steps and 4096
-  tokens, the smallest total 1193; none with jax 0.12). The angle divided as
-  written, rather than as num_masked_after spells it out, differs on this
-  grid."""
+  Both count as LaDA-Band's released sampler does (float64 ratio times the
+  total, made float32, floored): torch in float64, JAX in exact integer
+  arithmetic (tests/test_accomp_diffusion.py checks it against numpy over a
+  larger grid)."""
   totals = np.arange(MAX_TOTAL + 1)
   n_masked = np.maximum(totals, 1)
   jax_sched = jax.jit(diffusion.num_masked_after, static_argnums=1)
@@ -229,6 +226,25 @@ def test_schedule_and_noise_scale_match_jax():
                                rtol=1e-6, atol=1e-6)
   diffs = np.concatenate(diffs)
   assert not diffs.any(), f'{np.count_nonzero(diffs)} counts differ'
+
+
+@pytest.mark.parametrize('after', [True, False])
+def test_token_logits_order_matches_jax(after):
+  """draw's logits (top-p / top-k and temperature in either order) are JAX
+  `sample.token_logits`'s: the same tokens kept, the values to float32
+  rounding (XLA may divide by the temperature as a product with 1/T)."""
+  rng = np.random.default_rng(5)
+  logits = rng.normal(size=(FILTER_ROWS, FILTER_VOCAB)).astype(np.float32) * 3
+  s = sample_lib.Sampling(temperature=TEMPERATURE, top_k=TOP_K, top_p=TOP_P,
+                          temperature_after_filter=after)
+  want = np.asarray(sample_lib.token_logits(jnp.asarray(logits), s))
+  ts = torch_accomp.Sampling(TEMPERATURE, TOP_K, TOP_P, 1.0, after)
+  class Zero:                      # no token noise: only the logits matter
+    def tokens(self, step, shape):
+      return torch.zeros(shape)
+  _, got = torch_accomp.draw(torch.as_tensor(logits), ts, Zero(), 0)
+  np.testing.assert_array_equal(np.isfinite(got.numpy()), np.isfinite(want))
+  np.testing.assert_allclose(got.numpy(), want, rtol=1e-6)
 
 
 @pytest.mark.parametrize('top_k,top_p', [(TOP_K, 1.0), (0, TOP_P), (TOP_K, TOP_P),

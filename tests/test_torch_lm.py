@@ -364,3 +364,20 @@ def test_fine_tune_in_torch_then_import_back(tmp_path):
   assert_same_logits(want, tuned(jb))
   before = np.asarray(jax_model(jb)['global'])
   assert np.max(np.abs(before - np.asarray(tuned(jb)['global']))) > 1e-2
+
+
+def test_top_k_keeps_ties_as_jax():
+  """logits (2, 1, 1, 1, 0), top_k 2 (hand-checked in test_lm_sampling):
+  ties kept -> tokens 0..3 with (e, 1, 1, 1) / (e + 3); exactly k -> tokens
+  0 and 1 only."""
+  logits = torch.tensor([2.0, 1.0, 1.0, 1.0, 0.0]).expand(20000, 5)
+  e = np.e
+  for keep, want in ((True, [e / (e + 3)] + [1 / (e + 3)] * 3 + [0.0]),
+                     (False, [e / (e + 1), 1 / (e + 1), 0.0, 0.0, 0.0])):
+    sampler = torch_lm.Sampler(temperature=1.0, top_k=2, top_p=1.0,
+                               cfg_scale=1.0, num_cond=20000,
+                               generator=torch.Generator().manual_seed(0),
+                               top_k_keep_ties=keep)
+    freq = np.bincount(sampler.sample(logits).numpy(), minlength=5) / 20000
+    assert (freq[np.asarray(want) == 0] == 0).all(), (keep, freq)
+    np.testing.assert_allclose(freq, want, atol=0.02)

@@ -139,6 +139,48 @@ def test_progress_line():
   assert progress.format_progress(1, 2, 0.0).endswith('ETA ?')
 
 
+def test_eta_starts_after_the_first_step():
+  now = [0.0]
+  eta = progress.Eta(100, clock=lambda: now[0])
+  assert eta.seconds_left(0) == float('inf')
+  now[0] = 60.0                 # step 1: compile + run, one minute
+  eta.start(1)
+  assert eta.seconds_left(1) == float('inf')  # no step timed yet: 'ETA ?'
+  now[0] = 60.0 + 9 * 0.5       # steps 2..10 at 0.5 s each
+  assert eta.seconds_left(10) == pytest.approx(90 * 0.5)
+  t = eta.now()
+  now[0] += 30.0                # an eval: not training time
+  eta.exclude(eta.now() - t)
+  now[0] += 10 * 0.5            # steps 11..20
+  assert eta.seconds_left(20) == pytest.approx(80 * 0.5)
+  line = progress.format_progress(20, 100, 2.0, eta_seconds=eta.seconds_left(20))
+  assert line.endswith('ETA 40s')
+
+
+def test_progress_eta_leaves_out_the_first_step(tmp_path, monkeypatch, capsys):
+  """With a fake clock where step 1 (compile) takes 100 s and each later step
+  1 s, every ETA the trainer prints counts 1 s per step left."""
+  now = [0.0]
+  monkeypatch.setattr(progress, 'time', type(
+      'FakeTime', (), {'perf_counter': staticmethod(lambda: now[0])}))
+  real_make = trainer.make_train_step
+
+  def make(s):
+    step_fn = real_make(s)
+
+    def timed(state, batch, step):
+      now[0] += 100.0 if int(step) == 1 else 1.0
+      return step_fn(state, batch, step)
+    return timed
+  monkeypatch.setattr(trainer, 'make_train_step', make)
+  c = toy_config('train.steps=20', 'train.log_every=5', 'train.eval_every=10',
+                 'train.checkpoint_every=10')
+  trainer.train(c, str(tmp_path))
+  etas = [line.rsplit('ETA ', 1)[1] for line in capsys.readouterr().err.splitlines()
+          if line.startswith('step ') and 'ETA' in line]
+  assert etas == ['15s', '10s', '5s', '0s'], etas
+
+
 def test_eval_at_start_logs_a_baseline_at_step_zero(tmp_path):
   wd = str(tmp_path)
   c = toy_config('train.steps=20', 'train.log_every=10', 'train.eval_every=20',

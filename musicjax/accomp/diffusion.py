@@ -27,6 +27,8 @@ still-masked positions masked, MaskGIT's mask_by_random_topk) and
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -258,14 +260,104 @@ def rtd_loss(rtd_logits: jax.Array, labels: jax.Array, valid: jax.Array
 # --------------------------------------------------------------------------
 
 
+def schedule_ratios(steps: int) -> np.ndarray:
+  """Masked fraction after each sampler step, [steps] float64, on the host.
+
+  ratio[i] = cos(progress * pi / 2) with progress = (i + 1) / steps, in
+  float64 in exactly this order (divide, times pi, halve), as LaDA-Band's
+  released sampler builds its remask ratios with Python floats; clipped to
+  [0, 1]. The order matters: for step 25 of 39 (cos(pi/3) = 1/2) this gives
+  0.5000000000000001, and cos(pi / 2 * 26 / 39) 0.4999999999999999, one
+  token fewer for every even total.
+  """
+  if not isinstance(steps, int) or steps < 1:
+    raise ValueError(f'steps must be a positive int, got {steps!r}')
+  return np.array([min(1.0, max(0.0, math.cos((i + 1) / steps * math.pi / 2.0)))
+                   for i in range(steps)], np.float64)
+
+
+# num_masked_after's exact arithmetic: ratio * 2^_FRAC_BITS is an integer held
+# in _R_DIGITS base-2^_DIGIT_BITS digits (int32), total in two digits.
+_DIGIT_BITS, _FRAC_BITS, _R_DIGITS = 12, 84, 7
+_DIGIT = 1 << _DIGIT_BITS
+# Totals up to this keep floor(total * ratio) + 1 below 2^23, where every
+# integer's float32 significand is even (`_floor_like_released`'s tie rule).
+MAX_SCHEDULE_TOTAL = (1 << 23) - 1
+
+
+def _ratio_digits(steps: int) -> np.ndarray:
+  """[steps, _R_DIGITS] int32: ratio[i] * 2^84 in base-2^12 digits, least
+  significant first (the last step, which leaves none masked, is zeros)."""
+  table = np.zeros((steps, _R_DIGITS), np.int32)
+  for i, r in enumerate(schedule_ratios(steps)[:-1]):
+    num, den = float(r).as_integer_ratio()       # den is a power of two
+    if (1 << _FRAC_BITS) % den:
+      raise ValueError(f'steps={steps}: ratio {r!r} has bits below 2^-'
+                       f'{_FRAC_BITS}; use fewer steps')
+    fixed = num * ((1 << _FRAC_BITS) // den)
+    for j in range(_R_DIGITS):
+      table[i, j] = (fixed >> (_DIGIT_BITS * j)) & (_DIGIT - 1)
+  return table
+
+
+def _floor_like_released(digits: jax.Array, total: jax.Array) -> jax.Array:
+  """floor(float32(float64(ratio * total))) in exact int32 arithmetic.
+
+  The released sampler multiplies its float64 ratio by the token count as
+  Python floats and floors a float32 tensor made from the product. With
+  q = ratio * total (exact), I = floor(q) and u = I + 1 (< 2^23), that is
+  I + 1 exactly when the double rounding reaches u:
+    * float32 rounds x <= u up to u iff x >= b, b = u - g/2 with g the float32
+      gap below u (2^(e-24) for u = 2^e, else 2^(e-23), e = floor(log2 u));
+      at x = b the tie goes to u, whose significand is even below 2^23;
+    * float64 rounds q to >= b iff q >= b - h/2, h the float64 gap below b
+      (2^(e-53) for u = 2^e, else 2^(e-52)); b has <= 26 significant bits, so
+      the tie there goes to b.
+  So the count is I + [frac(q) >= 1 - H], H = g/2 + h/2, decided on the exact
+  product: ratio * 2^84 (digits) times total (two digits) -> 9 digits, of
+  which the top two are I and the rest frac(q) * 2^84.
+  """
+  total = jnp.asarray(total, jnp.int32)
+  t = (total & (_DIGIT - 1), total >> _DIGIT_BITS)
+  r = [digits[..., j] for j in range(_R_DIGITS)]
+  out, carry = [], jnp.zeros_like(total)
+  for j in range(_R_DIGITS + 1):               # each column < 2^25 + carry
+    col = carry
+    if j < _R_DIGITS:
+      col = col + r[j] * t[0]
+    if j >= 1:
+      col = col + r[j - 1] * t[1]
+    out.append(col & (_DIGIT - 1))
+    carry = col >> _DIGIT_BITS
+  whole = out[_R_DIGITS] + (carry << _DIGIT_BITS)  # digits 7, 8: floor(q)
+  u = whole + 1
+  e = jnp.frexp(u.astype(jnp.float32))[1] - 1      # floor(log2 u), exact
+  pow2 = (u & (u - 1)) == 0
+  # H * 2^84 = 2^(e+59) + 2^(e+30) (u = 2^e), else 2^(e+60) + 2^(e+31).
+  bits = (e + jnp.where(pow2, 59, 60), e + jnp.where(pow2, 30, 31))
+  carry = jnp.zeros_like(total)
+  for j in range(_R_DIGITS):                   # frac * 2^84 + H * 2^84
+    col = out[j] + carry
+    for b in bits:
+      col = col + jnp.where(b // _DIGIT_BITS == j,
+                            jnp.left_shift(1, b % _DIGIT_BITS), 0)
+    carry = col >> _DIGIT_BITS
+  return whole + carry                          # carry: reached 2^84
+
+
 def num_masked_after(step: jax.Array | int, steps: int, total: jax.Array,
                      n_masked: jax.Array) -> jax.Array:
   """Tokens left masked after sampler step `step` (0-based) of `steps`.
 
-  n = floor(cos(pi/2 * (step + 1) / steps) * total); before the last step it
-  is clipped to [1, n_masked - 1], so every step commits at least one token
-  and one stays for later (MaskGIT; a row with a single masked token waits
-  for the last step); the last step leaves none.
+  n = floor(ratio[step] * total) with `schedule_ratios` (cos(pi/2 (step+1) /
+  steps) in float64), counted as LaDA-Band's released sampler does: its
+  float64 product made a float32 tensor, then floored. The count is exact for
+  any traced total in [0, MAX_SCHEDULE_TOTAL] (`_floor_like_released`: no
+  float64 on device, which TPUs lack; a float32 product is one off for some
+  totals, e.g. 39 instead of 40 for 80 tokens at step 39 of 60). Before the
+  last step it is clipped to [1, n_masked - 1], so every step commits at
+  least one token and one stays for later (MaskGIT; a row with a single
+  masked token waits for the last step); the last step leaves none.
 
   Args:
     step: current step (int or traced scalar), 0 <= step < steps.
@@ -276,16 +368,9 @@ def num_masked_after(step: jax.Array | int, steps: int, total: jax.Array,
   Returns:
     [B] int32 counts, 0 <= n <= n_masked.
   """
-  if not isinstance(steps, int) or steps < 1:
-    raise ValueError(f'steps must be a positive int, got {steps!r}')
-  # The angle is (step + 1) * (pi/2 * (1/steps)) in float32, the constant made
-  # here: left to XLA, how it folds the division into the constant changed
-  # between versions (jax 0.10 folded it thus, jax 0.12 keeps pi/2 * (step + 1)
-  # apart), and with it the floor below for some counts.
-  per_step = np.float32(0.5 * np.pi) * (np.float32(1.0) / np.float32(steps))
-  ratio = jnp.cos((jnp.asarray(step, jnp.float32) + 1) * per_step)
+  digits = jnp.asarray(_ratio_digits(steps))[jnp.asarray(step)]
   n_masked = jnp.asarray(n_masked, jnp.int32)
-  n = jnp.floor(ratio * jnp.asarray(total, jnp.float32)).astype(jnp.int32)
+  n = _floor_like_released(digits, total)
   n = jnp.maximum(1, jnp.minimum(n_masked - 1, n))
   n = jnp.where(jnp.asarray(step) >= steps - 1, 0, n)
   return jnp.clip(n, 0, n_masked)

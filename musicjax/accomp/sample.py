@@ -2,11 +2,11 @@
 
 From all-MASK to all-committed in `steps` iterations of a `lax.fori_loop`:
 each step predicts every accompaniment token (frame x codebook), samples the
-masked ones (temperature, top-p then top-k), and keeps the most confident;
-the rest are re-masked by confidence plus Gumbel noise whose scale anneals
-linearly to zero. Committed tokens stay committed. Optional classifier-free
-guidance over the prefix doubles the batch (rows [0, n) with the given
-prefix, rows [n, 2n) with the learned nulls): u + scale * (c - u).
+masked ones (top-p then top-k, temperature; `token_logits`), and keeps the
+most confident; the rest are re-masked by confidence plus Gumbel noise whose
+scale anneals linearly to zero. Committed tokens stay committed. Optional
+classifier-free guidance over the prefix doubles the batch (rows [0, n) with
+the given prefix, rows [n, 2n) with the learned nulls): u + scale * (c - u).
 """
 from __future__ import annotations
 
@@ -28,12 +28,27 @@ class Sampling:
   top_p: float = 0.9
   mask_temperature: float = 10.5
   cfg_scale: float = 1.0      # 1.0 = no guidance
+  # True: top-p / top-k cut the raw (guided) logits and the kept ones are
+  # divided by the temperature, as the released LaDA-Band sampler; False:
+  # divide first, then cut (the usual LM order). Same result at temperature 1.
+  temperature_after_filter: bool = True
 
   def validate(self) -> None:
     if self.steps < 1:
       raise ValueError(f'steps must be >= 1, got {self.steps}')
     if self.temperature <= 0:
       raise ValueError(f'temperature must be > 0, got {self.temperature}')
+
+
+def token_logits(logits: jax.Array, s: Sampling) -> jax.Array:
+  """The logits tokens are drawn from (and their confidence read off):
+  temperature and top-p then top-k, in the order `s.temperature_after_filter`
+  names. With the temperature after the cut, a temperature > 1 flattens only
+  the nucleus of the unscaled distribution; before it, the nucleus itself
+  grows."""
+  if s.temperature_after_filter:
+    return diffusion.filter_logits(logits, s.top_k, s.top_p) / s.temperature
+  return diffusion.filter_logits(logits / s.temperature, s.top_k, s.top_p)
 
 
 def accompany(model: model_lib.AccompModel, vocal: jax.Array, valid: jax.Array,
@@ -76,7 +91,7 @@ def accompany(model: model_lib.AccompModel, vocal: jax.Array, valid: jax.Array,
   def step(i, x):
     r_sample, r_mask = jax.random.split(jax.random.fold_in(rng, i))
     masked = x == mask_tok
-    lg = diffusion.filter_logits(logits_of(x) / s.temperature, s.top_k, s.top_p)
+    lg = token_logits(logits_of(x), s)
     sampled = jax.random.categorical(r_sample, lg, axis=-1).astype(jnp.int32)
     probs = jax.nn.softmax(lg, axis=-1)
     conf = jnp.take_along_axis(probs, sampled[..., None], -1)[..., 0]
@@ -127,7 +142,7 @@ def accompany_ar(model: model_lib.AccompModel, vocal: jax.Array, valid: jax.Arra
 
   def step(i, x):
     lg = jax.lax.dynamic_index_in_dim(logits_of(x), i, 1, keepdims=False)
-    lg = diffusion.filter_logits(lg / s.temperature, s.top_k, s.top_p)
+    lg = token_logits(lg, s)
     frame = jax.random.categorical(jax.random.fold_in(rng, i), lg, axis=-1)
     return jax.lax.dynamic_update_index_in_dim(x, frame.astype(jnp.int32), i, 1)
 

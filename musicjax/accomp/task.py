@@ -89,6 +89,9 @@ def default_config() -> ConfigDict:
   s.temperature = 1.0
   s.top_k = 100
   s.top_p = 0.9
+  # True: top-p / top-k cut the raw logits, then the temperature divides them
+  # (the released code's order); False: temperature first, then the cut.
+  s.temperature_after_filter = True
   s.mask_temperature = 10.5
   s.cfg_scale = 1.0                    # 1.0 = no guidance (the released code)
   # Long songs (musicjax/accomp/song.py): 0 = the whole song in one pass;
@@ -148,7 +151,9 @@ def sampling(config: ConfigDict):
   return sample.Sampling(steps=int(s.steps), temperature=float(s.temperature),
                          top_k=int(s.top_k), top_p=float(s.top_p),
                          mask_temperature=float(s.mask_temperature),
-                         cfg_scale=float(s.cfg_scale))
+                         cfg_scale=float(s.cfg_scale),
+                         temperature_after_filter=bool(
+                             s.temperature_after_filter))
 
 
 class AccompState(nnx.Module):

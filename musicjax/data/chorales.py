@@ -37,6 +37,7 @@ import numpy as np
 import soundfile as sf
 
 from musicjax import fileio
+from musicjax.errors import UserError
 
 logger = logging.getLogger('musicjax.data')
 
@@ -235,10 +236,29 @@ def _soundfont() -> bytes:
   return _sf2_bytes
 
 
+# tinysoundfont declares pyaudio, which has no Linux wheel (and is needed only
+# for live playback), so `pip install musicjax` cannot depend on it: it is
+# installed without its dependencies (the Makefile does; docs/dependencies.md).
+TINYSOUNDFONT_INSTALL = "pip install --no-deps 'tinysoundfont>=0.3.6'"
+
+
+def _import_tinysoundfont():
+  """The tinysoundfont module, or a UserError naming the command that installs it."""
+  try:
+    import tinysoundfont  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise UserError(
+        'rendering the built-in chorale dataset (config.data.kind=chorales) '
+        f'needs tinysoundfont, which is not installed ({e}). Install it with: '
+        f'{TINYSOUNDFONT_INSTALL}   (--no-deps: its declared pyaudio dependency '
+        'has no Linux wheel and is not used)') from e
+  return tinysoundfont
+
+
 def render_events(events: list[tuple[float, float, int, int, int]],
                   sample_rate: int, total_seconds: float) -> np.ndarray:
   """Renders (on, off, midi, channel, velocity) events to mono float32 [T]."""
-  import tinysoundfont  # pylint: disable=g-import-not-at-top
+  tinysoundfont = _import_tinysoundfont()
   synth = tinysoundfont.Synth(samplerate=sample_rate)
   sfid = synth.sfload(_soundfont())
   for _, chan, prog, _, _ in PART_VOICES.values():

@@ -90,6 +90,9 @@ def default_config() -> ConfigDict:
   s.temperature = 1.0
   s.top_k = 50
   s.top_p = 1.0
+  # True: tokens tied with the k-th best logit are kept too (heartlib's
+  # top-k); False: exactly k, ties to the lower token id.
+  s.top_k_keep_ties = True
   s.cfg_scale = 1.5               # 3.0 is MusicGen's default for the delay pattern
   s.stream_every = 0              # frames between streaming callbacks (0 = off)
   # Output-head weights in the decode loop. bfloat16 halves the step's largest
@@ -174,6 +177,7 @@ def sampling_from_config(s: ConfigDict, **overrides) -> gen.Sampling:
   """`gen.Sampling` from config.sample; keyword arguments override fields."""
   kw = dict(temperature=float(s.temperature), top_k=int(s.top_k),
             top_p=float(s.top_p), cfg_scale=float(s.cfg_scale),
+            top_k_keep_ties=bool(s.top_k_keep_ties),
             head_dtype=s.head_dtype, attention=s.attention,
             attention_block_k=int(s.attention_block_k),
             attention_splits=int(s.attention_splits))

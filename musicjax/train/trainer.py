@@ -335,6 +335,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         _log('step 0 (before training): ' + ', '.join(
             f'{k} {v:.4g}' for k, v in sorted(record0.items())[:6]))
       t_window, n_window = time.perf_counter(), 0
+      eta = progress.Eta(c.steps)  # starts once the first step (compile) is done
       step = start
 
       while step < c.steps:
@@ -342,6 +343,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         batch = global_batch(next(data_iter), spec, s.batch_shardings)
         state, m, bad = step_fn(state, batch, np.int32(step))
         pending.append((step, m, bad))
+        if step == start + 1:
+          bad.block_until_ready()  # the first step, compile included, is done
+          eta.start(step)
         _bound_inflight(pending, c.max_inflight_steps)
         n_window += 1
         stop = preempt.agreed()
@@ -362,10 +366,11 @@ def train(config: ml_collections.ConfigDict, workdir: str,
           record['data/bad_files'] = _bad_file_count()
           if primary:
             progress.report(step, c.steps, record['steps_per_sec'], record,
-                            keys=s.task.progress_metrics)
+                            keys=s.task.progress_metrics,
+                            eta_seconds=eta.seconds_left(step))
           window.clear()
           t_window, n_window = now, 0
-        t_extra = time.perf_counter()
+        t_extra, eta_extra = time.perf_counter(), eta.now()
         if is_eval:
           ev = _eval(s, eval_fn, state, c.eval_steps)
           record.update({f'eval/{k}': v for k, v in ev.items()})
@@ -382,6 +387,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         if is_eval or is_summary or is_ckpt:
           # steps/s measures training only, not eval / summaries / saving.
           t_window += time.perf_counter() - t_extra
+          eta.exclude(eta.now() - eta_extra)
         if stop:
           print(f'SIGTERM: saved a checkpoint at step {step}; exiting',
                 file=sys.stderr, flush=True)  # every process says where it stopped
