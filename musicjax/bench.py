@@ -71,7 +71,8 @@ def machine(load_start: float | None = None) -> dict:
       'jax': jax.__version__,
       'load_1min_start': start, 'load_1min_end': end,
       'busy_load_threshold': threshold, 'busy': busy,
-      # glibc may return freed buffers to the kernel and fault them in again (notes/README).
+      # glibc may return freed buffers to the kernel and fault them in again
+      # (musicjax/runtime.py).
       'malloc_env': {k: os.environ[k] for k in runtime.USER_ENV
                      if k in os.environ},
       # What the CLI set with mallopt (musicjax/runtime.py), if anything.

@@ -2,7 +2,7 @@
 fraction of the device's peak, for the XLA path and the Pallas kernel.
 
 What a call reads: the K and V of every attended slot, once
-(2 * B * Hkv * length * D * itemsize bytes; /work/shared/notes/pallas.md §4).
+(2 * B * Hkv * length * D * itemsize bytes).
 Achieved bandwidth = those bytes / time per call; the fraction divides by the
 peak from a table of accelerators (or --peak-gbs), or on CPU and unknown
 devices by a streaming read measured in the same run.
@@ -14,7 +14,7 @@ is divided by `calls`. That amortises dispatch as a decode loop does, and
 rotating caches whose total exceeds the L2 keeps the cache cold: a single
 per-layer cache fits in an H100's 50 MB L2 and would read faster than HBM.
 On CPU the kernel only runs in Pallas's interpreter, whose timing measures
-the interpreter (§6); it is reported for completeness and labelled so.
+the interpreter; it is reported for completeness and labelled so.
 
 Beside ours, the decode kernels that jax and tokamax ship (kernels/shipped.py)
 run on the same caches, converted once to their layout outside the timing:
