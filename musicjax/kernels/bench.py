@@ -336,12 +336,12 @@ def _time_impl(impl, params, q, lengths, flat, rotate, calls, repeats) -> float:
   return bench_lib._time(lambda: fn(q, lengths, *flat), repeats) / calls  # pylint: disable=protected-access
 
 
-def max_error(impl, params, q, lengths, flat) -> float:
-  """Largest |impl - XLA reference| on the first cache, in float32."""
+def max_error(impl, params, q, lengths, flat, ref) -> float:
+  """Largest |impl - ref| on the first cache, in float32 (`ref`: the XLA
+  reference on that cache, computed once per case)."""
   attend, conv = _impl_attend(impl, params, flat[:2])
   out = jax.jit(attend)(q, conv[0], conv[1], lengths).astype(jnp.float32)
-  ref = jax.jit(_attend('xla', params))(q, flat[0], flat[1], lengths)
-  return float(jnp.max(jnp.abs(out - ref.astype(jnp.float32))))
+  return float(jnp.max(jnp.abs(out - ref)))
 
 
 def _what(impl: str) -> str:
@@ -397,6 +397,8 @@ def run_case(opts: Options, batch: int, impls: list[str], peak_bps: float,
   q = jax.random.normal(jax.random.key(0), (batch, opts.q_heads, opts.head_dim),
                         dtype)
   lengths = jnp.full((batch,), opts.attended, jnp.int32)
+  ref = jax.jit(_attend('xla', opts.params))(q, flat[0], flat[1],
+                                             lengths).astype(jnp.float32)
   case = {'batch': batch, 'seq': opts.seq, 'length': opts.attended,
           'kv_bytes_per_call': nbytes, 'rotate': rotate, 'calls': calls,
           'rotated_cache_bytes': rotate * cache_bytes, 'results': {}}
@@ -409,7 +411,8 @@ def run_case(opts: Options, batch: int, impls: list[str], peak_bps: float,
                    opts.repeats)
     case['results'][impl] = {
         'what': _what(impl), **_figures(t, nbytes, peak_bps),
-        'max_abs_err_vs_xla': max_error(impl, opts.params, q, lengths, flat)}
+        'max_abs_err_vs_xla': max_error(impl, opts.params, q, lengths, flat,
+                                        ref)}
   native = _native(impls)
   if native and 'xla' in impls:
     xla_t = case['results']['xla']['seconds_per_call']
