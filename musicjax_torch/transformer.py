@@ -49,12 +49,31 @@ class RMSNorm(nn.Module):
     return (y * self.weight.float()).to(x.dtype)
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-  """Rotary embedding of x [B, T, H, D] at integer positions [B, T]."""
+def rope_frequencies(c: Mapping[str, Any], half: int,
+                     device: torch.device | None = None) -> torch.Tensor:
+  """Angular frequency of each rotated pair: base theta, optionally with
+  Llama-3 scaling (config rope_scaling 'llama3'), float32."""
+  exponent = -torch.arange(half, dtype=torch.float32, device=device) / half
+  freq = torch.pow(torch.tensor(float(c['rope_theta']), dtype=torch.float32,
+                                device=device), exponent)
+  if c.get('rope_scaling', 'none') == 'none':
+    return freq
+  factor = float(c['rope_scale_factor'])
+  low, high = float(c['rope_low_freq_factor']), float(c['rope_high_freq_factor'])
+  context = int(c['rope_original_context'])
+  wavelength = 2 * torch.pi / freq
+  smooth = (context / wavelength - low) / (high - low)
+  blended = (1 - smooth) * freq / factor + smooth * freq
+  return torch.where(wavelength < context / high, freq,
+                     torch.where(wavelength > context / low, freq / factor,
+                                 blended))
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor,
+         freq: torch.Tensor) -> torch.Tensor:
+  """Rotary embedding of x [B, T, H, D] at integer positions [B, T], with the
+  pairs' frequencies `freq` [D / 2] (rope_frequencies)."""
   half = x.shape[-1] // 2
-  exponent = -torch.arange(half, dtype=torch.float32, device=x.device) / half
-  freq = torch.pow(torch.tensor(theta, dtype=torch.float32, device=x.device),
-                   exponent)
   angle = positions.float()[..., None, None] * freq            # [B, T, 1, half]
   sin, cos = torch.sin(angle), torch.cos(angle)
   x1, x2 = x[..., :half].float(), x[..., half:].float()
@@ -85,7 +104,8 @@ class Attention(nn.Module):
     e, h, kv = int(c['dim']), int(c['num_heads']), int(c['num_kv_heads'])
     d = head_dim(c)
     self.num_heads, self.num_kv_heads, self.head_dim = h, kv, d
-    self.theta = float(c['rope_theta'])
+    # Recomputed per call in float32 (a buffer would follow .to(bfloat16)).
+    self.rope_config = {k: c[k] for k in c if k.startswith('rope_')}
     self.q_proj = nn.Linear(e, h * d, bias=False)
     self.k_proj = nn.Linear(e, kv * d, bias=False)
     self.v_proj = nn.Linear(e, kv * d, bias=False)
@@ -98,8 +118,9 @@ class Attention(nn.Module):
     the new keys/values are written at slots [index, index + T) first."""
     b, t, _ = x.shape
     h, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
-    q = rope(self.q_proj(x).view(b, t, h, d), positions, self.theta)
-    k = rope(self.k_proj(x).view(b, t, kv, d), positions, self.theta)
+    freq = rope_frequencies(self.rope_config, d // 2, x.device)
+    q = rope(self.q_proj(x).view(b, t, h, d), positions, freq)
+    k = rope(self.k_proj(x).view(b, t, kv, d), positions, freq)
     v = self.v_proj(x).view(b, t, kv, d)
     k, v = k.transpose(1, 2), v.transpose(1, 2)                 # [B,KV,T,D]
     if cache is not None:

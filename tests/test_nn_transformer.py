@@ -64,13 +64,13 @@ def test_rope_matches_complex_rotation_and_preserves_norms():
   rng = np.random.default_rng(1)
   x = rng.normal(size=(2, 6, 3, 8)).astype(np.float32)
   pos = rng.integers(0, 100, (2, 6)).astype(np.int32)
-  y = np.asarray(T.rope(jnp.asarray(x), jnp.asarray(pos), 10000.0))
+  y = np.asarray(T.rope(jnp.asarray(x), jnp.asarray(pos), T.Rotary(10000.0)))
   np.testing.assert_allclose(y, _rope_numpy(x, pos, 10000.0), rtol=1e-4,
                              atol=1e-4)
   np.testing.assert_allclose(np.linalg.norm(y, axis=-1),
                              np.linalg.norm(x, axis=-1), rtol=1e-5)
   # Position 0 is the identity.
-  y0 = T.rope(jnp.asarray(x), jnp.zeros((2, 6), jnp.int32), 10000.0)
+  y0 = T.rope(jnp.asarray(x), jnp.zeros((2, 6), jnp.int32), T.Rotary(10000.0))
   np.testing.assert_allclose(np.asarray(y0), x, rtol=1e-6, atol=1e-6)
 
 
@@ -80,8 +80,8 @@ def test_rope_scores_depend_only_on_relative_position():
   k = jnp.asarray(rng.normal(size=(1, 1, 1, 16)), jnp.float32)
 
   def score(i, j):
-    rq = T.rope(q, jnp.asarray([[i]], jnp.int32), 100.0)
-    rk = T.rope(k, jnp.asarray([[j]], jnp.int32), 100.0)
+    rq = T.rope(q, jnp.asarray([[i]], jnp.int32), T.Rotary(100.0))
+    rk = T.rope(k, jnp.asarray([[j]], jnp.int32), T.Rotary(100.0))
     return float(jnp.sum(rq * rk))
 
   for i, j in [(0, 0), (5, 2), (2, 5), (7, 0)]:

@@ -175,17 +175,22 @@ def assert_same_decode(jax_out, torch_out) -> None:
 
 
 # ------------------------------------------------------------------ forward
-def test_rope_matches_jax():
+@pytest.mark.parametrize('scaling', ['none', 'llama3'])
+def test_rope_matches_jax(scaling):
   """The rotate-half layout itself (attention alone cannot tell a
-  permutation applied to both queries and keys)."""
+  permutation applied to both queries and keys), plain and Llama-3 scaled."""
   from musicjax.nn import transformer as jax_transformer
   from musicjax_torch import transformer as torch_transformer
+  c = jax_transformer.default_config()
+  c.rope_theta, c.rope_scaling = 500.0, scaling
+  c.rope_original_context = 64  # wavelengths 6, 30, 141, 664: all three bands
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, 5, 3, 8)).astype(np.float32)
   pos = rng.integers(0, 100, (2, 5)).astype(np.int32)
-  theta = 500.0
-  want = jax_transformer.rope(jnp.asarray(x), jnp.asarray(pos), theta)
-  got = torch_transformer.rope(torch.as_tensor(x), torch.as_tensor(pos), theta)
+  want = jax_transformer.rope(jnp.asarray(x), jnp.asarray(pos),
+                              jax_transformer.Rotary.from_config(c))
+  freq = torch_transformer.rope_frequencies(c.to_dict(), 4)
+  got = torch_transformer.rope(torch.as_tensor(x), torch.as_tensor(pos), freq)
   assert_close(got.numpy(), want, REL, 'rope')
 
 

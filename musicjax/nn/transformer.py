@@ -21,6 +21,7 @@ condition) get the same rotary phases as in training.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -48,6 +49,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.head_dim = 0            # 0: dim // num_heads
   c.mlp_dim = 1024
   c.rope_theta = 10000.0
+  # Rotary frequency scaling: 'none' or 'llama3' (Llama 3.1+ and HeartMuLa:
+  # wavelengths above original_context / low_freq_factor slow down by
+  # scale_factor, those below original_context / high_freq_factor stay, and
+  # the band between blends the two).
+  c.rope_scaling = 'none'
+  c.rope_scale_factor = 32.0
+  c.rope_low_freq_factor = 1.0
+  c.rope_high_freq_factor = 4.0
+  c.rope_original_context = 8192
   c.norm_eps = 1e-5
   c.init_std = 0.02
   c.dtype = 'float32'       # compute dtype of matmuls (params stay float32)
@@ -89,6 +99,21 @@ def check_config(c: ml_collections.ConfigDict, where: str) -> None:
   if int(c.get('attention_chunk', 0)) < 0:
     raise ConfigError(f'config.{where}.attention_chunk must be >= 0 (0 = off), '
                       f'got {c.attention_chunk}')
+  if c.get('rope_scaling', 'none') not in ('none', 'llama3'):
+    raise ConfigError(f"config.{where}.rope_scaling must be 'none' or 'llama3', "
+                      f'got {c.rope_scaling!r}')
+  if c.get('rope_scaling', 'none') == 'llama3':
+    if not c.rope_scale_factor >= 1:
+      raise ConfigError(f'config.{where}.rope_scale_factor must be >= 1, got '
+                        f'{c.rope_scale_factor}')
+    if not 0 < c.rope_low_freq_factor < c.rope_high_freq_factor:
+      raise ConfigError(
+          f'config.{where}: need 0 < rope_low_freq_factor < '
+          f'rope_high_freq_factor, got {c.rope_low_freq_factor} and '
+          f'{c.rope_high_freq_factor}')
+    if int(c.rope_original_context) < 1:
+      raise ConfigError(f'config.{where}.rope_original_context must be >= 1, '
+                        f'got {c.rope_original_context}')
   if c.remat not in ('none', 'full', 'dots'):
     raise ConfigError(f"config.{where}.remat must be 'none', 'full' or 'dots', "
                       f'got {c.remat!r}')
@@ -112,10 +137,43 @@ class RMSNorm(nnx.Module):
     return (y * scale).astype(x.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+@dataclasses.dataclass(frozen=True)
+class Rotary:
+  """Rotary phases of one stack: base theta and optional Llama-3 scaling."""
+  theta: float
+  scaling: str = 'none'
+  scale_factor: float = 1.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_context: int = 8192
+
+  @classmethod
+  def from_config(cls, c: ml_collections.ConfigDict) -> 'Rotary':
+    if c.get('rope_scaling', 'none') == 'none':
+      return cls(float(c.rope_theta))
+    return cls(float(c.rope_theta), str(c.rope_scaling),
+               float(c.rope_scale_factor), float(c.rope_low_freq_factor),
+               float(c.rope_high_freq_factor), int(c.rope_original_context))
+
+  def frequencies(self, half: int) -> jax.Array:
+    """Angular frequency of each of the `half` rotated pairs, float32."""
+    freq = self.theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    if self.scaling == 'none':
+      return freq
+    wavelength = 2 * jnp.pi / freq
+    smooth = ((self.original_context / wavelength - self.low_freq_factor)
+              / (self.high_freq_factor - self.low_freq_factor))
+    blended = (1 - smooth) * freq / self.scale_factor + smooth * freq
+    return jnp.where(
+        wavelength < self.original_context / self.high_freq_factor, freq,
+        jnp.where(wavelength > self.original_context / self.low_freq_factor,
+                  freq / self.scale_factor, blended))
+
+
+def rope(x: jax.Array, positions: jax.Array, rotary: Rotary) -> jax.Array:
   """Rotary embedding of x [B, T, H, D] at integer positions [B, T]."""
   half = x.shape[-1] // 2
-  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  freq = rotary.frequencies(half)
   angle = positions.astype(jnp.float32)[..., None, None] * freq  # [B,T,1,half]
   sin, cos = jnp.sin(angle), jnp.cos(angle)
   x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
@@ -171,7 +229,7 @@ class Attention(nnx.Module):
     self.wk = _param(rngs, (e, kv, d), std, ('embed', 'kv_heads', None))
     self.wv = _param(rngs, (e, kv, d), std, ('embed', 'kv_heads', None))
     self.wo = _param(rngs, (h, d, e), std, ('heads', None, 'embed'))
-    self.theta = float(c.rope_theta)
+    self.rotary = Rotary.from_config(c)
     self.dtype = _DTYPES[c.dtype]
     self.chunk = int(c.get('attention_chunk', 0))
 
@@ -185,8 +243,8 @@ class Attention(nnx.Module):
     q = jnp.einsum('bte,ehd->bthd', x, self._w(self.wq, (None, 'heads', None)))
     k = jnp.einsum('bte,ehd->bhtd', x, self._w(self.wk, (None, 'kv_heads', None)))
     v = jnp.einsum('bte,ehd->bhtd', x, self._w(self.wv, (None, 'kv_heads', None)))
-    q = rope(q, positions, self.theta)
-    k = jnp.swapaxes(rope(jnp.swapaxes(k, 1, 2), positions, self.theta), 1, 2)
+    q = rope(q, positions, self.rotary)
+    k = jnp.swapaxes(rope(jnp.swapaxes(k, 1, 2), positions, self.rotary), 1, 2)
     q = rules.shard_activation(q, ('batch', 'time', 'heads', None))
     if cache is not None:
       # Write this layer's new keys/values at [index, index + T) in place.
@@ -372,7 +430,7 @@ class FusedBlock:
     e, h, d = a.wq.shape
     kv = a.wk.shape[1]
     self.h, self.kv, self.d = h, kv, d
-    self.theta, self.dtype = a.theta, a.dtype
+    self.rotary, self.dtype = a.rotary, a.dtype
     self.attn_norm, self.mlp_norm = block.attn_norm, block.mlp_norm
     dt = a.dtype
     self.wqkv = jnp.concatenate([a.wq[...].reshape(e, h * d),
@@ -387,9 +445,9 @@ class FusedBlock:
     h, kv, d = self.h, self.kv, self.d
     y = self.attn_norm(x).astype(self.dtype)
     qkv = y @ self.wqkv
-    q = rope(qkv[..., :h * d].reshape(b, t, h, d), positions, self.theta)
+    q = rope(qkv[..., :h * d].reshape(b, t, h, d), positions, self.rotary)
     k = rope(qkv[..., h * d:(h + kv) * d].reshape(b, t, kv, d), positions,
-             self.theta)
+             self.rotary)
     v = qkv[..., (h + kv) * d:].reshape(b, t, kv, d)
     start = (0, 0, index, 0)
     kc, vc = cache['k'][layer], cache['v'][layer]
