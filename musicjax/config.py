@@ -427,8 +427,15 @@ def saved_task(workdir: str) -> str | None:
   return raw.get('task', 'codec') if isinstance(raw, dict) else None
 
 
+def how_to_train(task: str) -> str:
+  """'a run trained with a configs/lm/ config, e.g. `musicjax train ...`'."""
+  _, family, example = _RUN_KINDS.get(task, ('', task, ''))
+  return (f'a run trained with a configs/{family}/ config'
+          + (f', e.g. `{example}`' if example else ''))
+
+
 def require_task(config: ConfigDict, workdir: str, tasks: Iterable[str],
-                 verb: str) -> None:
+                 verb: str | None = None, flag: str = '--workdir') -> None:
   """Fails early unless the run in `workdir` and `config` are of one of `tasks`.
 
   A verb given another kind of run would otherwise fail later, while restoring
@@ -436,28 +443,29 @@ def require_task(config: ConfigDict, workdir: str, tasks: Iterable[str],
 
   Args:
     config: the config the verb runs with (the run's own, or --config).
-    workdir: the run directory (--workdir).
+    workdir: the run directory.
     tasks: the tasks the verb accepts; the first one names the kind needed.
-    verb: the `musicjax` verb, for the message.
+    verb: the `musicjax` verb, for the message (None: not named).
+    flag: what the user called `workdir` ('--workdir', 'config.init.workdir').
 
   Raises:
     ConfigError: naming the kind of run given, the kind needed and the fix.
   """
-  tasks = tuple(tasks)
+  tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
   need = (f'{run_kind(tasks[0])} (config.task '
           f'{" or ".join(repr(t) for t in tasks)})')
-  _, family, example = _RUN_KINDS.get(tasks[0], ('', tasks[0], ''))
+  needs = f'`musicjax {verb}` needs {need}' if verb else f'{need} is needed'
+  _, family, _ = _RUN_KINDS.get(tasks[0], ('', tasks[0], ''))
   saved = saved_task(workdir)
   if saved is not None and saved not in tasks:
     raise ConfigError(
-        f'{workdir} is {run_kind(saved)} (config.task {saved!r} in '
-        f'{os.path.join(workdir, "config.json")}), but `musicjax {verb}` needs '
-        f'{need}: pass --workdir of a run trained with a configs/{family}/ '
-        f'config' + (f', e.g. `{example}`' if example else ''))
+        f'{flag} {workdir} is {run_kind(saved)} (config.task {saved!r} in '
+        f'{os.path.join(workdir, "config.json")}), but {needs}: point {flag} '
+        f'at {how_to_train(tasks[0])}')
   if config.task not in tasks:
     raise ConfigError(
-        f'the config given for {workdir} has config.task {config.task!r} '
-        f'({run_kind(config.task)}), but `musicjax {verb}` needs {need}: pass '
+        f'the config given for {flag} {workdir} has config.task '
+        f'{config.task!r} ({run_kind(config.task)}), but {needs}: pass '
         f'a configs/{family}/ config, or leave out --config to use the run\'s '
         'own config.json')
 

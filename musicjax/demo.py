@@ -50,15 +50,14 @@ def listening_kit(config, workdir: str, seconds: float) -> dict:
   from musicjax.codec import chunked
   from musicjax.data import audio as audio_io
   from musicjax.data import chorales
-  from musicjax.train import trainer
+  from musicjax.train import runs
 
   pieces = chorales.chorale_manifest(config, 'eval')
   piece = pieces[0]
   sr = int(config.data.sample_rate)
   wave = audio_io.load_audio(piece['stems']['mix'], sr, int(config.data.channels))
   wave = wave[:int(seconds * sr)]
-  task, _, state = trainer.restore_for_inference(config, workdir)
-  model = task.inference_model(state)
+  model = runs.load_run(workdir, config=config, expect='codec').model
   codes = chunked.encode_array(model, wave)
   recon = chunked.decode_array(model, codes, scales=chunked.frame_scales(
       model, wave))[:wave.shape[0]]
@@ -195,32 +194,30 @@ def accomp_stage(accomp_config, workdir: str, seconds: float,
 def export_stage(workdir: str, families: list[str]) -> dict:
   """Exports the demo models and runs one forward of each in JAX and in
   PyTorch: WORKDIR/export/<family>/ and WORKDIR/export_check.json."""
-  import jax
   import soundfile as sf
-  from musicjax import config as cfg
   from musicjax.export import export as export_lib
   from musicjax.export import parity
-  from musicjax.parallel import rules
-  runs = {'codec': workdir, 'lm': os.path.join(workdir, 'lm'),
-          'accomp': os.path.join(workdir, 'accomp')}
+  from musicjax.train import runs
+  workdirs = {'codec': workdir, 'lm': os.path.join(workdir, 'lm'),
+              'accomp': os.path.join(workdir, 'accomp')}
   print(f'[demo] {STEPS}/{STEPS} export {", ".join(families)} to PyTorch and '
         'compare one forward pass with JAX', flush=True)
   report = {}
   for fam in families:
-    config = cfg.load_saved(runs[fam])
+    run = runs.load_run(workdirs[fam])
+    config, task, model = run.config, run.task, run.model
     out = os.path.join(workdir, 'export', fam)
-    task, mesh, model, step = export_lib.restore(config, runs[fam])
-    with jax.set_mesh(mesh), rules.use_rules(rules.normalize_rules(config.sharding.rules)):
+    with run.activate():
       report[fam] = {'export': export_lib.export_model(model, config, out,
-                                                       step=step)}
+                                                       step=run.step)}
       if fam == 'codec':
         wave, _ = sf.read(os.path.join(workdir, 'original.wav'), dtype='float32',
                           always_2d=True)
         check = parity.codec(model, out, wave[:int(config.data.sample_rate)])
       else:
         batch = next(iter(task.dataset('eval', 0, 1)))
-        run = parity.lm if fam == 'lm' else parity.accomp
-        check = run(model, out, {k: np.asarray(v) for k, v in batch.items()})
+        compare = parity.lm if fam == 'lm' else parity.accomp
+        check = compare(model, out, {k: np.asarray(v) for k, v in batch.items()})
     report[fam]['parity'] = check
     print(f'[demo]   {fam}: {json.dumps(check)}', flush=True)
   with open(os.path.join(workdir, 'export_check.json'), 'w') as f:

@@ -77,3 +77,23 @@ def folder_run_config(data_path: str, eval_fraction: float = 0.25):
   c.train.log_every, c.train.eval_every, c.train.eval_steps = 1, 1000, 1
   return c
 
+
+
+def untrained_run(config, workdir: str) -> None:
+  """A codec workdir (config.json + a checkpoint at step 1) of the freshly
+  initialised codec of `config`: what `musicjax prepare` and the token models'
+  summaries read from a trained one, without compiling a train step."""
+  import jax
+  from musicjax import config as config_lib
+  from musicjax.train import checkpoint as ckpt_lib
+  from musicjax.train import trainer
+  config.model.rvq.kmeans_init = False   # usable codebooks without a first batch
+  config_lib.save(config, workdir)
+  s = trainer.setup(config)
+  manager = ckpt_lib.make_manager(workdir, 1, False)
+  try:
+    with jax.set_mesh(s.mesh):
+      ckpt_lib.save(manager, 1, trainer.init_state(s), None, force=True)
+    manager.wait_until_finished()
+  finally:
+    manager.close()

@@ -6,7 +6,8 @@ import os
 import jax
 
 from musicjax import cli
-from musicjax.accomp import bench
+from musicjax.bench import accomp as bench
+from musicjax.bench import accomp_experiments
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,13 +54,13 @@ def test_frames_and_steps_flags_set_what_is_timed(tmp_path, monkeypatch, capsys)
   cfg = tmp_path / 'c.py'
   cfg.write_text(TINY_CONFIG)
   compiled = []
-  real = bench._compiled
+  real = bench.compile_sampler
 
   def spy(model, config, frames, cfg_on, s):
     compiled.append((frames, s.steps, cfg_on))
     return real(model, config, frames, cfg_on, s)
 
-  monkeypatch.setattr(bench, '_compiled', spy)
+  monkeypatch.setattr(bench, 'compile_sampler', spy)
   assert cli.main(['bench', 'accomp', '--config', str(cfg), '--repeats', '1',
                    '--frames', '8,24', '--steps', '2,3',
                    '--config.model.backbone.num_layers=2']) == 0
@@ -111,8 +112,8 @@ def test_weighting_experiment_trains_and_reports_each_weighting(monkeypatch,
                                                                  capsys):
   # One weighting keeps the test short (each run compiles a train step);
   # the loop over diffusion.LOSS_KINDS is the same for all of them.
-  monkeypatch.setattr(bench.diffusion, 'LOSS_KINDS', ('elbo',))
-  out = bench.weighting_experiment(steps=2, seeds=1)
+  monkeypatch.setattr(accomp_experiments.diffusion, 'LOSS_KINDS', ('elbo',))
+  out = accomp_experiments.weighting_experiment(steps=2, seeds=1)
   assert len(out['eval_ce_masked_elbo']) == 1
   # Two steps from a random init: near log V, and finite.
   assert 0 < out['eval_ce_masked_elbo_mean'] < 2 * out['log_v']
@@ -122,16 +123,16 @@ def test_weighting_experiment_trains_and_reports_each_weighting(monkeypatch,
 
 def test_context_experiment_runs_each_model_on_the_chain(monkeypatch, capsys):
   seen = []
-  real_train = bench.trainer.train
+  real_train = accomp_experiments.trainer.train
 
   def train(config, workdir):
     seen.append((config.data.synthetic_task, config.model.decode,
                  config.model.num_codebooks, config.loss.rtd_weight))
     return real_train(config, workdir)
 
-  monkeypatch.setattr(bench.trainer, 'train', train)
+  monkeypatch.setattr(accomp_experiments.trainer, 'train', train)
   # One AR case keeps the test short; every case goes through the same loop.
-  monkeypatch.setattr(bench, 'CONTEXT_RUNS', (('ar_k2', 'ar', 2),))
+  monkeypatch.setattr(accomp_experiments, 'CONTEXT_RUNS', (('ar_k2', 'ar', 2),))
   assert cli.main(['bench', 'accomp-context', '--steps', '2', '--seeds', '1']) == 0
   assert seen == [('chain', 'ar', 2, 0.0)]
   out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

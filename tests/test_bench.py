@@ -5,11 +5,12 @@ import os
 
 from flax import nnx
 
-from musicjax import bench
 from musicjax import cli
 from musicjax import config as config_lib
+from musicjax.bench import lm as lm_bench
+from musicjax.bench import machine
+from musicjax.bench import measure
 from musicjax.codec.model import CodecModel
-from musicjax.lm import bench as lm_bench
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENCODEC_PARAMS = 14.85e6   # EnCodec 24 kHz, encodec_model_24khz().parameters()
@@ -33,9 +34,9 @@ TINY_LM = [
 
 def test_machine_reports_cpu_cores_and_load_at_start_and_end(monkeypatch):
   loads = iter([(0.25, 0.0, 0.0), (0.5, 0.0, 0.0)])
-  monkeypatch.setattr(bench.os, 'getloadavg', lambda: next(loads))
-  start = bench.load_now()
-  m = bench.machine(start)
+  monkeypatch.setattr(machine.os, 'getloadavg', lambda: next(loads))
+  start = machine.load_now()
+  m = machine.describe(start)
   assert m['load_1min_start'] == 0.25 and m['load_1min_end'] == 0.5
   assert isinstance(m['load_1min_end'], float)
   assert m['cpu_count'] >= 1 and m['cpu_model']
@@ -44,9 +45,9 @@ def test_machine_reports_cpu_cores_and_load_at_start_and_end(monkeypatch):
 
 def test_machine_is_busy_when_the_load_exceeds_the_cores(monkeypatch, capsys):
   cores = os.cpu_count() or 1
-  high = bench.BUSY_LOAD_PER_CORE * cores + 1
-  monkeypatch.setattr(bench.os, 'getloadavg', lambda: (high, high, high))
-  m = bench.machine(0.1)     # quiet at the start, busy by the end
+  high = machine.BUSY_LOAD_PER_CORE * cores + 1
+  monkeypatch.setattr(machine.os, 'getloadavg', lambda: (high, high, high))
+  m = machine.describe(0.1)     # quiet at the start, busy by the end
   assert m['busy'] is True and 'other jobs' in m['busy_note']
   assert 'warning' in capsys.readouterr().err
 
@@ -54,8 +55,8 @@ def test_machine_is_busy_when_the_load_exceeds_the_cores(monkeypatch, capsys):
 def test_machine_without_a_load_average(monkeypatch):
   def none():
     raise OSError('no load average')
-  monkeypatch.setattr(bench.os, 'getloadavg', none)
-  m = bench.machine(bench.load_now())
+  monkeypatch.setattr(machine.os, 'getloadavg', none)
+  m = machine.describe(machine.load_now())
   assert m['load_1min_start'] is None and m['busy'] is False
 
 
@@ -76,7 +77,7 @@ def test_encodec_size_config_matches_encodecs_size_and_setting():
   with nnx.use_eager_sharding(False):
     model = nnx.eval_shape(lambda: CodecModel(
         c.model, c.data.sample_rate, c.data.channels, rngs=nnx.Rngs(0)))
-  n = bench.param_count(model)
+  n = measure.param_count(model)
   assert abs(n - ENCODEC_PARAMS) < 0.05 * ENCODEC_PARAMS, n
   # 24 kHz mono, 75 Hz, 8 x 1024 = 6 kbps.
   assert (c.data.sample_rate, c.data.channels) == (24000, 1)
@@ -85,17 +86,17 @@ def test_encodec_size_config_matches_encodecs_size_and_setting():
 
 
 def test_gemm_peak_is_the_best_library(monkeypatch):
-  out = lm_bench.gemm_peak(size=64, repeats=1)
+  out = machine.gemm_peak(size=64, repeats=1)
   by_lib = out['flops_per_s']
   assert {'jax', 'numpy', 'torch'} <= set(by_lib)  # torch: a test dependency
   assert out['best'] == max(by_lib.values())
   assert by_lib[out['best_library']] == out['best']
   # Each library is timed on its own: the best follows whichever is fastest.
-  monkeypatch.setattr(lm_bench, '_best_time',
+  monkeypatch.setattr(measure, 'best_time',
                       lambda fn, repeats: 1.0 if fn() is None else 2.0)
-  monkeypatch.setattr(lm_bench, '_gemm_timers', lambda size: {
+  monkeypatch.setattr(machine, 'gemm_timers', lambda size: {
       'jax': lambda: 0, 'numpy': lambda: None, 'torch': lambda: 0})
-  out = lm_bench.gemm_peak(size=8, repeats=1)
+  out = machine.gemm_peak(size=8, repeats=1)
   assert out['best_library'] == 'numpy' and out['best'] == 2 * 8 ** 3
 
 
@@ -125,10 +126,22 @@ def test_lm_decode_reports_each_requested_length(capsys, monkeypatch):
 def test_lm_train_mfu_is_against_the_best_gemm(monkeypatch):
   peak = {'size': 8, 'flops_per_s': {'jax': 1e9, 'numpy': 3e9, 'torch': 2e9},
           'best': 3e9, 'best_library': 'numpy'}
-  monkeypatch.setattr(lm_bench, 'gemm_peak', lambda: peak)
+  monkeypatch.setattr(machine, 'gemm_peak', lambda: peak)
   out = lm_bench.train(config_lib.load(LM_CONFIG, TINY_LM), repeats=1)
   assert out['gemm_peak_flops_per_s'] == 3e9
   assert out['gemm_peak_library'] == 'numpy'
   assert out['gemm_flops_per_s_by_library'] == peak['flops_per_s']
   assert abs(out['mfu'] - out['model_flops_per_s'] / 3e9) < 1e-12
   assert 'busy' in out['machine']
+
+
+def test_lm_memory_splits_the_state_by_its_logical_axes():
+  # The sharding rules (parallel/rules.py: logical_names) put parameters and
+  # AdamW moments over fsdp: two fsdp devices hold about half the state each.
+  one = lm_bench.memory(config_lib.load(LM_CONFIG, TINY_LM), devices=1)
+  two = lm_bench.memory(config_lib.load(
+      LM_CONFIG, TINY_LM + ['--config.mesh.fsdp=2']), devices=2)
+  assert two['mesh'] == {'data': 1, 'fsdp': 2, 'tensor': 1}
+  assert two['params'] == one['params'] > 0
+  assert 0.4 * one['state_gib'] < two['state_gib'] < 0.75 * one['state_gib']
+  assert two['grads_gib'] == one['grads_gib'] / 2

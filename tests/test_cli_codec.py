@@ -9,7 +9,7 @@ import soundfile as sf
 
 from musicjax import cli
 from musicjax.codec import chunked
-from musicjax.train import trainer
+from musicjax.train import runs
 from tests import audio_fixtures as fx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,11 +62,8 @@ def test_encode_decode_any_rate_and_channels(trained):
   y, sr_out = sf.read(out)
   assert sr_out == sr and len(y) == int(z['num_samples']) == round(2.5 * sr)
   # Chunked encoding equals encoding the whole file in one call.
-  from musicjax import config as config_lib
   from musicjax.data import audio
-  config = config_lib.load_saved(wd)
-  task, _, state = trainer.restore_for_inference(config, wd)
-  model = task.inference_model(state)
+  model = runs.load_run(wd).model
   x = audio.load_audio(wav, sr, 1)
   whole = chunked.encode_array(model, x, chunk_seconds=100.0)
   np.testing.assert_array_equal(z['codes'], whole)

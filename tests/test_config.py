@@ -7,6 +7,7 @@ import pytest
 
 from musicjax import cli
 from musicjax import config as cfg
+from musicjax.cli import flags as cli_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -217,7 +218,7 @@ def test_bare_bool_override_is_true_and_other_bare_keys_fail():
 
 
 def test_cli_joins_space_separated_overrides():
-  j = cli._join_overrides
+  j = cli_flags.join_overrides
   assert j(['train', '--config', 'lm/tiny', '--config.train.steps', '5',
             '--config.mesh.data', '-1', '--workdir', 'w']) == [
                 'train', '--config', 'lm/tiny', '--config.train.steps=5',

@@ -20,6 +20,7 @@ from musicjax.data import sources
 from musicjax.data import text
 from musicjax.data import token_records
 from musicjax.errors import UserError
+from musicjax.train import runs
 from musicjax.train import trainer
 from tests import audio_fixtures as fx
 from tests import codec_fixtures as cf
@@ -45,10 +46,8 @@ def codec(tmp_path_factory):
   c.data.gain_augment_dbfs = ()
   wd = str(tmp / 'run')
   trainer.train(c, wd)
-  from musicjax import config as config_lib
-  saved = config_lib.load_saved(wd)
-  task, _, state = trainer.restore_for_inference(saved, wd)
-  return wd, saved, task.inference_model(state)
+  run = runs.load_run(wd)
+  return wd, run.config, run.model
 
 
 def _data_config(codec_config, path, **data):
@@ -601,7 +600,7 @@ def test_missing_inputs_are_user_errors(tmp_path):
     token_records.source(nowhere, 'train')
   with pytest.raises(UserError, match='dataset.json not found'):
     token_records.read_dataset_info(str(tmp_path))
-  with pytest.raises(UserError, match=f"--codec-workdir '{nowhere}' has no config.json"):
+  with pytest.raises(UserError, match=f'--codec-workdir {nowhere} has no config.json'):
     prepare_tokens.prepare_tokens_main(nowhere, str(tmp_path / 'out'))
   untrained = tmp_path / 'untrained'
   untrained.mkdir()

@@ -20,6 +20,7 @@ from musicjax.export import import_torch as I
 from musicjax.errors import UserError
 from musicjax.export import mapping as M
 from musicjax.parallel import rules as rules_lib
+from musicjax.train import runs
 from musicjax.train import trainer
 from tests import codec_fixtures as CF
 from tests.test_accomp_train import small_config as accomp_config
@@ -227,11 +228,10 @@ def test_cli_export_import_and_continue_training(tmp_path):
   assert cli.main(['export', '--workdir', run, '--out', out]) == 0
   assert json.load(open(os.path.join(out, 'config.json')))['step'] == 2
   assert cli.main(['import-torch', '--from', out, '--workdir', back]) == 0
-  _, _, a = trainer.restore_for_inference(c, run)
+  a = runs.load_run(run, config=c).model
   from musicjax import config as config_lib
   c2 = config_lib.load_saved(back)
-  _, _, b = trainer.restore_for_inference(c2, back)
-  _same(a.model, b.model)
+  _same(a, runs.load_run(back).model)
   # Importing twice into one run is refused (nothing is overwritten).
   assert cli.main(['import-torch', '--from', out, '--workdir', back]) == 2
   c2.train.steps = 3

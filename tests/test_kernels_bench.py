@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import pytest
 
 from musicjax import cli
-from musicjax.kernels import bench
+from musicjax.bench import kernels as bench
 from musicjax.kernels import decode_attention as kernel
 from musicjax.kernels import decode_reference
 from musicjax.kernels import shipped
@@ -117,7 +117,7 @@ def test_timed_executable_lowers_one_kernel_per_call(impl, platform, target):
   """The GPU/TPU path without the hardware: each call is one kernel on its own
   cache argument (no dynamic slice copies a stacked cache)."""
   rotate, calls, b, hkv, s, d = 2, 3, 1, 2, 256, 128
-  fn = bench._many_calls(bench._attend(
+  fn = bench.many_calls(bench.attend_fn(
       impl, kernel.KernelParams(block_k=128, num_splits=2)), rotate, calls)
   sds = jax.ShapeDtypeStruct
   args = [sds((b, 4, d), jnp.bfloat16), sds((b,), jnp.int32)] + [

@@ -8,7 +8,7 @@ import jax
 from flax import nnx
 
 from musicjax import config as cfg
-from musicjax.lm import bench as lm_bench
+from musicjax.bench import lm as lm_bench
 from musicjax.lm import task as task_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

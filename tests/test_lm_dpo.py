@@ -28,6 +28,7 @@ from musicjax.lm import sequence
 from musicjax.parallel import mesh as mesh_lib
 from musicjax.parallel import rules as rules_lib
 from musicjax.train import metrics as metrics_lib
+from musicjax.train import runs
 from musicjax.train import trainer
 
 BETA = 0.1
@@ -237,8 +238,8 @@ def test_dpo_trainer_warm_starts_from_the_lm_run(lm_run, tokenizer, tmp_path):
   assert recs[0]['dpo/reward_margin'] == pytest.approx(0.0, abs=1e-5)
   assert all(np.isfinite(r['dpo/loss']) for r in recs)
   # The reference is the LM's weights, untouched by 2 steps; the policy moved.
-  _, _, lm = trainer.restore_for_inference(lm_config, lm_wd)
-  _, _, st = trainer.restore_for_inference(config_lib.load_saved(wd), wd)
+  lm = runs.load_run(lm_wd, config=lm_config).state
+  st = runs.load_run(wd).state
   lm_params = _pure(nnx.state(lm.model, nnx.Param))
   assert _tree_equal(_pure(nnx.state(st.ref)), lm_params)
   assert not _tree_equal(_pure(nnx.state(st.model, nnx.Param)), lm_params)

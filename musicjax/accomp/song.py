@@ -27,11 +27,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from musicjax.accomp import data
 from musicjax.accomp import sample as sample_lib
 from musicjax.accomp import task as task_lib
 from musicjax.data import song_text
 from musicjax.errors import UserError
 from musicjax.lm import song as lm_song
+from musicjax.lm import token_data
+from musicjax.train import runs
 
 
 @dataclasses.dataclass
@@ -49,29 +52,35 @@ def _say(msg: str) -> None:
   print(f'[accompany] {msg}', file=sys.stderr, flush=True)
 
 
-class AccompContext(lm_song.SongContext):
-  """A restored accomp run with its tokenizer, token-set facts and codec."""
+class AccompContext:
+  """A restored accomp run with its tokenizer and its token set
+  (`musicjax.lm.song.TokenSet`: facts, codec, tags seen, audio loading)."""
 
   def __init__(self, config, workdir: str, codec_workdir: str | None = None,
                step: int | None = None):
-    # pylint: disable=super-init-not-called  (the LM's context builds LM text)
-    from musicjax import config as config_lib  # pylint: disable=g-import-not-at-top
-    from musicjax.accomp import data  # pylint: disable=g-import-not-at-top
-    from musicjax.lm import token_data  # pylint: disable=g-import-not-at-top
-    from musicjax.parallel import rules  # pylint: disable=g-import-not-at-top
-    from musicjax.train import trainer  # pylint: disable=g-import-not-at-top
-    # Before restoring: another kind of run would fail later, naming neither.
-    config_lib.require_task(config, workdir, ('accomp',), 'accompany')
-    self.config = config
-    task, self.mesh, state = trainer.restore_for_inference(config, workdir, step)
-    self.model = task.inference_model(state)
-    self.rules = rules.normalize_rules(config.sharding.rules)
-    self.info = data.check_dataset(config)
+    self.run = runs.load_run(workdir, step, config=config, expect='accomp',
+                             verb='accompany')
+    config = self.config = self.run.config   # None given: the run's own
+    self.mesh, self.rules = self.run.mesh, self.run.rules
+    self.model = self.run.model
+    self.tokens = lm_song.TokenSet(config.data.path, data.check_dataset(config),
+                                   codec_workdir)
+    self.info, self.codec_workdir = self.tokens.info, self.tokens.codec_workdir
     self.tokenizer = token_data.load_tokenizer(config)
-    self.codec_workdir = codec_workdir or self.info.get('codec_workdir', '')
-    self._codec = None
-    self._known_tags = None
     self._fns = {}
+
+  @property
+  def frame_rate(self) -> float:
+    return self.tokens.frame_rate
+
+  def codec(self):
+    return self.tokens.codec()
+
+  def known_tags(self) -> set[str]:
+    return self.tokens.known_tags()
+
+  def load_wave(self, path: str) -> np.ndarray:
+    return self.tokens.load_wave(path)
 
   def text_ids(self, tags: str) -> np.ndarray:
     """[L] token ids (-1 padded) of a user's tags ('genre: chorale; mood:
@@ -189,7 +198,7 @@ def accompany_codes(ctx: AccompContext, vocal_codes: np.ndarray, text: np.ndarra
   ref = ref if ref is not None else np.full((r, k), -1, np.int32)
   out = np.full((f, k), -1, np.int32)
   rng = jax.random.key(seed)
-  with jax.set_mesh(ctx.mesh), _rules(ctx):
+  with ctx.run.activate():
     for n, a in enumerate(starts):
       b = min(a + window, f)
       voc = np.full((window, k), -1, np.int32)
@@ -224,17 +233,12 @@ def unmasking_trace(ctx: AccompContext, vocal_codes: np.ndarray,
                     f'window), got {len(voc)}')
   r = max(c.data.reference_frames, 1)
   fn = ctx.sampler(len(voc), False, s, trace=True)
-  with jax.set_mesh(ctx.mesh), _rules(ctx):
+  with ctx.run.activate():
     _, states = fn(jnp.asarray(voc[None]), jnp.ones((1, len(voc)), bool),
                    jnp.asarray(text[None]), jnp.full((1, r, k), -1, jnp.int32),
                    jnp.zeros((1,), bool), jnp.full((1, len(voc), k), -1, jnp.int32),
                    jax.random.key(seed))
   return np.asarray(states)[:, 0]
-
-
-def _rules(ctx: AccompContext):
-  from musicjax.parallel import rules  # pylint: disable=g-import-not-at-top
-  return rules.use_rules(ctx.rules)
 
 
 def _native_vocal(path: str) -> tuple[np.ndarray, int]:

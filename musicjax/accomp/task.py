@@ -22,6 +22,7 @@ weights (fresh optimizer), see configs/accomp/.
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from typing import Any, Mapping
@@ -33,13 +34,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from musicjax import config as config_lib
 from musicjax.accomp import diffusion
 from musicjax.accomp import model as model_lib
 from musicjax.config import ConfigError
 from musicjax.lm import task as lm_task
 from musicjax.nn import transformer
 from musicjax.train import checkpoint as ckpt_lib
+from musicjax.train import runs
 from musicjax.train.task import ArraySpec, Task
 
 ConfigDict = ml_collections.ConfigDict
@@ -102,6 +103,12 @@ def default_config() -> ConfigDict:
 
   i = c.init = ConfigDict()
   i.workdir = ''                       # stage 2: start from this stage-1 run
+
+  # TensorBoard summaries at eval steps (musicjax/accomp/summaries.py): the
+  # first eval example's vocal accompanied with the sample settings above,
+  # beside its real accompaniment, decoded with the token set's codec.
+  su = c.summary = ConfigDict()
+  su.seconds = 4.0                     # clip length, at most data.max_frames (0 = none)
   return c
 
 
@@ -135,6 +142,9 @@ def check_config(config: ConfigDict) -> None:
                         f'{config.cond[key]}')
   if config.data.max_frames < 1:
     raise ConfigError('config.data.max_frames must be >= 1')
+  if config.summary.seconds < 0:
+    raise ConfigError('config.summary.seconds must be >= 0 (0 = no '
+                      f'summaries), got {config.summary.seconds}')
   if config.data.kind not in ('tokens', 'synthetic'):
     raise ConfigError("config.data.kind must be 'tokens' (musicjax prepare "
                       "--stems) or 'synthetic' for the accomp task, got "
@@ -329,8 +339,9 @@ class AccompTask(Task):
     if not init_dir:
       return state
     init_dir = os.path.expanduser(init_dir)
-    init_config = config_lib.load_saved(init_dir)
-    check_same_model(self.config, init_config, init_dir)
+    init_config = runs.check_same_model(
+        self.config, init_dir, expect='accomp', flag='config.init.workdir',
+        free_keys=_FREE_MODEL_KEYS)
     restored, step = ckpt_lib.restore_subtree(
         init_dir, init_config.checkpoint.keep, 'model', state['model'],
         shardings['model'])
@@ -338,6 +349,17 @@ class AccompTask(Task):
     print(f'[accomp] model starts from {init_dir} step {step}', file=sys.stderr,
           flush=True)
     return jax.device_put(state, shardings)
+
+  @functools.cached_property
+  def _summaries(self):
+    # Built on first use: the codec and the jitted sampler are kept for the run.
+    from musicjax.accomp import summaries  # pylint: disable=g-import-not-at-top
+    return summaries.AccompSummaries(self.config)
+
+  def summaries(self, state: AccompState, batch, rng):
+    """The first eval vocal accompanied, beside its real accompaniment
+    (accomp/summaries.py)."""
+    return self._summaries(state.model, batch, rng)
 
   def dataset(self, split: str, shard_index: int, shard_count: int):
     # pylint: disable=g-import-not-at-top
@@ -347,20 +369,3 @@ class AccompTask(Task):
                                          shard_count)
     from musicjax.accomp import data
     return data.accomp_dataset(self.config, split, shard_index, shard_count)
-
-
-def check_same_model(config: ConfigDict, init_config: ConfigDict,
-                     init_dir: str) -> None:
-  """config.model must describe the network trained in `init_dir`."""
-  if init_config.task != 'accomp':
-    raise ConfigError(f'config.init.workdir={init_dir!r} is a '
-                      f'{init_config.task!r} run, not an accomp run')
-  ours = config_lib.flatten(config.model)
-  theirs = config_lib.flatten(init_config.model)
-  for key in sorted(set(ours) | set(theirs)):
-    if key in _FREE_MODEL_KEYS or ours.get(key) == theirs.get(key):
-      continue
-    raise ConfigError(
-        f'config.model.{key} = {ours.get(key)!r}, but the run in {init_dir} '
-        f'(config.init.workdir) was trained with {theirs.get(key)!r}; stage 2 '
-        f'starts from its weights: set --config.model.{key}={theirs.get(key)!r}')

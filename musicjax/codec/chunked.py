@@ -23,6 +23,7 @@ from tqdm import tqdm
 from musicjax import __version__
 from musicjax import config as config_lib
 from musicjax.errors import UserError
+from musicjax.train import runs
 
 CODES_FORMAT = 'musicjax-codes-v1'
 # The arrays decoding reads; encode_file also writes channels, frame_rate,
@@ -146,12 +147,6 @@ def decode_array(model, codes: np.ndarray, *, scales: np.ndarray | None = None,
   return audio * np.repeat(np.asarray(scales, np.float32), model.hop_length)[:, None]
 
 
-def _load_model(config, workdir):
-  from musicjax.train import trainer
-  task, _, state = trainer.restore_for_inference(config, workdir)
-  return task.inference_model(state), task
-
-
 def encode_file(config, workdir: str, in_path: str, out_path: str, *,
                 n_q: int | None = None, chunk_seconds: float = 10.0,
                 context_seconds: float = 1.0) -> dict:
@@ -160,7 +155,7 @@ def encode_file(config, workdir: str, in_path: str, out_path: str, *,
   config_lib.require_task(config, workdir, ('codec',), 'encode')
   if not os.path.isfile(in_path):
     raise UserError(f'input audio not found: {in_path}')
-  model, _ = _load_model(config, workdir)
+  model = runs.load_run(workdir, config=config).model
   k = model.num_codebooks
   if n_q is not None and not 1 <= n_q <= k:
     raise UserError(f'--n-q must be between 1 and {k} (the codec has {k} codebooks), got {n_q}')
@@ -274,7 +269,7 @@ def decode_file(config, workdir: str, in_path: str, out_path: str, *,
   import soundfile as sf
   config_lib.require_task(config, workdir, ('codec',), 'decode')
   data = load_codes(in_path)  # before restoring: a bad file fails fast
-  model, _ = _load_model(config, workdir)
+  model = runs.load_run(workdir, config=config).model
   codes = data['codes']
   if codes.ndim != 2 or codes.shape[1] > model.num_codebooks:
     raise UserError(f'{in_path}: codes have shape {codes.shape}, this codec takes '

@@ -91,6 +91,7 @@ from musicjax.data import song_parts
 from musicjax.data import sources
 from musicjax.data import token_records
 from musicjax.errors import UserError
+from musicjax.train import runs
 
 logger = logging.getLogger('musicjax.data')
 
@@ -117,37 +118,6 @@ _PARTS_SUFFIX = '.parts'
 
 
 # ----------------------------------------------------------------- the codec
-
-
-def load_codec(codec_workdir: str):
-  """(codec config, codec model, checkpoint step) of a trained codec workdir.
-
-  Raises:
-    UserError: no config.json or no checkpoint in `codec_workdir`, or it is
-      not a codec run.
-  """
-  from musicjax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from musicjax.train import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from musicjax.train import trainer  # pylint: disable=g-import-not-at-top
-  hint = ('point --codec-workdir at the --workdir of a trained codec '
-          '(`musicjax train --config configs/codec/... --workdir DIR`)')
-  if not os.path.isfile(os.path.join(codec_workdir, 'config.json')):
-    raise UserError(f'--codec-workdir {codec_workdir!r} has no config.json; {hint}')
-  ckpt_dir = ckpt_lib.checkpoint_dir(codec_workdir)
-  if not os.path.isdir(ckpt_dir) or not any(n.isdigit() for n in os.listdir(ckpt_dir)):
-    raise UserError(f'--codec-workdir {codec_workdir!r} has no checkpoint in '
-                    f'{ckpt_dir}; train it first, or {hint}')
-  codec_config = config_lib.load_saved(codec_workdir)
-  if codec_config.task != 'codec':
-    raise UserError(f'--codec-workdir {codec_workdir!r} is a {codec_config.task!r} '
-                    f'run, not a codec; {hint}')
-  manager = ckpt_lib.make_manager(codec_workdir, codec_config.checkpoint.keep, False)
-  try:
-    step = ckpt_lib.latest_step_or_raise(manager, codec_workdir)
-  finally:
-    manager.close()
-  task, _, state = trainer.restore_for_inference(codec_config, codec_workdir, step)
-  return codec_config, task.inference_model(state), int(step)
 
 
 class _Encoder:
@@ -634,7 +604,9 @@ def prepare_tokens_main(codec_workdir: str, out_dir: str,
     {'train': records, 'eval': records, 'bad_files': count, 'seconds': wall}.
   """
   start = time.perf_counter()
-  codec_config, model, step = load_codec(codec_workdir)
+  codec = runs.load_run(codec_workdir, expect='codec', verb='prepare',
+                        flag='--codec-workdir')
+  codec_config, model, step = codec.config, codec.model, codec.step
   config = codec_config if config is None else config
   enc = _Encoder(model, int(codec_config.data.sample_rate),
                  int(codec_config.data.channels), chunk_seconds, context_seconds,

@@ -25,6 +25,7 @@ import soundfile as sf
 
 from musicjax.data import augment
 from musicjax.errors import UserError
+from musicjax.train import runs
 
 LOW_CUTOFF_HZ = 40.0          # "below 40 Hz": rumble and DC, not music
 DEFAULT_SECONDS = 10.0
@@ -273,27 +274,11 @@ def _load_clip(path: str, sample_rate: int, channels: int, seconds: float,
 
 def host_info() -> dict[str, Any]:
   """CPU model, 1-minute load average and JAX device: context for timings."""
-  from musicjax import bench  # pylint: disable=g-import-not-at-top
+  from musicjax.bench import machine  # pylint: disable=g-import-not-at-top
   device = jax.devices()[0]
-  return dict(cpu_model=bench.cpu_model(), cpu_count=os.cpu_count(),
-              load_avg_1m=bench.load_now(),
+  return dict(cpu_model=machine.cpu_model(), cpu_count=os.cpu_count(),
+              load_avg_1m=machine.load_now(),
               jax_device=f'{device.platform}:{device.device_kind}')
-
-
-def _load_codec(workdir: str):
-  from musicjax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from musicjax.data import prepare_tokens  # pylint: disable=g-import-not-at-top
-  if not os.path.isfile(os.path.join(workdir, 'config.json')):
-    raise UserError(f'--workdir {workdir!r} has no config.json; point --workdir '
-                    'at a trained codec run (`musicjax train --config '
-                    'configs/codec/... --workdir DIR`)')
-  config_lib.require_task(config_lib.load_saved(workdir), workdir, ('codec',),
-                          'codec-quality')
-  try:
-    return prepare_tokens.load_codec(workdir)
-  except UserError as e:
-    # load_codec names the flag of `musicjax prepare`; this verb's is --workdir.
-    raise UserError(str(e).replace('--codec-workdir', '--workdir')) from None
 
 
 def _check_flags(seconds, clips, quiet_dbfs, opus_kbps, offset) -> None:
@@ -341,7 +326,8 @@ def run(workdir: str, audio: list[str], *, seconds: float = DEFAULT_SECONDS,
   check_opus_tools(opus_kbps)
   files = find_files(list(audio))
   host = host_info()
-  config, model, step = _load_codec(workdir)
+  codec_run = runs.load_run(workdir, expect='codec', verb='codec-quality')
+  config, model, step = codec_run.config, codec_run.model, codec_run.step
   sr, channels = int(config.data.sample_rate), int(config.data.channels)
   codec = dict(workdir=workdir, step=step, sample_rate=sr, channels=channels,
                num_codebooks=int(model.num_codebooks),

@@ -43,10 +43,36 @@ def spectrogram_figure(waves: Mapping[str, np.ndarray], sample_rate: int,
     else:
       ax.set_xticks([])
       ax.set_yticks([])
+  # Waves of different lengths: the longest sets the shared axis (imshow
+  # would leave it at the last one's).
+  longest = max(np.asarray(w).size for w in waves.values())
+  axes[-1].set_xlim(0, max(longest, 1) / sample_rate)
   if axes_labels:
     axes[-1].set_xlabel('seconds')
   if title:
     fig.suptitle(title)
+  fig.tight_layout()
+  return fig
+
+
+def token_figure(grids: Mapping[str, np.ndarray], codebook_size: int,
+                 row_height: float = 1.2, width: float = 6.0):
+  """One row per named token grid [frames, codebooks]: codebook 0 at the
+  bottom, colour = code id; negative ids (no token) are black. For tokens
+  without a codec to hear them (synthetic data)."""
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(width, row_height * len(grids)))
+  axes = fig.subplots(len(grids), 1, sharex=True, squeeze=False)[:, 0]
+  for ax, (name, grid) in zip(axes, grids.items()):
+    grid = np.asarray(grid).reshape(len(grid), -1).T
+    img = np.ma.masked_less(grid, 0)
+    ax.set_facecolor('black')
+    ax.imshow(img, origin='lower', aspect='auto', cmap='viridis',
+              interpolation='nearest', vmin=0, vmax=max(codebook_size - 1, 1))
+    ax.set_title(name, fontsize=9)
+    ax.set_ylabel('codebook', fontsize=8)
+    ax.set_yticks([])
+  axes[-1].set_xlabel('frame')
   fig.tight_layout()
   return fig
 

@@ -23,6 +23,7 @@ from musicjax import fileio
 from musicjax.errors import UserError
 from musicjax.export import files
 from musicjax.export import mapping
+from musicjax.train import runs
 
 FORMAT = 'musicjax-export'
 FORMAT_VERSION = 1
@@ -179,32 +180,13 @@ musicjax import-torch --from DIR --workdir RUN
 """
 
 
-def restore(config: ml_collections.ConfigDict, workdir: str,
-            step: int | None = None):
-  """(task, mesh, inference model, step) of the latest (or `step`)
-  checkpoint of a run; run model code under the mesh."""
-  # pylint: disable=g-import-not-at-top
-  from musicjax.train import checkpoint as ckpt_lib
-  from musicjax.train import trainer
-  family(config)  # fail before restoring anything
-  if step is None:
-    manager = ckpt_lib.make_manager(workdir, config.checkpoint.keep, False)
-    try:
-      step = ckpt_lib.latest_step_or_raise(manager, workdir)
-    finally:
-      manager.close()
-  task, mesh, state = trainer.restore_for_inference(config, workdir, step)
-  return task, mesh, task.inference_model(state), step
-
-
 def export_workdir(config: ml_collections.ConfigDict, workdir: str, out_dir: str,
                    *, dtype: str = 'float32', step: int | None = None,
                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict[str, Any]:
   """Exports the latest (or `step`) checkpoint of a run."""
-  from musicjax.parallel import rules  # pylint: disable=g-import-not-at-top
   check_out_dir(out_dir)
-  _, mesh, model, step = restore(config, workdir, step)
-  with jax.set_mesh(mesh), rules.use_rules(
-      rules.normalize_rules(config.sharding.rules)):
-    return export_model(model, config, out_dir, dtype=dtype, step=step,
+  family(config)  # fail before restoring anything
+  run = runs.load_run(workdir, step, config=config)
+  with run.activate():
+    return export_model(run.model, config, out_dir, dtype=dtype, step=run.step,
                         max_shard_bytes=max_shard_bytes)

@@ -44,7 +44,6 @@ import numpy as np
 import optax
 from flax import nnx
 
-from musicjax import config as config_lib
 from musicjax.config import ConfigError
 from musicjax.data import npz
 from musicjax.errors import UserError
@@ -53,6 +52,7 @@ from musicjax.lm import model as model_lib
 from musicjax.lm import sequence
 from musicjax.lm import task as task_lib
 from musicjax.train import checkpoint as ckpt_lib
+from musicjax.train import runs
 from musicjax.train.task import ArraySpec
 
 ConfigDict = ml_collections.ConfigDict
@@ -271,6 +271,13 @@ class DPOTask(task_lib.LMTask):
                           self.config.dpo.beta)
     return metrics
 
+  def summaries(self, state: DPOState, batch, rng):
+    """The LM's summaries for the first pair's prompt, its winner as the
+    reference the policy's clip is shown beside."""
+    one = {k: batch[f'winner/{k}'] for k in SEQ_KEYS}
+    one.update({k: batch[k] for k in ('ref_codes', 'ref_valid') if k in batch})
+    return super().summaries(state, one, rng)
+
   def warm_start(self, state: nnx.State, shardings: Any) -> nnx.State:
     """Policy and reference <- the LM weights of `dpo.init_workdir`."""
     restored = restore_init_model(self.config, state, shardings)
@@ -307,25 +314,6 @@ def _init_dir(config: ConfigDict) -> str:
   return os.path.expanduser(d)
 
 
-def check_architecture(config: ConfigDict, init_config: ConfigDict,
-                       init_dir: str) -> None:
-  """config.model must describe the same network as the init run's."""
-  if init_config.task not in _INIT_TASKS:
-    raise ConfigError(f'config.dpo.init_workdir={init_dir!r} is a '
-                      f'{init_config.task!r} run; DPO needs an LM run '
-                      f'(task one of {_INIT_TASKS})')
-  ours = config_lib.flatten(config.model)
-  theirs = config_lib.flatten(init_config.model)
-  for key in sorted(set(ours) | set(theirs)):
-    if key in _FREE_MODEL_KEYS or ours.get(key) == theirs.get(key):
-      continue
-    raise ConfigError(
-        f'config.model.{key} = {ours.get(key)!r}, but the LM in {init_dir} '
-        f'(config.dpo.init_workdir) was trained with {theirs.get(key)!r}; DPO '
-        'starts from its weights, so the architecture must match: set '
-        f'--config.model.{key}={theirs.get(key)!r}')
-
-
 def restore_init_model(config: ConfigDict, state: nnx.State,
                        shardings: Any) -> dict:
   """Pure dict of the init run's `model` weights, on `shardings['model']`.
@@ -334,8 +322,9 @@ def restore_init_model(config: ConfigDict, state: nnx.State,
   moments never reach device memory.
   """
   init_dir = _init_dir(config)
-  init_config = config_lib.load_saved(init_dir)
-  check_architecture(config, init_config, init_dir)
+  init_config = runs.check_same_model(
+      config, init_dir, expect=_INIT_TASKS, flag='config.dpo.init_workdir',
+      free_keys=_FREE_MODEL_KEYS)
   restored, step = ckpt_lib.restore_subtree(
       init_dir, init_config.checkpoint.keep, 'model', state['model'],
       shardings['model'])

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from musicjax.errors import UserError
+from musicjax.data import audio
 from musicjax.data import song_text
 from musicjax.data import token_records
 from musicjax.lm import conditions
@@ -28,6 +29,8 @@ from musicjax.lm import generate as gen
 from musicjax.lm import layout
 from musicjax.lm import sequence
 from musicjax.lm import task as lm_task
+from musicjax.lm import token_data
+from musicjax.train import runs
 
 logger = logging.getLogger('musicjax.lm')
 # The tasks whose runs generate songs (a DPO-tuned run is still an LM).
@@ -51,25 +54,15 @@ class SongRequest:
   top_p: float | None = None
 
 
-class SongContext:
-  """A restored LM with its tokenizer, token-set facts and (lazily) its codec."""
+class TokenSet:
+  """What generation needs of the token set a run was trained on: its facts
+  (dataset.json), the codec that made it (restored on first use), the tags
+  seen in training, and audio loading at the codec's rate."""
 
-  def __init__(self, config, workdir: str, codec_workdir: str | None = None,
-               step: int | None = None):
-    from musicjax import config as config_lib  # pylint: disable=g-import-not-at-top
-    from musicjax.lm import token_data  # pylint: disable=g-import-not-at-top
-    from musicjax.parallel import rules  # pylint: disable=g-import-not-at-top
-    from musicjax.train import trainer  # pylint: disable=g-import-not-at-top
-    # Before restoring: another kind of run would fail later, naming neither.
-    config_lib.require_task(config, workdir, LM_TASKS, 'generate')
-    self.config = config
-    task, self.mesh, state = trainer.restore_for_inference(config, workdir, step)
-    self.model = task.inference_model(state)
-    self.rules = rules.normalize_rules(config.sharding.rules)
-    self.info = token_data.check_dataset(config)
-    self.text = conditions.ConditionText(token_data.load_tokenizer(config),
-                                         config.model.text_vocab_size)
-    self.codec_workdir = codec_workdir or self.info.get('codec_workdir', '')
+  def __init__(self, data_path: str, info: dict[str, Any],
+               codec_workdir: str | None = None):
+    self.data_path, self.info = data_path, info
+    self.codec_workdir = codec_workdir or info.get('codec_workdir', '')
     self._codec = None
     self._known_tags = None
 
@@ -79,19 +72,19 @@ class SongContext:
 
   def codec(self):
     if self._codec is None:
-      from musicjax.data import prepare_tokens  # pylint: disable=g-import-not-at-top
       if not self.codec_workdir or not os.path.isdir(self.codec_workdir):
         raise UserError(
             f'the codec workdir {self.codec_workdir!r} (from '
-            f'{self.config.data.path}/dataset.json) is not there; pass '
+            f'{self.data_path}/dataset.json) is not there; pass '
             '--codec-workdir with the codec that made the tokens')
-      _, self._codec, _ = prepare_tokens.load_codec(self.codec_workdir)
+      self._codec = runs.load_run(self.codec_workdir, expect='codec',
+                                  flag='--codec-workdir').model
     return self._codec
 
   def known_tags(self) -> set[str]:
     if self._known_tags is None:
       known = set()
-      ds = token_records.source(os.path.expanduser(self.config.data.path), 'train')
+      ds = token_records.source(os.path.expanduser(self.data_path), 'train')
       for i in range(min(len(ds), _KNOWN_TAG_RECORDS)):
         rec = ds[i]
         if 'meta' in rec:
@@ -101,7 +94,6 @@ class SongContext:
     return self._known_tags
 
   def load_wave(self, path: str) -> np.ndarray:
-    from musicjax.data import audio  # pylint: disable=g-import-not-at-top
     if not os.path.isfile(path):
       raise UserError(f'audio file not found: {path}')
     try:
@@ -109,6 +101,36 @@ class SongContext:
                               int(self.info.get('channels', 1)))
     except audio.BadAudio as e:
       raise UserError(str(e)) from None
+
+
+class SongContext:
+  """A restored LM run with its tokenizer and its token set (`TokenSet`)."""
+
+  def __init__(self, config, workdir: str, codec_workdir: str | None = None,
+               step: int | None = None):
+    self.run = runs.load_run(workdir, step, config=config, expect=LM_TASKS,
+                             verb='generate')
+    config = self.config = self.run.config   # None given: the run's own
+    self.mesh, self.rules = self.run.mesh, self.run.rules
+    self.model = self.run.model
+    self.tokens = TokenSet(config.data.path, token_data.check_dataset(config),
+                           codec_workdir)
+    self.info, self.codec_workdir = self.tokens.info, self.tokens.codec_workdir
+    self.text = conditions.ConditionText(token_data.load_tokenizer(config),
+                                         config.model.text_vocab_size)
+
+  @property
+  def frame_rate(self) -> float:
+    return self.tokens.frame_rate
+
+  def codec(self):
+    return self.tokens.codec()
+
+  def known_tags(self) -> set[str]:
+    return self.tokens.known_tags()
+
+  def load_wave(self, path: str) -> np.ndarray:
+    return self.tokens.load_wave(path)
 
 
 def _say(msg: str) -> None:

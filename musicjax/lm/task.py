@@ -6,6 +6,7 @@ token pipeline (musicjax/lm/data.py), or by the synthetic Markov source
 """
 from __future__ import annotations
 
+import functools
 from typing import Mapping
 
 import jax
@@ -105,6 +106,12 @@ def default_config() -> ConfigDict:
   s.attention = 'auto'
   s.attention_block_k = 128
   s.attention_splits = 8
+
+  # TensorBoard summaries at eval steps (musicjax/lm/summaries.py): a clip
+  # generated with the sample settings above for the first eval example's
+  # conditions, beside its real tokens, decoded with the token set's codec.
+  su = c.summary = ConfigDict()
+  su.seconds = 4.0                # generated clip length (0 = no summaries)
   return c
 
 
@@ -162,6 +169,9 @@ def check_config(config: ConfigDict) -> None:
   if config.loss.local_weighting not in ('uniform', 'sft'):
     raise ConfigError("config.loss.local_weighting must be 'uniform' or 'sft', "
                       f'got {config.loss.local_weighting!r}')
+  if config.summary.seconds < 0:
+    raise ConfigError('config.summary.seconds must be >= 0 (0 = no '
+                      f'summaries), got {config.summary.seconds}')
   s = config.sample
   if s.attention not in dispatch.IMPLS:
     raise ConfigError(f'config.sample.attention must be one of {dispatch.IMPLS}, '
@@ -272,3 +282,13 @@ class LMTask(Task):
   def dataset(self, split: str, shard_index: int, shard_count: int):
     from musicjax.lm import data  # pylint: disable=g-import-not-at-top
     return data.lm_dataset(self.config, split, shard_index, shard_count)
+
+  @functools.cached_property
+  def _summaries(self):
+    # Built on first use: the codec and the jitted loop are kept for the run.
+    from musicjax.lm import summaries  # pylint: disable=g-import-not-at-top
+    return summaries.LMSummaries(self.config)
+
+  def summaries(self, state: LMState, batch, rng):
+    """A generated clip beside the batch's first example (lm/summaries.py)."""
+    return self._summaries(state.model, batch, rng)

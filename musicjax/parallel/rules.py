@@ -101,7 +101,8 @@ def logical_to_spec(logical_axes: Sequence[str | None] | None,
   return P(*spec)
 
 
-def _logical_names(var: nnx.Variable) -> tuple | None:
+def logical_names(var: nnx.Variable) -> tuple | None:
+  """The logical axis names a Variable was annotated with (None: replicated)."""
   meta = var.get_metadata()
   names = meta.get('out_sharding') or meta.get('sharding_names')
   return tuple(names) if names else None
@@ -117,7 +118,7 @@ def state_shardings(abstract_state: nnx.State, mesh: Mesh, rules: Rules) -> Any:
   def one(path, var):
     where = 'state/' + '/'.join(str(getattr(k, 'key', k)) for k in path)
     shape = var.get_value().shape
-    return NamedSharding(mesh, logical_to_spec(_logical_names(var), shape, mesh,
+    return NamedSharding(mesh, logical_to_spec(logical_names(var), shape, mesh,
                                                rules, where))
   return jax.tree_util.tree_map_with_path(
       one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -21,6 +21,7 @@ import dataclasses
 import signal
 import sys
 import time
+import traceback
 from typing import Any, Callable, Mapping
 
 import jax
@@ -430,13 +431,23 @@ def _check_eval_split(s: Setup, start: int) -> bool:
 
 def _write_summaries(s: Setup, state, step: int, writer) -> None:
   """Task summaries on the first eval batch; every process runs the task's code
-  (it may run sharded computations), only process 0 writes."""
-  it = iter(s.task.dataset('eval', jax.process_index(), jax.process_count()))
-  module = nnx.merge(s.graphdef, state)
-  rng = jax.random.fold_in(jax.random.key(s.config.train.seed + 2), step)
-  out = s.task.summaries(module, next(it), rng)
-  if out:
-    writer.write_summaries(step, out)
+  (it may run sharded computations), only process 0 writes.
+
+  Summaries are for looking at, not for training: one that fails is logged
+  with its reason and where it was raised, and training goes on.
+  """
+  try:
+    it = iter(s.task.dataset('eval', jax.process_index(), jax.process_count()))
+    module = nnx.merge(s.graphdef, state)
+    rng = jax.random.fold_in(jax.random.key(s.config.train.seed + 2), step)
+    out = s.task.summaries(module, next(it), rng)
+    if out:
+      writer.write_summaries(step, out)
+  except Exception as e:  # pylint: disable=broad-except
+    where = traceback.extract_tb(e.__traceback__)[-1]
+    _log(f'step {step}: summaries failed, training goes on: '
+         f'{type(e).__name__}: {e} (at {where.filename}:{where.lineno} in '
+         f'{where.name})')
 
 
 def _bad_file_count() -> int:
@@ -447,7 +458,13 @@ def _bad_file_count() -> int:
     return 0
 
 
-def _restore_latest(config, workdir: str, step: int | None):
+def restore_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                       step: int | None = None):
+  """(Setup, state, step) of the latest (or `step`) checkpoint in `workdir`.
+
+  The low-level restore under `evaluate` and `musicjax.train.runs.load_run`
+  (which checks the workdir first and names it in its errors).
+  """
   s = setup(config)
   manager = ckpt_lib.make_manager(workdir, config.checkpoint.keep, False)
   try:
@@ -463,7 +480,7 @@ def _restore_latest(config, workdir: str, step: int | None):
 def evaluate(config: ml_collections.ConfigDict, workdir: str,
              num_batches: int | None = None) -> dict[str, float]:
   """Eval metrics of the latest checkpoint: {'step': N, '<metric>': mean, ...}."""
-  s, state, step = _restore_latest(config, workdir, None)
+  s, state, step = restore_checkpoint(config, workdir)
   n = num_batches or config.train.eval_steps
   with jax.set_mesh(s.mesh), rules_lib.use_rules(s.rules):
     ev = _eval(s, make_eval_step(s), state, n)
@@ -472,10 +489,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
                           step: int | None = None):
-  """(task, mesh, state module) of the latest (or given) checkpoint.
-
-  The module's arrays are sharded on `mesh`; run model code under
-  `jax.set_mesh(mesh)` and `musicjax.parallel.rules.use_rules(...)`.
-  """
-  s, state, _ = _restore_latest(config, workdir, step)
-  return s.task, s.mesh, nnx.merge(s.graphdef, state)
+  """(task, mesh, state module): `musicjax.train.runs.load_run`, kept for the
+  callers not yet moved to it (notebooks 01 and 04)."""
+  # Late import: runs builds on this module (setup, restore_checkpoint).
+  from musicjax.train import runs  # pylint: disable=g-import-not-at-top
+  run = runs.load_run(workdir, step, config=config)
+  return run.task, run.mesh, run.state

@@ -33,7 +33,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from musicjax import bench as bench_lib
+from musicjax.bench import machine
+from musicjax.bench import measure
 from musicjax.errors import UserError
 from musicjax.kernels import decode_attention as kernel
 from musicjax.kernels import dispatch
@@ -292,14 +293,15 @@ def _native(impls: list[str]) -> list[str]:
   return [i for i in impls if i in kernel.BACKENDS]
 
 
-def _attend(impl: str, params: kernel.KernelParams):
+def attend_fn(impl: str, params: kernel.KernelParams):
+  """attend(q, k, v, lengths) through `impl` (dispatch.attend_decode)."""
   def run(q, k, v, lengths):
     return dispatch.attend_decode(q, k, v, lengths, None, impl=impl,
                                   params=params)
   return run
 
 
-def _many_calls(attend, rotate: int, calls: int):
+def many_calls(attend, rotate: int, calls: int):
   """One executable: `calls` chained calls over the rotated caches."""
   def many(q, lengths, *flat):
     acc = jnp.zeros(q.shape, jnp.float32)
@@ -326,14 +328,14 @@ def _shipped_attend(impl: str, flat: list) -> tuple:
 def _impl_attend(impl, params, flat):
   if impl.removesuffix(CPU_FORM) in shipped.BASELINES:
     return _shipped_attend(impl, flat)
-  return _attend(impl, params), flat
+  return attend_fn(impl, params), flat
 
 
 def _time_impl(impl, params, q, lengths, flat, rotate, calls, repeats) -> float:
   """Seconds per call (median executable time / calls)."""
   attend, flat = _impl_attend(impl, params, flat)
-  fn = _many_calls(attend, rotate, calls)
-  return bench_lib._time(lambda: fn(q, lengths, *flat), repeats) / calls  # pylint: disable=protected-access
+  fn = many_calls(attend, rotate, calls)
+  return measure.median_time(lambda: fn(q, lengths, *flat), repeats) / calls
 
 
 def max_error(impl, params, q, lengths, flat, ref) -> float:
@@ -397,8 +399,8 @@ def run_case(opts: Options, batch: int, impls: list[str], peak_bps: float,
   q = jax.random.normal(jax.random.key(0), (batch, opts.q_heads, opts.head_dim),
                         dtype)
   lengths = jnp.full((batch,), opts.attended, jnp.int32)
-  ref = jax.jit(_attend('xla', opts.params))(q, flat[0], flat[1],
-                                             lengths).astype(jnp.float32)
+  ref = jax.jit(attend_fn('xla', opts.params))(q, flat[0], flat[1],
+                                               lengths).astype(jnp.float32)
   case = {'batch': batch, 'seq': opts.seq, 'length': opts.attended,
           'kv_bytes_per_call': nbytes, 'rotate': rotate, 'calls': calls,
           'rotated_cache_bytes': rotate * cache_bytes, 'results': {}}
@@ -435,7 +437,7 @@ def run_case(opts: Options, batch: int, impls: list[str], peak_bps: float,
 
 def run(opts: Options = Options()) -> dict:
   """The benchmark on the default device; one JSON-able dict."""
-  load_start = bench_lib.load_now()
+  load_start = machine.load_now()
   check(opts)
   device = jax.devices()[0]
   impls, skipped = implementations(opts, device.platform)
@@ -473,5 +475,5 @@ def run(opts: Options = Options()) -> dict:
                      f'{TARGET_LARGE_BATCH} (S=8192, 8 KV heads, D=128)')
   out['cases'] = [run_case(opts, b, impls, peak_bps, device.device_kind)
                   for b in opts.batch]
-  out['machine'] = bench_lib.machine(load_start)
+  out['machine'] = machine.describe(load_start)
   return out

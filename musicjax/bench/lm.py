@@ -1,4 +1,4 @@
-"""LM benchmarks: decode speed, train throughput/MFU, paper-scale memory estimate.
+"""`musicjax bench lm-*`: decode speed, train throughput/MFU, paper-scale memory estimate.
 
 Each returns one JSON-able dict with the figure, the machine, and the
 comparison measured in the same run (the GEMM peak for MFU: the best of a
@@ -8,7 +8,6 @@ and synthetic tokens: the speed of a model does not depend on what it learned.
 """
 from __future__ import annotations
 
-import statistics
 import time
 
 import jax
@@ -16,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from musicjax import bench as bench_lib
+from musicjax.bench import machine
+from musicjax.bench import measure
 from musicjax.errors import UserError
 from musicjax.kernels import dispatch
 from musicjax.lm import generate as gen
@@ -35,8 +35,6 @@ PROMPT_TOKENS = 64
 # 200 is docs/figures.md's figure; 1000 shows how flat the per-frame time stays as
 # the context grows (4000 on request: ~1 min per case on 2 cores).
 DECODE_FRAMES = (200, 1000)
-GEMM_SIZE = 2048
-GEMM_REPEATS = 5
 
 
 def _model(config):
@@ -53,22 +51,12 @@ def _prompt(config, rows: int, rng: np.random.Generator) -> dict:
   return {k: jnp.asarray(np.stack([v] * rows)) for k, v in ex.items()}
 
 
-def _median_time(fn, repeats: int) -> float:
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
-
-
 def decode(config, repeats: int = 3, frames=DECODE_FRAMES,
            breakdown_iters: int = 200) -> dict:
   """Frames/s of whole-song generation at batch 1, CFG on and off, for each
   song length in `frames` (out['lengths'], one entry each; the top-level
   figures are the first length's)."""
-  load_start = bench_lib.load_now()
+  load_start = machine.load_now()
   frames = tuple(int(f) for f in frames)
   if not frames or min(frames) < 1:
     raise UserError(f'--frames wants positive frame counts (e.g. 200,1000), '
@@ -90,7 +78,7 @@ def decode(config, repeats: int = 3, frames=DECODE_FRAMES,
                                                max_frames=n, min_frames=n)
       fn = gen.make_generate_fn(model, sampling, num_cond=1)
       prompt = _prompt(config, rows, rng)
-      t = _median_time(lambda: fn(prompt, jax.random.key(0))['codes'], repeats)
+      t = measure.median_time(lambda: fn(prompt, jax.random.key(0))['codes'], repeats)
       case[f'frames_per_s_{name}'] = n / t
       case[f'ms_per_frame_{name}'] = 1e3 * t / n
     out['lengths'].append(case)
@@ -102,7 +90,7 @@ def decode(config, repeats: int = 3, frames=DECODE_FRAMES,
       task_lib.sampling_from_config(s).kernel_params())
   out['target_frames_per_s_cfg'] = DECODE_TARGET_CFG
   out['target_frames_per_s_nocfg'] = DECODE_TARGET_NOCFG
-  out['machine'] = bench_lib.machine(load_start)
+  out['machine'] = machine.describe(load_start)
   return out
 
 
@@ -170,7 +158,7 @@ def breakdown(config, model, iters: int = 200,
   }
   out = {}
   for name, fn in parts.items():
-    t = _median_time(lambda: fn(params), 3)
+    t = measure.median_time(lambda: fn(params), 3)
     out[f'breakdown_ms_per_frame_{name}'] = 1e3 * t / iters
   return out
 
@@ -209,51 +197,10 @@ def train_flops(config) -> dict[str, float]:
           'per_frame': 3.0 * (glob + local)}
 
 
-def _best_time(fn, repeats: int) -> float:
-  """Fastest of `repeats` calls after a warm-up: a peak is what the machine
-  can do, and on a shared machine the median moves with the neighbours."""
-  fn()
-  best = float('inf')
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - t0)
-  return best
-
-
-def _gemm_timers(size: int) -> dict:
-  """{library: a call running one [size, size] f32 matmul to completion}."""
-  rng = np.random.default_rng(0)
-  a_np = rng.standard_normal((size, size), dtype=np.float32)
-  a_jax = jnp.asarray(a_np)
-  matmul = jax.jit(lambda x: x @ x)
-  timers = {'jax': lambda: jax.block_until_ready(matmul(a_jax)),
-            'numpy': lambda: a_np @ a_np}
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return timers
-  a_torch = torch.from_numpy(a_np)
-  timers['torch'] = lambda: a_torch @ a_torch
-  return timers
-
-
-def gemm_peak(size: int = GEMM_SIZE, repeats: int = GEMM_REPEATS) -> dict:
-  """The machine's f32 GEMM FLOP/s, measured now with each library on the
-  same [size, size] matrices (jax jitted, numpy, torch when importable); the
-  best of them is the MFU denominator."""
-  flops = 2 * size ** 3
-  by_lib = {name: flops / _best_time(fn, repeats)
-            for name, fn in _gemm_timers(size).items()}
-  best = max(by_lib, key=by_lib.get)
-  return {'size': size, 'flops_per_s': by_lib, 'best': by_lib[best],
-          'best_library': best}
-
-
 def train(config, repeats: int = 5) -> dict:
   """Train-step throughput on synthetic tokens, and MFU against the GEMM peak
   (the best of jax, numpy and torch, measured in the same run)."""
-  load_start = bench_lib.load_now()
+  load_start = machine.load_now()
   from musicjax.parallel import rules  # pylint: disable=g-import-not-at-top
   from musicjax.train import trainer  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
@@ -272,7 +219,7 @@ def train(config, repeats: int = 5) -> dict:
       box[0], m, _ = step(box[0], batch, np.int32(1))
       return m['loss']
 
-    t = _median_time(one, repeats)
+    t = measure.median_time(one, repeats)
   frames = config.data.batch_size * config.data.max_frames
   tokens = frames * config.model.num_codebooks
   fl = train_flops(config)
@@ -280,7 +227,7 @@ def train(config, repeats: int = 5) -> dict:
   # and padding too); the local one on the real frames only.
   slots = config.data.batch_size * task_lib.seq_len(config)
   done = fl['global_per_slot'] * slots + fl['local_per_frame'] * frames
-  gemm = gemm_peak()
+  gemm = machine.gemm_peak()
   peak = gemm['best']
   return {
       'benchmark': f'lm train step, batch {config.data.batch_size} x '
@@ -294,7 +241,7 @@ def train(config, repeats: int = 5) -> dict:
       # Counting trained frames only (condition slots are free): a lower bound.
       'mfu_frames_only': fl['per_frame'] * frames / t / peak,
       'target_tokens_per_s': TRAIN_TARGET_TOKENS, 'target_mfu': TRAIN_TARGET_MFU,
-      'machine': bench_lib.machine(load_start),
+      'machine': machine.describe(load_start),
   }
 
 
@@ -324,7 +271,7 @@ def memory(config, devices: int) -> dict:
   for path, var in jax.tree_util.tree_leaves_with_path(
       state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
     val = var.get_value()
-    names = rules._logical_names(var)  # pylint: disable=protected-access
+    names = rules.logical_names(var)
     spec = rules.logical_to_spec(names, val.shape, _Mesh, rl)
     split = 1
     for entry in spec:

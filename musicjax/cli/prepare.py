@@ -1,0 +1,52 @@
+"""`musicjax prepare`: a dataset as ArrayRecord shards (audio, or codec tokens)."""
+from __future__ import annotations
+
+import json
+
+from musicjax import config as cfg
+from musicjax.cli import configs
+from musicjax.cli import flags
+
+
+def register(sub) -> dict:
+  pr = sub.add_parser('prepare', help='write a dataset as ArrayRecord shards: audio, '
+                      'or codec tokens for the LM with --codec-workdir')
+  flags.add_config(pr, required=False)
+  pr.add_argument('--out', required=True, help='output directory; rerun to resume')
+  pr.add_argument('--codec-workdir', default=None,
+                  help='a trained codec workdir: write codec tokens + melody + '
+                  "metadata (data: --config, default the codec's own config)")
+  pr.add_argument('--stems', action='store_true',
+                  help='with --codec-workdir: also store vocal/accompaniment codes '
+                  '(chorales, or folder with <song>/vocals.<ext> + '
+                  'accompaniment.<ext>)')
+  pr.add_argument('--chunk-seconds', type=float, default=10.0)
+  return {'prepare': run}
+
+
+def run(args, overrides: list[str]) -> int:
+  if args.codec_workdir:
+    return _tokens(args, overrides)
+  if args.stems or not args.config:
+    raise cfg.ConfigError('prepare without --codec-workdir writes audio shards '
+                          'and needs --config (and takes no --stems)')
+  from musicjax.data import prepare_audio
+  prepare_audio.prepare_audio_main(configs.load_config(args, overrides), args.out)
+  return 0
+
+
+def _tokens(args, overrides: list[str]) -> int:
+  """Codec tokens (+ melody, metadata) of the data, by a trained codec."""
+  from musicjax.parallel import distributed
+  distributed.maybe_initialize()  # the work is split over jax processes
+  from musicjax.data import prepare_tokens
+  if args.config:
+    config = cfg.load(args.config, overrides)
+  elif overrides:
+    config = cfg.load_saved(args.codec_workdir, overrides)
+  else:
+    config = None
+  print(json.dumps(prepare_tokens.prepare_tokens_main(
+      args.codec_workdir, args.out, config, stems=args.stems,
+      chunk_seconds=args.chunk_seconds)))
+  return 0
