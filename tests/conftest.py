@@ -8,6 +8,8 @@ import os
 import jax
 import pytest
 
+from tests import toy_task
+
 jax.config.update('jax_num_cpu_devices', 8)
 # Tests check behaviour, not speed: LLVM's -O0 code generation cuts XLA:CPU
 # compile time (most of this suite's time) by about a third. Subprocesses
@@ -26,6 +28,8 @@ jax.config.update('jax_compilation_cache_dir', os.path.join(
     '.pytest_cache', 'xla'))
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+# The trainer's test task lives here, not in the package (tests/toy_task.py).
+toy_task.register()
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +46,8 @@ def _fresh_bad_file_report():
 # (longest-processing-time-first; measured with --durations).
 SLOW_FIRST = ('test_notebooks.py', 'test_cli_codec.py', 'test_codec_sharded.py',
               'test_accomp_train.py', 'test_codec_resume.py',
-              'test_data_prepare_tokens.py', 'test_export.py', 'test_lm_train.py')
+              'test_data_prepare_tokens.py', 'test_export.py', 'test_lm_train.py',
+              'test_lm_summaries.py', 'test_packaging.py')
 
 
 def pytest_collection_modifyitems(session, config, items):
