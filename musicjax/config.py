@@ -17,13 +17,12 @@ from typing import Any, Iterable
 
 import ml_collections
 
-from musicjax.errors import UserError
+from musicjax import tasks as tasks_lib
+# ConfigError lives in errors.py (no imports), so low layers can raise it;
+# `from musicjax.config import ConfigError` keeps working for everyone else.
+from musicjax.errors import ConfigError  # pylint: disable=unused-import
 
 ConfigDict = ml_collections.ConfigDict
-
-
-class ConfigError(UserError, ValueError):
-  """A config problem, with the offending key in the message."""
 
 
 def base_config() -> ConfigDict:
@@ -355,10 +354,9 @@ def for_task(task: str) -> ConfigDict:
 
   Config files start from this; it is also the schema that validates them.
   """
-  from musicjax import tasks  # late import: tasks import models
   config = base_config()
   config.task = task
-  for section, sub in tasks.get(task).default_config().items():
+  for section, sub in tasks_lib.get(task).default_config().items():
     with config.unlocked():
       if isinstance(sub, ConfigDict) and section in config and isinstance(
           config[section], ConfigDict):
@@ -493,8 +491,7 @@ def load_saved(workdir: str, overrides: Iterable[str] = ()) -> ConfigDict:
   # (new keys default to the old behaviour), so upgrading musicjax never
   # strands a finished run. Where new configs default to something else, the
   # task names the old behaviour (Task.saved_config_defaults).
-  from musicjax import tasks  # late import: tasks import models
-  old = dict(tasks.get(task).saved_config_defaults())
+  old = dict(tasks_lib.get(task).saved_config_defaults())
   for key, value in _flatten(schema).items():
     node = raw
     *parents, leaf = key.split('.')

@@ -31,6 +31,24 @@ import time
 
 import numpy as np
 
+from musicjax import cli
+from musicjax import config as cfg
+from musicjax.accomp import evaluate
+from musicjax.accomp import song as accomp_song
+from musicjax.codec import chunked
+from musicjax.data import audio as audio_io
+from musicjax.data import chorales
+from musicjax.data import melody as melody_lib
+from musicjax.data import song_text
+from musicjax.errors import UserError
+from musicjax.eval import plots
+from musicjax.export import export as export_lib
+from musicjax.export import parity
+from musicjax.lm import song
+from musicjax.prepare import tokens as prepare_tokens
+from musicjax.train import runs
+from musicjax.train import trainer
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, 'configs', 'codec', 'tiny.py')
 DEFAULT_LM_CONFIG = os.path.join(REPO, 'configs', 'lm', 'tiny.py')
@@ -40,17 +58,12 @@ STEPS = 9
 
 def spectrogram_png(original: np.ndarray, recon: np.ndarray, sr: int, path: str,
                     title: str, names=('original', 'reconstruction')) -> None:
-  from musicjax.eval import plots
   plots.save_spectrograms({names[0]: original, names[1]: recon}, sr, path, title)
 
 
 def listening_kit(config, workdir: str, seconds: float) -> dict:
   """Reconstructs an eval-split chorale excerpt and writes wavs + a spectrogram PNG."""
   import soundfile as sf
-  from musicjax.codec import chunked
-  from musicjax.data import audio as audio_io
-  from musicjax.data import chorales
-  from musicjax.train import runs
 
   pieces = chorales.chorale_manifest(config, 'eval')
   piece = pieces[0]
@@ -74,8 +87,6 @@ def listening_kit(config, workdir: str, seconds: float) -> dict:
 def chroma_agreement(codes: np.ndarray, melody: np.ndarray, ctx) -> float:
   """Share of the melody's voiced frames whose chroma class the audio decoded
   from `codes` matches."""
-  from musicjax.codec import chunked
-  from musicjax.data import melody as melody_lib
   wave = chunked.decode_array(ctx.codec(), codes, progress=False)
   got = melody_lib.chroma_tokens(wave, int(ctx.info['sample_rate']),
                                  int(ctx.info['hop_length']))
@@ -86,13 +97,6 @@ def chroma_agreement(codes: np.ndarray, melody: np.ndarray, ctx) -> float:
 
 def lm_stage(lm_config, workdir: str, seconds: float) -> dict:
   """Tokenize, train the LM, generate from an eval chorale's conditions."""
-  from musicjax.data import chorales
-  from musicjax.data import melody as melody_lib
-  from musicjax.data import prepare_tokens
-  from musicjax.data import song_text
-  from musicjax.lm import song
-  from musicjax.train import trainer
-  from musicjax import config as cfg
   tokens, lm_dir = os.path.join(workdir, 'stems'), os.path.join(workdir, 'lm')
   # The codec trains on a subset; the LM needs every chorale (with 40 songs
   # the tiny LM memorises its training set within a few hundred steps). One
@@ -135,7 +139,6 @@ def lm_stage(lm_config, workdir: str, seconds: float) -> dict:
   out['chroma_agreement_without_melody'] = chroma_agreement(without, target, ctx)
   # Ceiling: the real chorale (its mix through the codec) against its soprano;
   # the mix's dominant chroma is often another voice's.
-  from musicjax.codec import chunked
   mix = ctx.load_wave(piece['stems']['mix'])[:len(sop)]
   real = chunked.encode_array(ctx.codec(), mix)
   out['chroma_agreement_real_chorale'] = chroma_agreement(real, target, ctx)
@@ -148,12 +151,6 @@ def lm_stage(lm_config, workdir: str, seconds: float) -> dict:
 def accomp_stage(accomp_config, workdir: str, seconds: float,
                  eval_songs: int) -> dict:
   """Train the tiny accompaniment model; accompany a held-out soprano."""
-  from musicjax import config as cfg
-  from musicjax.accomp import evaluate
-  from musicjax.accomp import song as accomp_song
-  from musicjax.data import chorales
-  from musicjax.data import song_text
-  from musicjax.train import trainer
   import soundfile as sf
   accomp_dir = os.path.join(workdir, 'accomp')
   with accomp_config.unlocked():
@@ -195,9 +192,6 @@ def export_stage(workdir: str, families: list[str]) -> dict:
   """Exports the demo models and runs one forward of each in JAX and in
   PyTorch: WORKDIR/export/<family>/ and WORKDIR/export_check.json."""
   import soundfile as sf
-  from musicjax.export import export as export_lib
-  from musicjax.export import parity
-  from musicjax.train import runs
   workdirs = {'codec': workdir, 'lm': os.path.join(workdir, 'lm'),
               'accomp': os.path.join(workdir, 'accomp')}
   print(f'[demo] {STEPS}/{STEPS} export {", ".join(families)} to PyTorch and '
@@ -240,11 +234,7 @@ def main(argv=None) -> int:
   p.add_argument('--skip-accomp', action='store_true',
                  help='stop after the LM')
   args, rest = p.parse_known_args(argv)
-  from musicjax import cli
-  from musicjax import config as cfg
   cli.configure_logging()
-  from musicjax.errors import UserError
-  from musicjax.train import trainer
   lm = accomp = None
   try:
     config = cfg.load(args.config, rest)

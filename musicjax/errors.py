@@ -3,3 +3,7 @@
 
 class UserError(Exception):
   """Bad input (config, data, paths). The message names the key or file and the fix."""
+
+
+class ConfigError(UserError, ValueError):
+  """A config problem, with the offending key in the message."""

@@ -174,7 +174,7 @@ def ensure_tokens():
   """Token shards (mix and stems) of the chorales, encoded with the notebooks'
   codec: the data of the LM (notebook 2) and the accompaniment model
   (notebook 3). Encoding resumes where it stopped."""
-  from musicjax.data import prepare_tokens
+  from musicjax.prepare import tokens as prepare_tokens
   config, workdir = ensure_codec()
   out = runs_dir('tokens')
   prepare_tokens.prepare_tokens_main(workdir, out, config, stems=True)

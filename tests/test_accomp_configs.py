@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from musicjax import config as config_lib
+from musicjax.accomp import sample as sample_lib
 from musicjax.accomp import task as task_lib
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs', 'accomp')
@@ -56,6 +57,6 @@ def test_lada_1b_has_the_papers_size():
 def test_sampling_order_key_defaults_to_the_released_code_and_passes_through():
   c = _load('tiny.py')
   assert c.sample.temperature_after_filter      # the released LaDA-Band order
-  assert task_lib.sampling(c).temperature_after_filter
+  assert sample_lib.sampling_from_config(c.sample).temperature_after_filter
   c.sample.temperature_after_filter = False
-  assert not task_lib.sampling(c).temperature_after_filter
+  assert not sample_lib.sampling_from_config(c.sample).temperature_after_filter

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from musicjax.accomp import sample as sample_lib
-from musicjax.data import prepare_tokens
+from musicjax.prepare import tokens as prepare_tokens
 from musicjax.data import token_records
 from musicjax.train import trainer
 from tests import audio_fixtures as fx

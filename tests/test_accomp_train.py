@@ -131,7 +131,7 @@ def test_sampler_conditions_exactly_like_training():
   b, t, k = batch['accomp'].shape
   v = c.model.codebook_size
   yes = jnp.ones((b,), bool)
-  prefix = task_lib.prefix_of(model, batch, yes, yes)
+  prefix = sample_lib.prefix_of(model, batch, yes, yes)
   tv = task_lib.token_valid(batch)
   inp = jnp.where(tv, model_lib.mask_id(v), model_lib.pad_id(v))
   want = jnp.argmax(model.logits(model.hidden(batch['vocal'], inp,
@@ -147,7 +147,7 @@ def test_sampler_conditions_exactly_like_training():
                                       prefix[:, ::-1]))
   assert float(jnp.abs(lg - swapped).max()) > 1e-4
   # Text is prefix token 0, reference token 1.
-  no_text = task_lib.prefix_of(model, batch, ~yes, yes)
+  no_text = sample_lib.prefix_of(model, batch, ~yes, yes)
   np.testing.assert_array_equal(no_text[:, 1], prefix[:, 1])
   np.testing.assert_array_equal(no_text[:, 0],
                                 jnp.broadcast_to(model.null_prefix[0], (b, 64)))
@@ -189,7 +189,7 @@ def test_a_single_pair_is_memorised():
   model = state.model
   yes = jnp.ones((1,), bool)
   first = {key: val[:1] for key, val in pair.items()}
-  prefix = task_lib.prefix_of(model, first, yes, yes)
+  prefix = sample_lib.prefix_of(model, first, yes, yes)
   s = sample_lib.Sampling(steps=8, top_k=0, top_p=1.0)
   got = np.asarray(sample_lib.accompany(model, first['vocal'], first['valid'],
                                         prefix, jax.random.key(0), s))[0]
@@ -324,7 +324,7 @@ def test_ar_ablation_is_causal_trains_and_decodes():
   assert np.isfinite(float(metrics[-1]['loss']))
   model, batch = state.model, _batch(c)
   yes = jnp.ones((c.data.batch_size,), bool)
-  prefix = task_lib.prefix_of(model, batch, yes, yes)
+  prefix = sample_lib.prefix_of(model, batch, yes, yes)
   # Causal: changing the last frames leaves earlier hidden states unchanged
   # (and changes the later ones).
   h = model.hidden(batch['vocal'], batch['accomp'], batch['valid'], prefix)
@@ -350,7 +350,7 @@ def test_ar_logits_of_a_frame_never_see_its_own_accompaniment():
   c.loss.rtd_weight = 0.0
   model, batch = _model(c), _batch(c)
   yes = jnp.ones((c.data.batch_size,), bool)
-  prefix = task_lib.prefix_of(model, batch, yes, yes)
+  prefix = sample_lib.prefix_of(model, batch, yes, yes)
 
   def logits(accomp):
     inp = task_lib.shift_right(accomp, model_lib.mask_id(16))
@@ -368,7 +368,7 @@ def test_frame_convolution_mixes_neighbours_both_ways():
   c.model.conv_kernel = 3
   model, batch = _model(c), _batch(c)
   yes = jnp.ones((c.data.batch_size,), bool)
-  prefix = task_lib.prefix_of(model, batch, yes, yes)
+  prefix = sample_lib.prefix_of(model, batch, yes, yes)
   x = model.hidden(batch['vocal'], batch['accomp'], batch['valid'], prefix)
   assert x.shape == (8, 16, 64)
   # The input embedding of frame 5 depends on frames 4 and 6 only through

@@ -10,6 +10,7 @@ from musicjax import config as config_lib
 from musicjax.config import ConfigError
 from musicjax.parallel import rules as rules_lib
 from musicjax.train import checkpoint as ckpt_lib
+from musicjax.train import runs
 from musicjax.train import trainer
 
 TOY = os.path.join(os.path.dirname(__file__), 'configs', 'toy.py')
@@ -70,7 +71,7 @@ def test_evaluate_without_checkpoint_is_a_clear_error(tmp_path):
   with pytest.raises(ConfigError, match='no checkpoint in .*checkpoints'):
     trainer.evaluate(c, str(tmp_path))
   with pytest.raises(ConfigError, match='no checkpoint'):
-    trainer.restore_for_inference(c, str(tmp_path))
+    runs.load_run(str(tmp_path), config=c)
 
 
 def test_weights_only_checkpoint_restores_quietly(tmp_path, capfd, caplog):

@@ -13,7 +13,7 @@ import soundfile as sf
 
 from musicjax import cli
 from musicjax.accomp import song as song_lib
-from musicjax.data import prepare_tokens
+from musicjax.prepare import tokens as prepare_tokens
 from musicjax.data import token_records
 from tests import audio_fixtures as fx
 from tests import codec_fixtures as cf

@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 
 from musicjax import cli
-from musicjax.data import prepare_tokens
+from musicjax.prepare import tokens as prepare_tokens
 from musicjax.data import sources
 from musicjax.data import token_records
 from musicjax.train import trainer

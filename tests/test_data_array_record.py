@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from musicjax.data import audio
+from musicjax.data import audio_records
 from musicjax.data import pipeline
-from musicjax.data import prepare_audio
 from musicjax.data import sources
+from musicjax.prepare import audio as prepare_audio
 from tests import audio_fixtures as fx
 
 SR = 8000
@@ -21,22 +22,22 @@ def test_write_and_read_back_equal_audio(tmp_path):
   xs = [fx.tone(0.3 + 0.1 * i, SR, 200.0 + 50 * i) for i in range(5)]
   records = [{'audio': x, 'sample_rate': SR, 'meta': {'i': i, 'title': 'Grüß'}}
              for i, x in enumerate(xs)]
-  paths = prepare_audio.write_array_record(records, str(tmp_path), 2, 'eval')
+  paths = audio_records.write_array_record(records, str(tmp_path), 2, 'eval')
   assert [os.path.basename(p) for p in paths] == [
       'eval-00000-of-00003.array_record', 'eval-00001-of-00003.array_record',
       'eval-00002-of-00003.array_record']
-  items = prepare_audio.read_array_record(str(tmp_path), 'eval')
+  items = audio_records.read_array_record(str(tmp_path), 'eval')
   assert [it['meta'] for it in items] == [r['meta'] for r in records]
   for it, x in zip(items, xs):
     y = audio.load_audio(it['source'], SR, 1, name=it['name'])
     np.testing.assert_allclose(y, x, atol=1.0 / 2**15)
   # Rewriting replaces the old set instead of mixing two shard counts.
-  prepare_audio.write_array_record(records[:1], str(tmp_path), 2, 'eval')
+  audio_records.write_array_record(records[:1], str(tmp_path), 2, 'eval')
   assert sorted(os.listdir(tmp_path)) == ['eval-00000-of-00001.array_record']
 
 
 def test_damaged_record_is_reported_not_raised():
-  item = prepare_audio.decode_record(b'garbage', '/d/train#3')
+  item = audio_records.decode_record(b'garbage', '/d/train#3')
   assert 'damaged record' in item['error']
 
 
@@ -52,7 +53,7 @@ def test_prepare_folder_then_train_from_shards(tmp_path, caplog):
   assert counts['eval'] >= 1
   assert list(fx.bad_under(src)) == [os.path.join(src, 'broken.wav')]
   assert sum('broken.wav' in r.getMessage() for r in caplog.records) == 1
-  items = prepare_audio.read_array_record(out, 'train')
+  items = audio_records.read_array_record(out, 'train')
   origins = sorted(it['meta']['origin'] for it in items)
   split = sources.folder_split(sources.list_audio_files(src), src, 0.3)
   assert origins == sorted(p for p in split['train'] if p in good)
@@ -71,7 +72,7 @@ def test_short_records_are_skipped_while_reading(tmp_path, caplog):
        'meta': {'origin': 'short.wav'}},
       {'audio': fx.tone(1.0, SR, 400.0), 'sample_rate': SR, 'meta': {}},
   ]
-  prepare_audio.write_array_record(records, str(tmp_path), 2, 'train')
+  audio_records.write_array_record(records, str(tmp_path), 2, 'train')
   c = fx.data_config(str(tmp_path), kind='array_record', batch_size=1)
   with caplog.at_level(logging.WARNING, logger='musicjax.data'):
     it = iter(pipeline.audio_dataset(c, 'train'))
@@ -93,7 +94,7 @@ def test_all_records_unreadable_stops_with_named_error(tmp_path):
   # fails when read. The pipeline must stop with an error, not loop forever.
   records = [{'audio': fx.tone(0.1, SR, 200.0 + i), 'sample_rate': SR, 'meta': {}}
              for i in range(3)]
-  prepare_audio.write_array_record(records, str(tmp_path), 2, 'train')
+  audio_records.write_array_record(records, str(tmp_path), 2, 'train')
   c = fx.data_config(str(tmp_path), kind='array_record', batch_size=1)
   with pytest.raises(sources.NoUsableAudio, match='config.data.path'):
     next(iter(pipeline.audio_dataset(c, 'train')))
@@ -104,7 +105,8 @@ def test_all_records_unreadable_stops_with_named_error(tmp_path):
 # A real kill (SIGKILL: no finally, no cleanup) when file number `after` loads.
 _KILLED_PREPARE = '''
 import os, signal, sys
-from musicjax.data import audio, prepare_audio
+from musicjax.data import audio
+from musicjax.prepare import audio as prepare_audio
 from tests import audio_fixtures as fx
 src, out, after = sys.argv[1:4]
 real, loaded = audio.load_audio, []

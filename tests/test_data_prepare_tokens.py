@@ -15,11 +15,14 @@ from musicjax.codec import chunked
 from musicjax.data import audio
 from musicjax.data import augment
 from musicjax.data import melody as melody_lib
-from musicjax.data import prepare_tokens
 from musicjax.data import sources
 from musicjax.data import text
 from musicjax.data import token_records
 from musicjax.errors import UserError
+from musicjax.prepare import token_augment
+from musicjax.prepare import token_encode
+from musicjax.prepare import token_items
+from musicjax.prepare import tokens as prepare_tokens
 from musicjax.train import runs
 from musicjax.train import trainer
 from tests import audio_fixtures as fx
@@ -297,16 +300,16 @@ def test_augment_settings_are_checked(codec, tmp_path):
   wd, codec_config, _ = codec
   c = _augment_config(codec_config, str(tmp_path), eq_copies=1)
   with pytest.raises(UserError, match=r'eq_copies=1 needs --stems'):
-    prepare_tokens.augment_settings(c, stems=False)
+    token_augment.augment_settings(c, stems=False)
   c = _augment_config(codec_config, str(tmp_path), speed_pitch_fraction=1.5)
   with pytest.raises(UserError, match=r'speed_pitch_fraction must be in \[0, 1\]'):
-    prepare_tokens.augment_settings(c, stems=True)
+    token_augment.augment_settings(c, stems=True)
   c = _augment_config(codec_config, str(tmp_path), speed_pitch_fraction=0.2,
                       pitch_steps=())
   with pytest.raises(UserError, match='non-empty'):
-    prepare_tokens.augment_settings(c, stems=True)
+    token_augment.augment_settings(c, stems=True)
   # Off by default, and then the seed does not pin the run.
-  off = prepare_tokens.augment_settings(_data_config(codec_config, ''), stems=True)
+  off = token_augment.augment_settings(_data_config(codec_config, ''), stems=True)
   assert off['eq_copies'] == 0 and off['speed_pitch_fraction'] == 0.0
   assert off['seed'] is None
 
@@ -314,11 +317,11 @@ def test_augment_settings_are_checked(codec, tmp_path):
 def test_speed_pitch_choice_is_a_deterministic_share_of_songs(codec):
   _, codec_config, _ = codec
   c = _augment_config(codec_config, '/data', speed_pitch_fraction=0.2)
-  settings = prepare_tokens.augment_settings(c, stems=True)
+  settings = token_augment.augment_settings(c, stems=True)
   items = [{'name': f'/data/s{i}.wav', 'source': f'/data/s{i}.wav', 'meta': {}}
            for i in range(500)]
-  out = prepare_tokens.speed_pitch_variants(items, c, settings)
-  assert out == prepare_tokens.speed_pitch_variants(items, c, settings)
+  out = token_augment.speed_pitch_variants(items, c, settings)
+  assert out == token_augment.speed_pitch_variants(items, c, settings)
   chosen = [it for it in out if it.get('variant')]
   assert 0.15 < len(chosen) / 2 / len(items) < 0.25
   for it in chosen:
@@ -326,7 +329,7 @@ def test_speed_pitch_choice_is_a_deterministic_share_of_songs(codec):
     assert v['amount'] in (c.data.augment.stretch_rates if v['kind'] == 'time_stretch'
                            else c.data.augment.pitch_steps)
     assert it['name'] == v['of'] + v['suffix']
-    _, song_id = prepare_tokens.item_identity(it, c)
+    _, song_id = token_items.item_identity(it, c)
     assert song_id == os.path.splitext(os.path.basename(v['of']))[0] + v['suffix']
 
 
@@ -360,13 +363,13 @@ def test_resume_reencodes_only_missing_shards_and_equals_clean_run(
   with pytest.raises(UserError, match='dataset.json not found'):
     token_records.read_dataset_info(out)  # not finished: no description yet
   encoded = []
-  real = prepare_tokens.encode_item
+  real = token_encode.encode_item
 
   def counting(item, *args, **kwargs):
     encoded.append(item['name'])
     return real(item, *args, **kwargs)
 
-  monkeypatch.setattr(prepare_tokens, 'encode_item', counting)
+  monkeypatch.setattr(token_encode, 'encode_item', counting)
   result = prepare_tokens.prepare_tokens_main(wd, out, c)
 
   assert encoded == [os.path.join(str(tmp_path / 'src'), 'e.wav')]  # shard 1 only
@@ -387,9 +390,10 @@ def test_resume_reencodes_only_missing_shards_and_equals_clean_run(
 _KILLED_PREPARE = '''
 import os, signal, sys
 from musicjax import config as config_lib
-from musicjax.data import prepare_tokens
+from musicjax.prepare import token_encode
+from musicjax.prepare import tokens as prepare_tokens
 codec_wd, out, config_dir, after = sys.argv[1:5]
-real, done = prepare_tokens.encode_item, []
+real, done = token_encode.encode_item, []
 
 def encode_then_die(item, *args, **kwargs):
   if len(done) == int(after):
@@ -397,7 +401,7 @@ def encode_then_die(item, *args, **kwargs):
   done.append(item['name'])
   return real(item, *args, **kwargs)
 
-prepare_tokens.encode_item = encode_then_die
+token_encode.encode_item = encode_then_die
 prepare_tokens.prepare_tokens_main(codec_wd, out, config_lib.load_saved(config_dir))
 '''
 
@@ -433,13 +437,13 @@ def test_a_killed_prepare_resumes_per_song_and_equals_a_clean_run(
       '00000.bad.json', 'settings.json']
 
   encoded = []
-  real = prepare_tokens.encode_item
+  real = token_encode.encode_item
 
   def counting(item, *args, **kwargs):
     encoded.append(os.path.basename(item['name']))
     return real(item, *args, **kwargs)
 
-  monkeypatch.setattr(prepare_tokens, 'encode_item', counting)
+  monkeypatch.setattr(token_encode, 'encode_item', counting)
   audio.reset_bad_files()
   result = prepare_tokens.prepare_tokens_main(wd, out, c)
   assert encoded == ['c.wav', 'd.wav']  # only the songs the kill left undone
@@ -511,12 +515,12 @@ _REAL_NP_LOAD = np.load
 @pytest.mark.parametrize('decode', ['tokens', 'meta', 'audio'])
 def test_a_spurious_system_error_does_not_drop_a_good_record(monkeypatch, decode):
   from musicjax.data import npz
-  from musicjax.data import prepare_audio
+  from musicjax.data import audio_records
   codes = np.arange(12).reshape(6, 2)
   if decode == 'audio':
-    raw = prepare_audio.encode_record(np.zeros((160, 1), np.float32), 16000,
+    raw = audio_records.encode_record(np.zeros((160, 1), np.float32), 16000,
                                       {'origin': '/x'})
-    fn = prepare_audio.decode_record
+    fn = audio_records.decode_record
   else:
     raw = token_records.encode_record(codes, np.zeros(6), {'origin': '/x'}, 32)
     fn = token_records.decode_meta if decode == 'meta' else token_records.decode_record

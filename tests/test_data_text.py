@@ -8,6 +8,7 @@ import pytest
 from musicjax.data import song_text as st
 from musicjax.data import text
 from musicjax.errors import UserError
+from musicjax.prepare import tokenizer
 from tests import audio_fixtures as fx
 
 # What the chorale renderer writes (musicjax/data/chorales.py), trimmed.
@@ -152,7 +153,7 @@ def test_tokenizer_main_trains_on_folder_sidecars(tmp_path):
       json.dump(meta, fh, ensure_ascii=False)
   config = fx.data_config(str(root), text_vocab_size=300)
   out = str(tmp_path / 'tok' / 'tokenizer.json')
-  summary = text.tokenizer_main(config, out)
+  summary = tokenizer.tokenizer_main(config, out)
   assert summary['pieces'] == 2 and summary['path'] == out
   assert summary['requested_vocab_size'] == 300
   assert text.MIN_VOCAB_SIZE < summary['vocab_size'] <= 300
@@ -164,7 +165,7 @@ def test_tokenizer_main_trains_on_folder_sidecars(tmp_path):
 
   config.data.text_vocab_size = 10
   with pytest.raises(UserError, match='config.data.text_vocab_size=10'):
-    text.tokenizer_main(config, out)
+    tokenizer.tokenizer_main(config, out)
 
 
 # ---------------------------------------------------------------------- tags

@@ -9,6 +9,7 @@ from flax import nnx
 
 from musicjax import config as cfg
 from musicjax.bench import lm as lm_bench
+from musicjax.lm import generate as gen
 from musicjax.lm import task as task_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,6 +70,6 @@ def test_heartmula_3b_lowers_for_tpu_v5p_64():
 def test_top_k_keeps_ties_by_default_and_the_key_passes_through():
   c = cfg.load(CONFIG)
   assert c.sample.top_k_keep_ties                # heartlib's top-k
-  assert task_lib.sampling_from_config(c.sample).top_k_keep_ties
+  assert gen.sampling_from_config(c.sample).top_k_keep_ties
   c.sample.top_k_keep_ties = False
-  assert not task_lib.sampling_from_config(c.sample).top_k_keep_ties
+  assert not gen.sampling_from_config(c.sample).top_k_keep_ties

@@ -1,6 +1,7 @@
-"""DPO (musicjax/lm/dpo.py) and preference pairs (musicjax/lm/prefs.py) on tiny
-random LMs: the loss against a hand computation, a few optimizer steps, the
-trainer's warm start from an LM run, the pair readers' errors, and scoring."""
+"""DPO (musicjax/lm/dpo.py, dpo_pairs.py) and preference pairs (lm/prefs.py)
+on tiny random LMs: the loss against a hand computation, a few optimizer
+steps, the trainer's warm start from an LM run, the pair readers' errors, and
+scoring."""
 import copy
 import glob
 import json
@@ -21,6 +22,7 @@ from musicjax.data import text as text_lib
 from musicjax.errors import UserError
 from musicjax.lm import conditions
 from musicjax.lm import dpo
+from musicjax.lm import dpo_pairs
 from musicjax.lm import layout
 from musicjax.lm import model as model_lib
 from musicjax.lm import prefs
@@ -73,7 +75,7 @@ def _sequences(c, rng, prompt, n, end):
   return sequence.assemble(
       [sequence.TextPart(prompt),
        sequence.AudioPart(codes, F.melody(n, rng), end)],
-      dpo.task_lib.seq_len(c), c.model.num_codebooks, c.model.codebook_size)
+      layout.seq_len(c), c.model.num_codebooks, c.model.codebook_size)
 
 
 def _pair_batch(c, seed=0, lengths=((5, 9), (12, 3))):
@@ -85,8 +87,8 @@ def _pair_batch(c, seed=0, lengths=((5, 9), (12, 3))):
     prompt = F.text_ids(c, 4, rng) + [F.audio_id(c)]
     w = _sequences(c, rng, prompt, nw, True)
     l = _sequences(c, rng, prompt, nl, False)
-    rows.append({**{f'winner/{k}': w[k] for k in dpo.SEQ_KEYS},
-                 **{f'loser/{k}': l[k] for k in dpo.SEQ_KEYS}})
+    rows.append({**{f'winner/{k}': w[k] for k in dpo_pairs.SEQ_KEYS},
+                 **{f'loser/{k}': l[k] for k in dpo_pairs.SEQ_KEYS}})
   return {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
 
 
@@ -105,7 +107,7 @@ def _token_log_probs(model, b):
 
 def _sums(model, batch, side):
   """Global and local log p of one side, computed on its own."""
-  b = {k: batch[f'{side}/{k}'] for k in dpo.SEQ_KEYS}
+  b = {k: batch[f'{side}/{k}'] for k in dpo_pairs.SEQ_KEYS}
   g, l = _token_log_probs(model, b)
   return np.asarray(g, np.float64).sum(-1), np.asarray(l, np.float64).sum(-1)
 
@@ -277,7 +279,7 @@ def test_malformed_jsonl_names_the_file_and_line(tmp_path):
   def scan(*lines):
     path = tmp_path / 'p.jsonl'
     path.write_text('\n'.join(lines) + '\n')
-    return dpo.JsonlPairs.scan(str(path), k, v), str(path)
+    return dpo_pairs.JsonlPairs.scan(str(path), k, v), str(path)
 
   src, _ = scan(good, '', good)        # blank lines are skipped
   assert len(src) == 2 and src.where(1).endswith('line 3')
@@ -308,7 +310,7 @@ def test_malformed_jsonl_names_the_file_and_line(tmp_path):
   (tmp_path / 'p.jsonl').write_text('\n'.join([good, good, '[1, 2]']))
   c.dpo.pairs = path
   with pytest.raises(UserError, match=r'line 3: expected a JSON object'):
-    dpo.load_pairs(c)
+    dpo_pairs.load_pairs(c)
 
 
 def test_npz_candidates_and_array_record_shards_read_back(tmp_path):
@@ -320,7 +322,7 @@ def test_npz_candidates_and_array_record_shards_read_back(tmp_path):
   np.savez(tmp_path / 'l.npz', codes=l)
   (tmp_path / 'p.jsonl').write_text(json.dumps(
       {'winner_npz': 'w.npz', 'loser_npz': str(tmp_path / 'l.npz')}) + '\n')
-  pair = dpo.JsonlPairs.scan(str(tmp_path / 'p.jsonl'), k, v)[0]
+  pair = dpo_pairs.JsonlPairs.scan(str(tmp_path / 'p.jsonl'), k, v)[0]
   np.testing.assert_array_equal(pair['winner'], w)
   np.testing.assert_array_equal(pair['loser'], l)
 
@@ -335,7 +337,7 @@ def test_npz_candidates_and_array_record_shards_read_back(tmp_path):
   paths = sorted(glob.glob(os.path.join(shards, '*.array_record')))
   assert [os.path.basename(x) for x in paths] == [
       'pairs-00000.array_record', 'pairs-00001.array_record']
-  src = dpo.ArrayRecordPairs(paths, k, v)
+  src = dpo_pairs.ArrayRecordPairs(paths, k, v)
   assert len(src) == 4 and src.where(3) == f'{paths[1]} record 1'
   got = src[2]
   assert got['tags'] == TAGS and not got['loser_end'] and got['winner_end']
@@ -344,7 +346,7 @@ def test_npz_candidates_and_array_record_shards_read_back(tmp_path):
   c.dpo.pairs = shards
   with pytest.raises(UserError, match=r'pairs-00001\.array_record record 1: '
                      r'"winner" has 2 codebooks'):
-    dpo.load_pairs(c)
+    dpo_pairs.load_pairs(c)
   with pytest.raises(UserError, match='a .jsonl file or a directory'):
     prefs._writer(str(tmp_path / 'pairs.json'), 2)  # pylint: disable=protected-access
 
@@ -356,18 +358,18 @@ def test_examples_batches_and_split(tmp_path, tokenizer):
   c.dpo.pairs = _write_pairs(str(tmp_path / 'p.jsonl'), c, 7)
   task = dpo.DPOTask(c)
   src = task.pair_source()
-  split = dpo.split_indices(len(src), c.dpo.eval_fraction)
-  assert split == dpo.split_indices(len(src), c.dpo.eval_fraction)  # stable
+  split = dpo_pairs.split_indices(len(src), c.dpo.eval_fraction)
+  assert split == dpo_pairs.split_indices(len(src), c.dpo.eval_fraction)  # stable
   assert split['train'] and split['eval']
   assert sorted(split['train'] + split['eval']) == list(range(len(src)))
 
   pair = src[0]
-  ex = dpo.PairExample(c)(pair)
+  ex = dpo_pairs.PairExample(c)(pair)
   text = conditions.ConditionText(text_lib.TextTokenizer.load(tokenizer),
                                   c.model.text_vocab_size)
-  ids = dpo.prompt_ids(text, TAGS, LYRICS, c.data.max_text_tokens)
+  ids = dpo_pairs.prompt_ids(text, TAGS, LYRICS, c.data.max_text_tokens)
   p, v = len(ids), c.model.codebook_size
-  for side in dpo.SIDES:
+  for side in dpo_pairs.SIDES:
     np.testing.assert_array_equal(ex[f'{side}/text'][:p], ids)   # same prompt
     n = len(pair[side])
     np.testing.assert_array_equal(ex[f'{side}/audio'][p:p + n], pair[side])
@@ -377,12 +379,12 @@ def test_examples_batches_and_split(tmp_path, tokenizer):
   assert ex['winner/valid'].sum() == p + nw + 1
   assert ex['loser/valid'].sum() == p + nl
   # Melody: chroma class per frame (-1 -> SILENT) on the slot before it.
-  mel = dpo.melody_ids(pair['melody'], nw + 1, True)
+  mel = dpo_pairs.melody_ids(pair['melody'], nw + 1, True)
   np.testing.assert_array_equal(ex['winner/melody'][p - 1:p + nw], mel)
   assert not ex['ref_valid']
   # A candidate longer than data.max_frames is cut there, without END.
   nmax = c.data.max_frames
-  long = dpo.PairExample(c)(dict(pair, winner=np.ones((nmax + 4, 3), np.int32)))
+  long = dpo_pairs.PairExample(c)(dict(pair, winner=np.ones((nmax + 4, 3), np.int32)))
   assert long['winner/valid'].sum() == p + nmax
   assert np.all(long['winner/audio'][p:p + nmax] == 1)
 
@@ -447,7 +449,7 @@ def test_build_pairs_writes_scored_pairs_dpo_reads(tmp_path, tokenizer, monkeypa
                               seconds=frames / frame_rate, margin=0.0,
                               min_winner=0.0, seed=0, out_path=out)
   assert summary['prompts'] == 4 and summary['skipped_no_melody'] == 1
-  src = dpo.JsonlPairs.scan(out, k, c.model.codebook_size)
+  src = dpo_pairs.JsonlPairs.scan(out, k, c.model.codebook_size)
   assert len(src) == summary['pairs'] >= 1
   margins = []
   with open(out) as f:
@@ -463,4 +465,4 @@ def test_build_pairs_writes_scored_pairs_dpo_reads(tmp_path, tokenizer, monkeypa
       margins.append(sw - sl)
   assert summary['mean_margin'] == pytest.approx(np.mean(margins))
   # The written pairs make DPO examples.
-  dpo.check_examples(c, src)
+  dpo_pairs.check_examples(c, src)

@@ -13,10 +13,11 @@ import pytest
 from flax import nnx
 
 from musicjax import config as config_lib
-from musicjax.data import prepare_tokens
+from musicjax.prepare import tokens as prepare_tokens
 from musicjax.data import token_records
 from musicjax.eval import summaries as common
 from musicjax.lm import generate as gen
+from musicjax.lm import layout
 from musicjax.lm import sequence
 from musicjax.lm import summaries
 from musicjax.lm import synthetic
@@ -24,10 +25,10 @@ from musicjax.lm import task as lm_task
 from musicjax.lm.data import audio_slots
 from musicjax.parallel import rules as rules_lib
 from musicjax.train import trainer
-from musicjax.train import toy_task
 from tests import audio_fixtures as fx
 from tests import codec_fixtures as cf
 from tests import lm_fixtures as lf
+from tests import toy_task
 
 SR = 8000             # codec_fixtures.small_config: hop 16 -> 500 frames/s
 SECONDS = 0.6
@@ -259,7 +260,7 @@ def test_dpo_summaries_show_the_policy_beside_the_winner(monkeypatch):
     ex = sequence.assemble(
         [sequence.TextPart([lf.audio_id(c)]),
          sequence.AudioPart(codes, lf.melody(n, rng), False)],
-        lm_task.seq_len(c), c.model.num_codebooks,
+        layout.seq_len(c), c.model.num_codebooks,
         c.model.codebook_size)
     batch.update({f'{side}/{k}': np.stack([v] * 8) for k, v in ex.items()})
   shown = {}

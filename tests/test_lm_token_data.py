@@ -15,7 +15,6 @@ from musicjax.data import sources
 from musicjax.data import text as text_lib
 from musicjax.data import token_records
 from musicjax.lm import layout
-from musicjax.lm import task as task_lib
 from musicjax.lm import token_data
 
 FRAME_RATE = 10.0
@@ -437,7 +436,7 @@ def test_eval_is_deterministic_and_train_resumes_exactly(dataset):
   ev = lambda: iter(token_data.token_dataset(c, 'eval', 0, 1))
   first = _batches(ev(), 3)
   _assert_same(first, _batches(ev(), 3))
-  assert first[0]['text'].shape == (c.data.eval_batch_size, task_lib.seq_len(c))
+  assert first[0]['text'].shape == (c.data.eval_batch_size, layout.seq_len(c))
 
   train = lambda: iter(token_data.token_dataset(c, 'train', 0, 1))
   it = train()

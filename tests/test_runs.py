@@ -97,11 +97,6 @@ def test_lm_run_loads_the_trained_weights(lm_wd):
   got = nnx.to_pure_dict(nnx.state(run.model))
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, got),
                jax.tree.map(np.asarray, want))
-  # The shim older callers still use (notebooks 01 and 04) gives the same state.
-  task, mesh, state = trainer.restore_for_inference(run.config, lm_wd)
-  assert task.name == 'lm' and mesh.shape == run.mesh.shape
-  assert all(np.array_equal(a, b) for a, b in
-             zip(_params(state.model), _params(run.model)))
 
 
 def test_wrong_kind_names_both_kinds(codec_wd, lm_wd):

@@ -13,6 +13,7 @@ from musicjax.parallel import rules as rules_lib
 from musicjax.train import checkpoint as ckpt_lib
 from musicjax.train import metrics as metrics_lib
 from musicjax.train import progress
+from musicjax.train import runs
 from musicjax.train import trainer
 
 TOY = os.path.join(os.path.dirname(__file__), 'configs', 'toy.py')
@@ -64,10 +65,10 @@ def test_train_logs_evaluates_and_checkpoints(tmp_path, monkeypatch):
   # evaluate() on the restored checkpoint reproduces the logged eval exactly.
   ev = trainer.evaluate(c, wd)
   assert ev == {'step': 20.0, 'loss': recs[-1]['eval/loss']}
-  # restore_for_inference gives a usable module with the trained weights.
-  task, mesh, module = trainer.restore_for_inference(c, wd, step=10)
-  with jax.set_mesh(mesh):
-    y = module.model(np.ones((8, 16), np.float32))
+  # load_run gives a usable module with the trained weights.
+  run = runs.load_run(wd, step=10, config=c)
+  with run.activate():
+    y = run.model(np.ones((8, 16), np.float32))
   assert y.shape == (8, 16) and np.all(np.isfinite(np.asarray(y)))
   # Running again with the same steps is a no-op resume (nothing re-logged).
   assert trainer.train(c, wd) == {}

@@ -6,7 +6,7 @@ Codes -> 25 Hz, 256-channel latent by a 24 + 6 layer transformer (10 Euler
 steps, guidance 1.25) in 29.76 s windows every 25.6 s -> waveform. Model
 numbers are heartlib's config.json; window, steps and guidance its
 `detokenize` defaults. Load weights with
-musicjax.codec.heartcodec.heartlib_weights.load(folder). Not a training
+musicjax.export.released.heartcodec.load(folder). Not a training
 config (no `task`): read it with musicjax.codec.heartcodec.config.load.
 """
 from musicjax.codec.heartcodec.config import default_config

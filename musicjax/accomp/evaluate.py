@@ -21,8 +21,10 @@ import sys
 import time
 
 import numpy as np
+import soundfile as sf
 
 from musicjax.accomp import song as song_lib
+from musicjax.codec import chunked
 from musicjax.data import song_text
 from musicjax.data import token_records
 from musicjax.errors import UserError
@@ -40,7 +42,6 @@ def _say(msg: str) -> None:
 def _stem_wave(ctx, meta: dict, stem: str, codes: np.ndarray, n: int) -> np.ndarray:
   """The stem's audio [n] at the codec rate: the source file if it is still
   there, else the decoded codes."""
-  from musicjax.codec import chunked  # pylint: disable=g-import-not-at-top
   path = (meta.get('stem_origins') or {}).get(stem)
   if isinstance(path, str) and os.path.isfile(path):
     wave = ctx.load_wave(path)[:, 0]
@@ -78,7 +79,6 @@ def evaluate_audio(config, workdir: str, songs: int = 8, seconds: float = 10.0,
                    steps: int | None = None, out_dir: str = '',
                    seed: int = 0) -> dict:
   """Mean metrics per system (module docstring) and the Markdown table."""
-  from musicjax.codec import chunked  # pylint: disable=g-import-not-at-top
   ctx = song_lib.AccompContext(config, workdir)
   rate = ctx.frame_rate
   frames = int(round(seconds * rate))
@@ -133,7 +133,6 @@ def _pad(x: np.ndarray, n: int) -> np.ndarray:
 
 
 def _write(out_dir, result, recs, vocals, gens, truth, sr) -> None:
-  import soundfile as sf  # pylint: disable=g-import-not-at-top
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, 'accomp_eval.md'), 'w', encoding='utf-8') as f:
     f.write(result['table'] + '\n')

@@ -40,6 +40,23 @@ class Sampling:
       raise ValueError(f'temperature must be > 0, got {self.temperature}')
 
 
+def sampling_from_config(s) -> Sampling:
+  """`Sampling` from config.sample."""
+  return Sampling(steps=int(s.steps), temperature=float(s.temperature),
+                  top_k=int(s.top_k), top_p=float(s.top_p),
+                  mask_temperature=float(s.mask_temperature),
+                  cfg_scale=float(s.cfg_scale),
+                  temperature_after_filter=bool(s.temperature_after_filter))
+
+
+def prefix_of(model: model_lib.AccompModel, batch, use_text, use_ref):
+  """The model's [text, reference] prefix for a batch; use_text/use_ref [B]
+  pick the real condition or its learned null per row."""
+  text = batch['text']
+  return model.prefix(text, jnp.any(text >= 0, axis=1), batch['ref'],
+                      batch['ref_valid'], use_text, use_ref)
+
+
 def token_logits(logits: jax.Array, s: Sampling) -> jax.Array:
   """The logits tokens are drawn from (and their confidence read off):
   temperature and top-p then top-k, in the order `s.temperature_after_filter`

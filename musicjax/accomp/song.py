@@ -26,10 +26,12 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import soundfile as sf
 
 from musicjax.accomp import data
 from musicjax.accomp import sample as sample_lib
-from musicjax.accomp import task as task_lib
+from musicjax.codec import chunked
+from musicjax.data import audio
 from musicjax.data import song_text
 from musicjax.errors import UserError
 from musicjax.lm import song as lm_song
@@ -123,8 +125,8 @@ class AccompContext:
         b = vocal.shape[0]
         yes = jnp.ones((b,), bool)
         batch = {'text': text, 'ref': ref, 'ref_valid': ref_valid}
-        prefix = task_lib.prefix_of(model, batch, yes, yes)
-        null = task_lib.prefix_of(model, batch, ~yes, ~yes) if cfg else None
+        prefix = sample_lib.prefix_of(model, batch, yes, yes)
+        null = sample_lib.prefix_of(model, batch, ~yes, ~yes) if cfg else None
         if ar:
           return sample_lib.accompany_ar(model, vocal, valid, prefix, rng, s, null)
         return sample_lib.accompany(model, vocal, valid, prefix, rng, s, null,
@@ -135,7 +137,7 @@ class AccompContext:
 
 
 def sampling_for(config, req: AccompRequest) -> sample_lib.Sampling:
-  s = task_lib.sampling(config)
+  s = sample_lib.sampling_from_config(config.sample)
   s = dataclasses.replace(
       s, steps=s.steps if req.steps is None else int(req.steps),
       cfg_scale=s.cfg_scale if req.cfg_scale is None else float(req.cfg_scale),
@@ -243,7 +245,6 @@ def unmasking_trace(ctx: AccompContext, vocal_codes: np.ndarray,
 
 def _native_vocal(path: str) -> tuple[np.ndarray, int]:
   """The vocal file's samples [T, C] float32 at its own rate, unchanged."""
-  import soundfile as sf  # pylint: disable=g-import-not-at-top
   if not os.path.isfile(path):
     raise UserError(f'--vocal {path}: file not found')
   try:
@@ -260,7 +261,6 @@ def mix_with_vocal(vocal: np.ndarray, vocal_sr: int, stem: np.ndarray,
                    stem_sr: int) -> np.ndarray:
   """vocal [T, C] + the stem resampled to vocal_sr, cut/padded to T, on every
   channel. The vocal's samples enter the sum unchanged."""
-  from musicjax.data import audio  # pylint: disable=g-import-not-at-top
   mono = np.asarray(stem, np.float32).reshape(len(stem), -1).mean(axis=1)
   up = audio.resample(mono[:, None], stem_sr, vocal_sr)[:, 0]
   up = np.pad(up[:len(vocal)], (0, max(len(vocal) - len(up), 0)))
@@ -270,8 +270,6 @@ def mix_with_vocal(vocal: np.ndarray, vocal_sr: int, stem: np.ndarray,
 def accompany_file(ctx: AccompContext, req: AccompRequest, out_path: str,
                    stem_path: str) -> dict[str, Any]:
   """Writes the mix (OUT), the stem, STEM.npz (codes) and STEM.png."""
-  import soundfile as sf  # pylint: disable=g-import-not-at-top
-  from musicjax.codec import chunked  # pylint: disable=g-import-not-at-top
   t0 = time.perf_counter()
   vocal, vocal_sr = _native_vocal(req.vocal_path)
   codec = ctx.codec()

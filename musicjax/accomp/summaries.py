@@ -26,8 +26,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from musicjax.accomp import data as data_lib
 from musicjax.accomp import sample as sample_lib
-from musicjax.accomp import task as task_lib
 from musicjax.eval import summaries as common
 
 
@@ -47,12 +47,11 @@ class AccompSummaries:
     self.codec = None
     self.frames = int(c.data.max_frames)
     if c.data.kind != 'synthetic':
-      from musicjax.accomp import data  # pylint: disable=g-import-not-at-top
-      info = data.check_dataset(c)
+      info = data_lib.check_dataset(c)
       self.frames = max(1, min(self.frames, int(round(
           c.summary.seconds * info['frame_rate']))))
       self.codec = common.DatasetCodec(info, c.data.path)
-    self.sampling = task_lib.sampling(c)
+    self.sampling = sample_lib.sampling_from_config(c.sample)
     self._ready = True
 
   def _sampler(self, model):
@@ -67,8 +66,8 @@ class AccompSummaries:
         m = nnx.merge(graphdef, params)
         yes = jnp.ones((vocal.shape[0],), bool)
         batch = {'text': text, 'ref': ref, 'ref_valid': ref_valid}
-        prefix = task_lib.prefix_of(m, batch, yes, yes)
-        null = task_lib.prefix_of(m, batch, ~yes, ~yes) if cfg else None
+        prefix = sample_lib.prefix_of(m, batch, yes, yes)
+        null = sample_lib.prefix_of(m, batch, ~yes, ~yes) if cfg else None
         if ar:
           return sample_lib.accompany_ar(m, vocal, valid, prefix, rng, s, null)
         return sample_lib.accompany(m, vocal, valid, prefix, rng, s, null)

@@ -34,8 +34,12 @@ import numpy as np
 import optax
 from flax import nnx
 
+from musicjax.accomp import data as data_lib
 from musicjax.accomp import diffusion
 from musicjax.accomp import model as model_lib
+from musicjax.accomp import sample as sample_lib
+from musicjax.accomp import summaries as summaries_lib
+from musicjax.accomp import synthetic
 from musicjax.config import ConfigError
 from musicjax.lm import task as lm_task
 from musicjax.nn import transformer
@@ -56,7 +60,6 @@ _FREE_MODEL_KEYS = ('embed_init_std', 'backbone.init_std', 'backbone.dtype',
 
 def default_config() -> ConfigDict:
   """Every accompaniment-model number; defaults are the tiny scale."""
-  from musicjax.accomp import data as data_lib  # pylint: disable=g-import-not-at-top
   c = ConfigDict()
   c.model = model_lib.default_config()
   c.data = data_lib.default_data_config()
@@ -152,18 +155,8 @@ def check_config(config: ConfigDict) -> None:
   if config.data.synthetic_task not in SYNTHETIC_TASKS:
     raise ConfigError(f'config.data.synthetic_task must be one of '
                       f'{SYNTHETIC_TASKS}, got {config.data.synthetic_task!r}')
-  sampling(config).validate()
+  sample_lib.sampling_from_config(config.sample).validate()
 
-
-def sampling(config: ConfigDict):
-  from musicjax.accomp import sample  # pylint: disable=g-import-not-at-top
-  s = config.sample
-  return sample.Sampling(steps=int(s.steps), temperature=float(s.temperature),
-                         top_k=int(s.top_k), top_p=float(s.top_p),
-                         mask_temperature=float(s.mask_temperature),
-                         cfg_scale=float(s.cfg_scale),
-                         temperature_after_filter=bool(
-                             s.temperature_after_filter))
 
 
 class AccompState(nnx.Module):
@@ -179,11 +172,6 @@ def token_valid(batch) -> jax.Array:
   """[B, T, K] bool: frames of the window (and codes present)."""
   return batch['valid'][..., None] & (batch['accomp'] >= 0)
 
-
-def prefix_of(model: model_lib.AccompModel, batch, use_text, use_ref):
-  text = batch['text']
-  return model.prefix(text, jnp.any(text >= 0, axis=1), batch['ref'],
-                      batch['ref_valid'], use_text, use_ref)
 
 
 def shift_right(accomp: jax.Array, bos: int) -> jax.Array:
@@ -216,7 +204,7 @@ def diffusion_loss(model: model_lib.AccompModel, batch, step, rng, lo: ConfigDic
   pad = model_lib.pad_id(v)
   clean = jnp.where(tv, accomp, pad)
   inp = jnp.where(mask, model_lib.mask_id(v), clean)
-  prefix = prefix_of(model, batch, use_text, use_ref)
+  prefix = sample_lib.prefix_of(model, batch, use_text, use_ref)
   logits = model.logits(model.hidden(vocal, inp, valid, prefix))
   mlm, m = diffusion.masked_ce_loss(logits, clean, mask, t, tv, lo.weighting)
   hit = (jnp.argmax(logits, -1) == clean) & mask
@@ -248,7 +236,7 @@ def ar_loss(model: model_lib.AccompModel, batch, use_text, use_ref):
   tv = token_valid(batch)
   clean = jnp.where(tv, batch['accomp'], model_lib.pad_id(v))
   inp = shift_right(clean, model_lib.mask_id(v))
-  prefix = prefix_of(model, batch, use_text, use_ref)
+  prefix = sample_lib.prefix_of(model, batch, use_text, use_ref)
   logits = model.logits(model.hidden(batch['vocal'], inp, batch['valid'], prefix))
   ones = jnp.ones(clean.shape[:1], jnp.float32)
   ce, _ = diffusion.masked_ce_loss(logits, clean, tv, ones, tv, 'none')
@@ -353,8 +341,7 @@ class AccompTask(Task):
   @functools.cached_property
   def _summaries(self):
     # Built on first use: the codec and the jitted sampler are kept for the run.
-    from musicjax.accomp import summaries  # pylint: disable=g-import-not-at-top
-    return summaries.AccompSummaries(self.config)
+    return summaries_lib.AccompSummaries(self.config)
 
   def summaries(self, state: AccompState, batch, rng):
     """The first eval vocal accompanied, beside its real accompaniment
@@ -362,10 +349,7 @@ class AccompTask(Task):
     return self._summaries(state.model, batch, rng)
 
   def dataset(self, split: str, shard_index: int, shard_count: int):
-    # pylint: disable=g-import-not-at-top
     if self.config.data.kind == 'synthetic':
-      from musicjax.accomp import synthetic
       return synthetic.synthetic_dataset(self.config, split, shard_index,
                                          shard_count)
-    from musicjax.accomp import data
-    return data.accomp_dataset(self.config, split, shard_index, shard_count)
+    return data_lib.accomp_dataset(self.config, split, shard_index, shard_count)

@@ -48,8 +48,8 @@ def compile_sampler(model, config, frames: int, cfg: bool,
     b = vocal.shape[0]
     yes = jnp.ones((b,), bool)
     batch = {'text': text, 'ref': ref, 'ref_valid': ref_valid}
-    prefix = task_lib.prefix_of(model, batch, yes, yes)
-    null = task_lib.prefix_of(model, batch, ~yes, ~yes) if cfg else None
+    prefix = sample_lib.prefix_of(model, batch, yes, yes)
+    null = sample_lib.prefix_of(model, batch, ~yes, ~yes) if cfg else None
     return sample_lib.accompany(model, vocal, valid, prefix, rng, s, null)
 
   rng = np.random.default_rng(0)
@@ -97,7 +97,7 @@ def run(config, repeats: int = 3, frames=None, steps=None) -> dict:
   plan = songs(config, frames, steps)
   with nnx.use_eager_sharding(False):
     model = task_lib.AccompState(config, nnx.Rngs(config.train.seed)).model
-  s = task_lib.sampling(config)
+  s = sample_lib.sampling_from_config(config.sample)
   rate = float(config.model.frame_rate)
   b = config.model.backbone
   out = {'benchmark': 'accomp sampler, batch 1, whole song in one pass, '

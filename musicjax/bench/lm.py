@@ -21,9 +21,12 @@ from musicjax.errors import UserError
 from musicjax.kernels import dispatch
 from musicjax.lm import generate as gen
 from musicjax.lm import layout
+from musicjax.lm import model as model_lib
 from musicjax.lm import sequence
 from musicjax.lm import task as task_lib
 from musicjax.nn import transformer
+from musicjax.parallel import rules
+from musicjax.train import trainer
 
 # The LM issue's targets on the 2-core CPU (bench_tiny).
 DECODE_TARGET_CFG = 180.0        # frames/s, batch 1, CFG on
@@ -74,7 +77,7 @@ def decode(config, repeats: int = 3, frames=DECODE_FRAMES,
     for name, scale in (('cfg', s.cfg_scale if s.cfg_scale != 1 else 1.5),
                         ('nocfg', 1.0)):
       rows = 2 if scale != 1 else 1
-      sampling = task_lib.sampling_from_config(s, cfg_scale=scale,
+      sampling = gen.sampling_from_config(s, cfg_scale=scale,
                                                max_frames=n, min_frames=n)
       fn = gen.make_generate_fn(model, sampling, num_cond=1)
       prompt = _prompt(config, rows, rng)
@@ -87,7 +90,7 @@ def decode(config, repeats: int = 3, frames=DECODE_FRAMES,
   bb = model.backbone
   out['attention'] = dispatch.resolve(
       s.attention, bb.num_heads, bb.num_kv_heads, bb.head_dim,
-      task_lib.sampling_from_config(s).kernel_params())
+      gen.sampling_from_config(s).kernel_params())
   out['target_frames_per_s_cfg'] = DECODE_TARGET_CFG
   out['target_frames_per_s_nocfg'] = DECODE_TARGET_NOCFG
   out['machine'] = machine.describe(load_start)
@@ -100,7 +103,6 @@ def breakdown(config, model, iters: int = 200,
   (`DecodeView`): each part runs `iters` times in one compiled loop whose
   input depends on the previous output, so nothing is hoisted and dispatch is
   amortised as in the real loop."""
-  from musicjax.lm import model as model_lib  # pylint: disable=g-import-not-at-top
   m, s = config.model, config.sample
   b, cache_len = 2, PROMPT_TOKENS + frames
   k, v = m.num_codebooks, m.codebook_size
@@ -183,7 +185,7 @@ def train_flops(config) -> dict[str, float]:
   def attn_flops(t, length):
     return 2 * 2 * t.num_layers * t.num_heads * transformer.head_dim(t) * length / 2
 
-  s = task_lib.seq_len(config)
+  s = layout.seq_len(config)
   glob = 2 * block_params(m.backbone) + attn_flops(m.backbone, s)
   local = 0.0
   if m.variant == 'global_local':
@@ -201,8 +203,6 @@ def train(config, repeats: int = 5) -> dict:
   """Train-step throughput on synthetic tokens, and MFU against the GEMM peak
   (the best of jax, numpy and torch, measured in the same run)."""
   load_start = machine.load_now()
-  from musicjax.parallel import rules  # pylint: disable=g-import-not-at-top
-  from musicjax.train import trainer  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.data.kind = 'synthetic'
@@ -225,7 +225,7 @@ def train(config, repeats: int = 5) -> dict:
   fl = train_flops(config)
   # The global transformer runs on every slot of the sequence (condition text
   # and padding too); the local one on the real frames only.
-  slots = config.data.batch_size * task_lib.seq_len(config)
+  slots = config.data.batch_size * layout.seq_len(config)
   done = fl['global_per_slot'] * slots + fl['local_per_frame'] * frames
   gemm = machine.gemm_peak()
   peak = gemm['best']
@@ -248,7 +248,6 @@ def train(config, repeats: int = 5) -> dict:
 def memory(config, devices: int) -> dict:
   """Per-device memory of the train state (parameters + AdamW moments, by the
   sharding rules) and of the gradients, for `config.mesh` on `devices`."""
-  from musicjax.parallel import rules  # pylint: disable=g-import-not-at-top
   if devices < 1:
     raise UserError('lm-memory needs --devices N (devices of the target topology)')
   mc = config.mesh
@@ -301,8 +300,6 @@ def compile_train_step(config) -> dict:
   On CPU, `jax_num_cpu_devices` makes a topology of any size, so a TPU pod or
   GPU node layout is checked here: the sharding rules compose, the SPMD
   partitioner accepts the program, and XLA reports the memory per device."""
-  from musicjax.parallel import rules  # pylint: disable=g-import-not-at-top
-  from musicjax.train import trainer  # pylint: disable=g-import-not-at-top
   t0 = time.perf_counter()
   s = trainer.setup(config)
   step = trainer.make_train_step(s)

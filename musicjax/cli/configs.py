@@ -13,14 +13,17 @@ def load_config(args, overrides: list[str]):
     config = cfg.load(args.config, overrides)
     check_same_task(args, config, workdir)
     return config
-  if workdir and os.path.isfile(os.path.join(workdir, 'config.json')):
-    return cfg.load_saved(workdir, overrides)
-  if workdir and not os.path.isdir(workdir) and args.verb != 'train':
+  saved = workdir and os.path.isfile(os.path.join(workdir, 'config.json'))
+  if not workdir or (args.verb == 'train' and not saved):
+    # A new run: the missing config is what to fix.
+    raise cfg.ConfigError(
+        'no --config given and no config.json in --workdir '
+        f'{workdir!r}; pass --config configs/<family>/<name>.py')
+  if not os.path.isdir(workdir):
     raise cfg.ConfigError(f'--workdir {workdir!r} does not exist; pass the '
                           'directory of a `musicjax train` run')
-  raise cfg.ConfigError(
-      'no --config given and no config.json in --workdir '
-      f'{workdir!r}; pass --config configs/<family>/<name>.py')
+  from musicjax.train import runs  # here: runs imports jax (see cli/app.py)
+  return runs.saved_config(workdir, verb=args.verb, overrides=overrides)
 
 
 def check_same_task(args, config, workdir) -> None:

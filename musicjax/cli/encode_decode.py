@@ -1,8 +1,6 @@
 """`musicjax encode` / `decode`: audio file <-> codes (.npz) with a trained codec."""
 from __future__ import annotations
 
-from musicjax import config as cfg
-
 
 def register(sub) -> dict:
   en = sub.add_parser('encode', help='audio file -> codes (.npz)')
@@ -23,7 +21,9 @@ def register(sub) -> dict:
 
 def encode(args, overrides: list[str]) -> int:
   from musicjax.codec import chunked
-  config = cfg.load_saved(args.workdir, overrides)
+  from musicjax.train import runs
+  config = runs.saved_config(args.workdir, 'codec', verb='encode',
+                             overrides=overrides)
   chunked.encode_file(config, args.workdir, args.input, args.output,
                       n_q=args.n_q, chunk_seconds=args.chunk_seconds)
   return 0
@@ -31,7 +31,9 @@ def encode(args, overrides: list[str]) -> int:
 
 def decode(args, overrides: list[str]) -> int:
   from musicjax.codec import chunked
-  config = cfg.load_saved(args.workdir, overrides)
+  from musicjax.train import runs
+  config = runs.saved_config(args.workdir, 'codec', verb='decode',
+                             overrides=overrides)
   chunked.decode_file(config, args.workdir, args.input, args.output,
                       chunk_seconds=args.chunk_seconds)
   return 0

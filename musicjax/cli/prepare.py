@@ -30,7 +30,7 @@ def run(args, overrides: list[str]) -> int:
   if args.stems or not args.config:
     raise cfg.ConfigError('prepare without --codec-workdir writes audio shards '
                           'and needs --config (and takes no --stems)')
-  from musicjax.data import prepare_audio
+  from musicjax.prepare import audio as prepare_audio
   prepare_audio.prepare_audio_main(configs.load_config(args, overrides), args.out)
   return 0
 
@@ -39,11 +39,13 @@ def _tokens(args, overrides: list[str]) -> int:
   """Codec tokens (+ melody, metadata) of the data, by a trained codec."""
   from musicjax.parallel import distributed
   distributed.maybe_initialize()  # the work is split over jax processes
-  from musicjax.data import prepare_tokens
+  from musicjax.prepare import tokens as prepare_tokens
+  from musicjax.train import runs
   if args.config:
     config = cfg.load(args.config, overrides)
   elif overrides:
-    config = cfg.load_saved(args.codec_workdir, overrides)
+    config = runs.saved_config(args.codec_workdir, 'codec', verb='prepare',
+                               flag='--codec-workdir', overrides=overrides)
   else:
     config = None
   print(json.dumps(prepare_tokens.prepare_tokens_main(

@@ -16,7 +16,7 @@ def register(sub) -> dict:
 
 
 def run(args, overrides: list[str]) -> int:
-  from musicjax.data import text
+  from musicjax.prepare import tokenizer
   config = configs.load_config(args, overrides)
-  print(json.dumps(text.tokenizer_main(config, args.out), sort_keys=True))
+  print(json.dumps(tokenizer.tokenizer_main(config, args.out), sort_keys=True))
   return 0

@@ -17,11 +17,13 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import soundfile as sf
 from flax import nnx
 from tqdm import tqdm
 
 from musicjax import __version__
 from musicjax import config as config_lib
+from musicjax.data import audio as audio_io
 from musicjax.errors import UserError
 from musicjax.train import runs
 
@@ -151,7 +153,6 @@ def encode_file(config, workdir: str, in_path: str, out_path: str, *,
                 n_q: int | None = None, chunk_seconds: float = 10.0,
                 context_seconds: float = 1.0) -> dict:
   """Any audio file (any rate/channels) -> .npz with codes and metadata."""
-  from musicjax.data import audio as audio_io
   config_lib.require_task(config, workdir, ('codec',), 'encode')
   if not os.path.isfile(in_path):
     raise UserError(f'input audio not found: {in_path}')
@@ -266,7 +267,6 @@ def load_codes(path: str) -> dict[str, np.ndarray]:
 def decode_file(config, workdir: str, in_path: str, out_path: str, *,
                 chunk_seconds: float = 10.0, context_seconds: float = 1.0) -> dict:
   """.npz from encode_file -> audio file at the codec's sample rate."""
-  import soundfile as sf
   config_lib.require_task(config, workdir, ('codec',), 'decode')
   data = load_codes(in_path)  # before restoring: a bad file fails fast
   model = runs.load_run(workdir, config=config).model

@@ -24,6 +24,7 @@ from musicjax.parallel import rules
 from musicjax.codec.discriminators import Discriminator
 from musicjax.codec.model import CodecModel
 from musicjax.eval import audio_metrics
+from musicjax.eval import plots
 from musicjax.train.task import ArraySpec, Task
 
 ConfigDict = ml_collections.ConfigDict
@@ -380,7 +381,6 @@ class CodecTask(Task):
 def spectrogram_image(original: np.ndarray, reconstruction: np.ndarray,
                       sample_rate: int) -> np.ndarray:
   """HxWx3 uint8 picture of the two log-mel spectrograms, one above the other."""
-  from musicjax.eval import plots
   return plots.figure_rgb(plots.spectrogram_figure(
       {'original': original, 'reconstruction': reconstruction}, sample_rate,
       row_height=2.0, width=6.0, axes_labels=False))

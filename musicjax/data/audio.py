@@ -19,6 +19,7 @@ import tempfile
 import threading
 from typing import BinaryIO
 
+import librosa
 import numpy as np
 import soundfile as sf
 import soxr
@@ -239,7 +240,6 @@ def _decode(source: Source, name: str, start: int, frames: int) -> tuple[np.ndar
 def _decode_fallback(path: str, name: str, start: int, frames: int):
   """librosa/audioread for mp3 files an older libsndfile cannot read."""
   try:
-    import librosa  # pylint: disable=g-import-not-at-top
     y, sr = librosa.load(path, sr=None, mono=False)
   except Exception as e:
     raise BadAudio(name, f'undecodable or corrupt ({_short(e)})') from None

@@ -1,7 +1,7 @@
 """Audio augmentation applied at prepare time: frequency balance, tempo, pitch.
 
 Models train on codec tokens, so audio can only be augmented before the codec
-runs (`musicjax prepare --codec-workdir ... --stems`, see `prepare_tokens`).
+runs (`musicjax prepare --codec-workdir ... --stems`, see `musicjax.prepare.token_augment`).
 
 Frequency balance (LaDA-Band, seed 003 appendix A.2): three biquads in
 sequence, each with independently drawn parameters (`FREQUENCY_BALANCE`):
@@ -35,6 +35,7 @@ import math
 import re
 from typing import Any, Mapping
 
+import librosa
 import numpy as np
 
 # Level of digital silence in dB reports: log10(0) has no value.
@@ -242,6 +243,7 @@ def sample_biquads(rng: np.random.Generator, sample_rate: float,
 def apply_biquads(wave: np.ndarray, sample_rate: float,
                   filters: tuple[Biquad, ...]) -> np.ndarray:
   """The filters in sequence along time (axis 0 of [T] or [T, C])."""
+  # Deferred: scipy.signal takes ~0.5 s to import, and only EQ copies need it.
   from scipy import signal  # pylint: disable=g-import-not-at-top
   y = np.asarray(wave, np.float64)
   for f in filters:
@@ -279,7 +281,6 @@ def time_stretch(wave: np.ndarray, sample_rate: int, rate: float) -> np.ndarray:
     rate: > 1 is faster (shorter), < 1 slower.
   """
   del sample_rate
-  import librosa  # pylint: disable=g-import-not-at-top
   if rate <= 0:
     raise ValueError(f'time_stretch rate must be > 0, got {rate}')
   y = librosa.effects.time_stretch(_channels_first(wave), rate=float(rate))
@@ -289,7 +290,6 @@ def time_stretch(wave: np.ndarray, sample_rate: int, rate: float) -> np.ndarray:
 def pitch_shift(wave: np.ndarray, sample_rate: int,
                 semitones: float) -> np.ndarray:
   """Moves the pitch by `semitones` at the same tempo; the length is kept."""
-  import librosa  # pylint: disable=g-import-not-at-top
   y = librosa.effects.pitch_shift(_channels_first(wave), sr=int(sample_rate),
                                   n_steps=float(semitones))
   return np.ascontiguousarray(_channels_first(y), np.float32)

@@ -23,20 +23,20 @@ only mark phrase ends in the lyrics metadata. Repeats are rendered as written
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import importlib.util
 import json
 import logging
 import os
 import re
-from typing import Any, Iterator
+from typing import Any
 
 import ml_collections
 import numpy as np
 import soundfile as sf
+from tqdm import tqdm
 
 from musicjax import fileio
+from musicjax.data import locks
 from musicjax.errors import UserError
 
 logger = logging.getLogger('musicjax.data')
@@ -82,6 +82,7 @@ def split_of(bwv: str, eval_every_nth_bwv: int) -> str:
 
 def candidates() -> list[tuple[str, str]]:
   """(piece id, corpus name) of every chorale, in a stable order, unparsed."""
+  # Deferred here and below: music21 is slow to import; only rendering needs it.
   from music21 import corpus  # pylint: disable=g-import-not-at-top
   seen = set()
   out = []
@@ -308,17 +309,6 @@ def _atomic_write_flac(path: str, x: np.ndarray, sample_rate: int) -> None:
       tmp, x, sample_rate, format='FLAC', subtype='PCM_16'))
 
 
-@contextlib.contextmanager
-def _locked(path: str) -> Iterator[None]:
-  """An exclusive fcntl lock, so processes sharing a cache render each piece once."""
-  with open(path, 'a') as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _entry(piece_dir: str) -> dict[str, Any] | None:
   """The manifest entry of a finished piece, None if skipped; KeyError if new."""
   meta_path = os.path.join(piece_dir, 'meta.json')
@@ -342,7 +332,7 @@ def ensure_piece(root: str, piece_id: str, corpus_name: str, sample_rate: int,
   except KeyError:
     pass
   os.makedirs(piece_dir, exist_ok=True)
-  with _locked(os.path.join(piece_dir, '.lock')):
+  with locks.locked(os.path.join(piece_dir, '.lock')):  # render each piece once
     try:  # another process may have finished it while we waited
       return _entry(piece_dir), False
     except KeyError:
@@ -390,7 +380,6 @@ def chorale_manifest(config: ml_collections.ConfigDict,
       if limit is not None and len(entries) >= limit:
         break
       if bar is None and not _is_done(os.path.join(root, pid)):
-        from tqdm import tqdm  # pylint: disable=g-import-not-at-top
         bar = tqdm(total=limit or len(todo), initial=len(entries), unit='piece',
                    desc=f'rendering chorales ({split}) into {root}')
       entry, _ = ensure_piece(root, pid, name, d.sample_rate, d.render_tempo_bpm)

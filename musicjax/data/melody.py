@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import librosa
 import numpy as np
 
 NUM_MELODY_CLASSES = 12
@@ -69,7 +70,6 @@ def chroma_tokens(wave: np.ndarray, sample_rate: int, hop_length: int, *,
   Returns:
     int8 [ceil(T / hop_length)]: 0..11 with 0 = C, or NO_MELODY.
   """
-  import librosa  # pylint: disable=g-import-not-at-top
   if hop_length < 1 or n_fft < 2:
     raise ValueError(f'need hop_length >= 1 and n_fft >= 2, got {hop_length}, '
                      f'{n_fft}')

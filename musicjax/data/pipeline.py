@@ -26,6 +26,7 @@ import grain
 import ml_collections
 import numpy as np
 import soundfile as sf
+from absl import flags
 
 from musicjax.config import ConfigError
 from musicjax.data import audio
@@ -186,7 +187,6 @@ def stop_when_nothing_is_usable(ds: grain.MapDataset, where: str, split: str,
 def _ensure_absl_flags_parsed() -> None:
   """Grain's worker processes read absl flags; outside absl.app (our CLI, pytest,
   notebooks) nothing parsed them, so accept their defaults."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 

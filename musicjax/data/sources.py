@@ -32,8 +32,10 @@ from typing import Any, Sequence
 import grain
 import ml_collections
 
-from musicjax.errors import UserError
 from musicjax.data import audio
+from musicjax.data import audio_records
+from musicjax.data import chorales
+from musicjax.errors import UserError
 
 logger = logging.getLogger('musicjax.data')
 
@@ -165,7 +167,6 @@ def folder_items(config: ml_collections.ConfigDict, split: str) -> list[dict[str
 
 
 def chorale_items(config: ml_collections.ConfigDict, split: str) -> list[dict[str, Any]]:
-  from musicjax.data import chorales  # pylint: disable=g-import-not-at-top
   entries = chorales.chorale_manifest(config, split)
   good = set(scan([e['path'] for e in entries], config))
   items = [{'name': e['path'], 'source': e['path'], 'meta': e['meta']}
@@ -186,7 +187,6 @@ def array_record_paths(directory: str, split: str) -> list[str]:
 
 def array_record_dataset(config: ml_collections.ConfigDict,
                          split: str) -> grain.MapDataset:
-  from musicjax.data import prepare_audio  # pylint: disable=g-import-not-at-top
   _check_split(split)
   directory = os.path.expanduser(config.data.path)
   paths = array_record_paths(directory, split)
@@ -202,10 +202,11 @@ def array_record_dataset(config: ml_collections.ConfigDict,
   n = len(source)
   # Repeat hands parents unbounded indices; the record number is modulo n.
   return grain.MapDataset.source(source).map_with_index(
-      lambda i, raw: prepare_audio.decode_record(raw, f'{name}#{i % n}'))
+      lambda i, raw: audio_records.decode_record(raw, f'{name}#{i % n}'))
 
 
 def tfds_dataset(config: ml_collections.ConfigDict, split: str) -> grain.MapDataset:
+  # Deferred: tensorflow_datasets is slow to import and only this kind needs it.
   from musicjax.data import tfds_chorales  # pylint: disable=g-import-not-at-top
   _check_split(split)
   source = tfds_chorales.data_source(config, split)

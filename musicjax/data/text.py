@@ -14,16 +14,13 @@ encodes as '[verse]', and so decodes lowercased); other bracketed words
 ('[hook]') are ordinary text and get BPE tokens.
 
 The tokenizer is one JSON file, `tokenizer.json`, written by
-`musicjax tokenizer` (see `tokenizer_main`) or by `musicjax prepare`.
+`musicjax tokenizer` (`musicjax.prepare.tokenizer`) or by `musicjax prepare`.
 """
 from __future__ import annotations
 
-import logging
 import os
 import re
 from typing import Any, Iterable, Sequence
-
-import ml_collections
 
 # Grain worker processes fork after the tokenizer may have used its Rust
 # thread pool, which the tokenizers library warns can deadlock the children;
@@ -35,8 +32,6 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from musicjax import fileio
 from musicjax.data import song_text
 from musicjax.errors import UserError
-
-logger = logging.getLogger('musicjax.data')
 
 # Control tokens: padding, sequence start, and the wrappers of the condition
 # parts (tags, lyrics, per-section style, section start).
@@ -210,41 +205,3 @@ def piece_texts(meta: dict[str, Any]) -> list[str]:
     out.extend(p['text'] for p in meta.get('phrases') or ()
                if isinstance(p, dict) and isinstance(p.get('text'), str))
   return [t for t in out if t]
-
-
-def tokenizer_main(config: ml_collections.ConfigDict,
-                   out_path: str) -> dict[str, Any]:
-  """`musicjax tokenizer`: trains the text tokenizer on the train split.
-
-  Texts are the formatted tags, lyrics and section texts of every train piece
-  of `config.data`; the vocabulary size is `config.data.text_vocab_size` if
-  the config has it, else `DEFAULT_VOCAB_SIZE`.
-
-  Returns:
-    A summary: path, vocab_size (as trained), requested_vocab_size, pieces,
-    texts, characters.
-  """
-  from musicjax.data import sources  # pylint: disable=g-import-not-at-top
-  vocab_size = int(config.data.get('text_vocab_size', DEFAULT_VOCAB_SIZE))
-  if vocab_size < MIN_VOCAB_SIZE:
-    raise VocabSizeError(
-        f'config.data.text_vocab_size={vocab_size} is too small: the text '
-        f'tokenizer needs at least {MIN_VOCAB_SIZE}; set '
-        f'--config.data.text_vocab_size={DEFAULT_VOCAB_SIZE}')
-  texts: list[str] = []
-  items = sources.items(config, 'train')
-  for item in items:
-    try:
-      texts.extend(piece_texts(item['meta']))
-    except song_text.BadSongMetadata as e:
-      raise song_text.BadSongMetadata(f'{item["name"]}: {e}') from e
-  if not texts:
-    logger.warning('musicjax: the %d train pieces of %s have no tags or '
-                   'lyrics; the text tokenizer will have only byte tokens',
-                   len(items), sources.describe(config))
-  tok = TextTokenizer.train(texts, vocab_size, out_path)
-  summary = {'path': tok.path, 'vocab_size': tok.vocab_size,
-             'requested_vocab_size': vocab_size, 'pieces': len(items),
-             'texts': len(texts), 'characters': sum(len(t) for t in texts)}
-  logger.info('musicjax: wrote text tokenizer %s', summary)
-  return summary

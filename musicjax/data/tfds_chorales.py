@@ -27,6 +27,7 @@ import soundfile as sf
 import tensorflow_datasets as tfds
 
 from musicjax.data import chorales
+from musicjax.data import locks
 
 NAME = 'musicjax_chorales'
 
@@ -94,7 +95,7 @@ def build(config: ml_collections.ConfigDict) -> MusicjaxChorales:
   os.makedirs(data_dir, exist_ok=True)
   builder = MusicjaxChorales(musicjax_config=config, data_dir=data_dir,
                              file_format='array_record')
-  with chorales._locked(os.path.join(data_dir, '.lock')):  # pylint: disable=protected-access
+  with locks.locked(os.path.join(data_dir, '.lock')):
     builder.download_and_prepare()
   return builder
 

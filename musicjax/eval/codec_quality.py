@@ -23,8 +23,13 @@ import jax
 import numpy as np
 import soundfile as sf
 
+from musicjax.bench import machine
+from musicjax.codec import chunked
+from musicjax.data import audio as audio_io
 from musicjax.data import augment
+from musicjax.data import sources
 from musicjax.errors import UserError
+from musicjax.eval import audio_metrics
 from musicjax.train import runs
 
 LOW_CUTOFF_HZ = 40.0          # "below 40 Hz": rumble and DC, not music
@@ -132,7 +137,6 @@ class Scorer:
   """Output-vs-input figures; mel distance and SI-SDR are musicjax.eval's."""
 
   def __init__(self, sample_rate: int):
-    from musicjax.eval import audio_metrics  # pylint: disable=g-import-not-at-top
     self.sample_rate = sample_rate
     # jitted once per clip length: all full-length clips share one compile.
     self._mel = jax.jit(functools.partial(audio_metrics.mel_distance,
@@ -200,7 +204,6 @@ def opus_roundtrip(x: np.ndarray, sample_rate: int, kbps: float,
 
   The file bitrate counts the whole .opus file (Ogg pages and headers too).
   """
-  from musicjax.data import audio as audio_io  # pylint: disable=g-import-not-at-top
   wav_in = os.path.join(tmpdir, 'in.wav')
   packed = os.path.join(tmpdir, 'clip.opus')
   wav_out = os.path.join(tmpdir, 'out.wav')
@@ -230,7 +233,6 @@ def _fit(y: np.ndarray, frames: int) -> np.ndarray:
 
 def find_files(paths: list[str]) -> list[tuple[str, str]]:
   """(path, display name) of every audio file under `paths`, in order."""
-  from musicjax.data import sources  # pylint: disable=g-import-not-at-top
   found, seen = [], set()
   for p in paths:
     if os.path.isdir(p):
@@ -254,7 +256,6 @@ def find_files(paths: list[str]) -> list[tuple[str, str]]:
 def _load_clip(path: str, sample_rate: int, channels: int, seconds: float,
                offset: float) -> tuple[np.ndarray | None, float, str]:
   """(clip or None, start seconds, why it was skipped)."""
-  from musicjax.data import audio as audio_io  # pylint: disable=g-import-not-at-top
   try:
     info = audio_io.audio_info(path)
     if info.seconds < MIN_CLIP_SECONDS:
@@ -274,7 +275,6 @@ def _load_clip(path: str, sample_rate: int, channels: int, seconds: float,
 
 def host_info() -> dict[str, Any]:
   """CPU model, 1-minute load average and JAX device: context for timings."""
-  from musicjax.bench import machine  # pylint: disable=g-import-not-at-top
   device = jax.devices()[0]
   return dict(cpu_model=machine.cpu_model(), cpu_count=os.cpu_count(),
               load_avg_1m=machine.load_now(),
@@ -320,8 +320,6 @@ def run(workdir: str, audio: list[str], *, seconds: float = DEFAULT_SECONDS,
     UserError: a bad flag, a workdir that is no trained codec, no audio, or no
       opusenc/opusdec with opus_kbps > 0.
   """
-  from musicjax.codec import chunked  # pylint: disable=g-import-not-at-top
-  from musicjax.eval import audio_metrics  # pylint: disable=g-import-not-at-top
   _check_flags(seconds, clips, quiet_dbfs, opus_kbps, offset)
   check_opus_tools(opus_kbps)
   files = find_files(list(audio))

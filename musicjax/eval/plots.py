@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import librosa
 import numpy as np
 
 
@@ -17,7 +18,6 @@ def mel_db(wave: np.ndarray, sample_rate: int, n_mels: int = 80) -> np.ndarray:
   The FFT size shrinks for clips shorter than 1024 samples, so a short
   training segment still gives a picture.
   """
-  import librosa
   wave = np.asarray(wave, np.float32).reshape(-1)
   n_fft = min(1024, max(16, 1 << (max(len(wave), 2).bit_length() - 2)))
   mel = librosa.feature.melspectrogram(y=wave, sr=sample_rate, n_fft=n_fft,
@@ -29,6 +29,8 @@ def spectrogram_figure(waves: Mapping[str, np.ndarray], sample_rate: int,
                        title: str = '', row_height: float = 2.2,
                        width: float = 10.0, axes_labels: bool = True):
   """One row per named mono wave, on a shared time axis in seconds."""
+  # Deferred here and below: matplotlib is slow to import, and only runs that
+  # write pictures need it.
   from matplotlib.figure import Figure
   fig = Figure(figsize=(width, row_height * len(waves) + (0.4 if title else 0)))
   axes = fig.subplots(len(waves), 1, sharex=True, squeeze=False)[:, 0]

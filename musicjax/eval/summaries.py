@@ -15,8 +15,14 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
+from musicjax.codec import chunked
+from musicjax.config import ConfigError
 from musicjax.errors import UserError
+from musicjax.eval import plots
+from musicjax.parallel import distributed
+from musicjax.train import runs
 
 # The summaries' image names.
 SPECTROGRAM = 'image/spectrogram'
@@ -24,7 +30,6 @@ TOKENS = 'image/tokens'
 
 
 def say(msg: str) -> None:
-  from musicjax.parallel import distributed  # pylint: disable=g-import-not-at-top
   if distributed.is_primary():
     print(f'[summaries] {msg}', file=sys.stderr, flush=True)
 
@@ -38,7 +43,6 @@ def first_example(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
   ex = {k: np.asarray(v)[:1] for k, v in batch.items()}
   if jax.process_count() == 1:
     return ex
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   # Bools travel as int32 (the broadcast is a sum over processes).
   kinds = {k: v.dtype for k, v in ex.items()}
   sent = {k: v.astype(np.int32) if v.dtype == bool else v for k, v in ex.items()}
@@ -72,8 +76,6 @@ class DatasetCodec:
     return self._loaded is not None
 
   def _load(self):
-    from musicjax.config import ConfigError  # pylint: disable=g-import-not-at-top
-    from musicjax.train import runs  # pylint: disable=g-import-not-at-top
     if not self.workdir or not os.path.isdir(self.workdir):
       raise UserError(f'its codec_workdir {self.workdir!r} (dataset.json) is '
                       'not there')
@@ -92,7 +94,6 @@ class DatasetCodec:
 
   def decode(self, codes: np.ndarray) -> np.ndarray:
     """codes [F, K] -> mono audio [F * hop] (channels averaged)."""
-    from musicjax.codec import chunked  # pylint: disable=g-import-not-at-top
     run = self._loaded
     model = run.model
     codes = np.asarray(codes, np.int32)[:, :model.num_codebooks]
@@ -122,12 +123,10 @@ def spectrogram_image(waves: Mapping[str, np.ndarray],
                       sample_rate: int) -> np.ndarray:
   """HxWx3 uint8: the log-mel spectrograms of `waves`, one above another, on
   one time axis in seconds."""
-  from musicjax.eval import plots  # pylint: disable=g-import-not-at-top
   return plots.figure_rgb(plots.spectrogram_figure(
       waves, sample_rate, row_height=1.6, width=7.0))
 
 
 def token_image(grids: Mapping[str, np.ndarray], codebook_size: int) -> np.ndarray:
   """HxWx3 uint8: token grids [frames, codebooks], one above another."""
-  from musicjax.eval import plots  # pylint: disable=g-import-not-at-top
   return plots.figure_rgb(plots.token_figure(grids, codebook_size))

@@ -18,11 +18,14 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from musicjax import fileio
+from musicjax.accomp import model as accomp_model
 from musicjax.errors import UserError
 from musicjax.export import files
 from musicjax.export import mapping
+from musicjax.lm import layout
 from musicjax.train import runs
 
 FORMAT = 'musicjax-export'
@@ -55,7 +58,6 @@ def state_paths(model: nnx.Module) -> dict[str, Any]:
 def to_host(x: Any) -> np.ndarray:
   """The whole array on this host (gathered over processes if needed)."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     x = multihost_utils.process_allgather(x, tiled=True)
   return np.asarray(x)
 
@@ -71,7 +73,6 @@ def loader_facts(config: ml_collections.ConfigDict, fam: str,
             # refuse an export whose numerics it would not reproduce.
             'conv_norm_eps': float(model.encoder.stem.norm_eps),
             'snake_eps': float(model.encoder.act.eps)}
-  from musicjax.lm import layout  # pylint: disable=g-import-not-at-top
   m = config.model
   facts: dict[str, Any] = {}
   if fam == 'lm':
@@ -82,7 +83,6 @@ def loader_facts(config: ml_collections.ConfigDict, fam: str,
                    for t in layout.EXTRA_TOKENS},
         melody_null=layout.MELODY_NULL, melody_silent=layout.MELODY_SILENT)
   else:
-    from musicjax.accomp import model as accomp_model  # pylint: disable=g-import-not-at-top
     facts.update(frame_rate=float(m.frame_rate),
                  mask_id=accomp_model.mask_id(m.codebook_size),
                  pad_id=accomp_model.pad_id(m.codebook_size))

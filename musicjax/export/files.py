@@ -13,11 +13,13 @@ import re
 from typing import Callable
 
 import numpy as np
+from safetensors.numpy import save_file
 
 from musicjax import fileio
+from musicjax.export.released import reader as released_reader
 
-SINGLE = 'model.safetensors'
-INDEX = 'model.safetensors.index.json'
+SINGLE = released_reader.SINGLE
+INDEX = released_reader.INDEX
 
 
 class ExportFileError(ValueError):
@@ -27,7 +29,6 @@ class ExportFileError(ValueError):
 def write(tensors: dict[str, np.ndarray], out_dir: str,
           max_shard_bytes: int) -> list[str]:
   """Writes the tensors (sorted by name) and returns the file names."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   # Weight files of an earlier export here would be read instead of (or
   # mixed with) these: the reader prefers an index.
   for old in os.listdir(out_dir):
@@ -67,59 +68,8 @@ def write(tensors: dict[str, np.ndarray], out_dir: str,
   return files
 
 
-def _open(path: str):
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-  if not os.path.isfile(path):
-    raise ExportFileError(f'{path}: missing (was the export copied completely?)')
-  if not os.access(path, os.R_OK):
-    # Exports written before 2026-11-22 were 0600 (safetensors' own mode).
-    raise ExportFileError(f'{path}: not readable by this user (mode '
-                          f'{os.stat(path).st_mode & 0o777:o}); its owner can '
-                          f'run chmod a+r {path}')
-  try:
-    return safe_open(path, framework='np')
-  except Exception as e:  # safetensors raises its own error types
-    raise ExportFileError(f'{path}: not a readable safetensors file ({e}); '
-                          'it may be truncated: export again') from None
-
-
 def reader(export_dir: str) -> tuple[Callable[[str], np.ndarray], list[str]]:
-  """(get(name) -> array, all tensor names) of an export directory."""
-  index = os.path.join(export_dir, INDEX)
-  if os.path.isfile(index):
-    try:
-      with open(index) as f:
-        weight_map = json.load(f)['weight_map']
-    except (ValueError, KeyError) as e:
-      raise ExportFileError(f'{index}: not a safetensors index ({e})') from None
-  elif os.path.isfile(os.path.join(export_dir, SINGLE)):
-    weight_map = None
-  else:
-    raise ExportFileError(f'{export_dir}: no {SINGLE} or {INDEX} (not an export '
-                          'directory, or an incomplete copy)')
-  handles = {}
-
-  def handle(fname):
-    if fname not in handles:
-      handles[fname] = _open(os.path.join(export_dir, fname))
-    return handles[fname]
-
-  if weight_map is None:
-    names = list(handle(SINGLE).keys())
-    weight_map = {n: SINGLE for n in names}
-
-  def get(name: str) -> np.ndarray:
-    if name not in weight_map:
-      raise ExportFileError(f'{export_dir}: tensor {name!r} is missing')
-    fname = weight_map[name]
-    h = handle(fname)
-    if name not in h.keys():
-      raise ExportFileError(f'{os.path.join(export_dir, fname)}: tensor '
-                            f'{name!r} listed in the index is not in the file')
-    try:
-      return h.get_tensor(name)
-    except Exception as e:  # a file cut short fails here
-      raise ExportFileError(f'{os.path.join(export_dir, fname)}: tensor '
-                            f'{name!r} unreadable ({e})') from None
-
-  return get, sorted(weight_map)
+  """(get(name) -> array as stored, all tensor names) of an export directory."""
+  r = released_reader.Reader(export_dir, ExportFileError, 'an export directory',
+                             'export again')
+  return r.get, r.names

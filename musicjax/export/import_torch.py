@@ -23,6 +23,8 @@ from musicjax.errors import UserError
 from musicjax.export import export as export_lib
 from musicjax.export import files
 from musicjax.export import mapping
+from musicjax.train import checkpoint as ckpt_lib
+from musicjax.train import trainer
 
 
 class ImportError_(UserError, ValueError):  # pylint: disable=invalid-name
@@ -117,9 +119,6 @@ def import_export(export_dir: str, workdir: str,
                   config: ml_collections.ConfigDict | None = None
                   ) -> dict[str, Any]:
   """Writes `workdir`'s config.json and a checkpoint at the export's step."""
-  # pylint: disable=g-import-not-at-top
-  from musicjax.train import checkpoint as ckpt_lib
-  from musicjax.train import trainer
   meta = read_meta(export_dir)
   ckpt_dir = ckpt_lib.checkpoint_dir(workdir)
   if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):

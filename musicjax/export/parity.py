@@ -9,6 +9,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from musicjax.accomp import model as model_lib
+
 
 def _rel(a, b) -> float:
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -17,6 +19,7 @@ def _rel(a, b) -> float:
 
 def codec(model, export_dir: str, audio: np.ndarray) -> dict[str, Any]:
   """Codes and decoded audio of `audio` [T, C] through both frameworks."""
+  # Deferred here and below: torch is an optional extra ('.[torch]').
   import torch  # pylint: disable=g-import-not-at-top
   import musicjax_torch  # pylint: disable=g-import-not-at-top
   tm = musicjax_torch.from_pretrained(export_dir).eval()
@@ -49,7 +52,6 @@ def accomp(model, export_dir: str, batch: dict[str, np.ndarray]) -> dict[str, An
   through both frameworks."""
   import torch  # pylint: disable=g-import-not-at-top
   import musicjax_torch  # pylint: disable=g-import-not-at-top
-  from musicjax.accomp import model as model_lib  # pylint: disable=g-import-not-at-top
   tm = musicjax_torch.from_pretrained(export_dir).eval()
   b = {k: np.asarray(v) for k, v in batch.items()}
   n = b['valid'].shape[0]

@@ -1,8 +1,11 @@
-"""Grain pipelines of LM batches: prepared token songs, or synthetic Markov songs.
+"""The LM's synthetic Markov pipeline, and what every LM pipeline shares.
 
-Every example is a pure function of (seed, split, global index), so the
+A synthetic example is a pure function of (seed, split, global index), so the
 iterator state is a small dict saved with each checkpoint and resume is exact.
 Per-process sharding takes every `shard_count`-th element.
+
+`local_batch` and `audio_slots` serve the token pipeline
+(musicjax/lm/token_data.py) and the DPO pairs too; the task picks the pipeline.
 """
 from __future__ import annotations
 
@@ -14,7 +17,6 @@ from musicjax.lm import layout
 from musicjax.lm import patterns
 from musicjax.lm import sequence
 from musicjax.lm import synthetic
-from musicjax.lm import task as task_lib
 
 # Synthetic songs are generated on the fly; the "dataset" is this long.
 _SYNTHETIC_LENGTH = 1 << 30
@@ -64,7 +66,7 @@ class _SyntheticExample(grain.transforms.Map):
     codes = self._spec.sample(c.data.max_frames, rng)
     mel = np.full((len(codes),), layout.MELODY_NULL, np.int32)
     parts = [sequence.TextPart(self._start), audio_slots(c, codes, mel, False)]
-    ex = sequence.assemble(parts, task_lib.seq_len(c), c.model.num_codebooks,
+    ex = sequence.assemble(parts, layout.seq_len(c), c.model.num_codebooks,
                            c.model.codebook_size)
     r = c.data.reference_frames
     if r:
@@ -79,11 +81,3 @@ def synthetic_dataset(config, split: str, shard_index: int, shard_count: int):
   ds = ds[shard_index::shard_count]
   return ds.to_iter_dataset().batch(local_batch(config, split, shard_count),
                                     drop_remainder=True)
-
-
-def lm_dataset(config: ml_collections.ConfigDict, split: str, shard_index: int,
-               shard_count: int):
-  if config.data.kind == 'synthetic':
-    return synthetic_dataset(config, split, shard_index, shard_count)
-  from musicjax.lm import token_data  # pylint: disable=g-import-not-at-top
-  return token_data.token_dataset(config, split, shard_index, shard_count)

@@ -73,6 +73,18 @@ class Sampling:
                        f'{self.head_dtype!r}')
 
 
+def sampling_from_config(s, **overrides) -> Sampling:
+  """`Sampling` from config.sample; keyword arguments override fields."""
+  kw = dict(temperature=float(s.temperature), top_k=int(s.top_k),
+            top_p=float(s.top_p), cfg_scale=float(s.cfg_scale),
+            top_k_keep_ties=bool(s.top_k_keep_ties),
+            head_dtype=s.head_dtype, attention=s.attention,
+            attention_block_k=int(s.attention_block_k),
+            attention_splits=int(s.attention_splits))
+  kw.update(overrides)
+  return Sampling(**kw)
+
+
 def sample_tokens(logits: jax.Array, rng: jax.Array, s: Sampling) -> jax.Array:
   """logits [..., V] -> token ids [...]: temperature, then top-k and top-p
   within it (heartlib's order).

@@ -19,10 +19,20 @@ known exactly when frame f is being predicted, in training and in decoding.
 Text ids below the tokenizer's vocabulary come from `musicjax.data.text`;
 the LM appends the EXTRA tokens after them (learned null conditions for
 classifier-free guidance, the reference-audio slot, the audio-start marker).
+
+A training window's slot count (`seq_len`) follows from the config here, so
+the data pipelines, the task and the benchmarks agree on it.
 """
 from __future__ import annotations
 
+import ml_collections
+
+from musicjax.lm import patterns
+
 EMPTY = -1                 # no text / no audio code / no melody in this slot
+# Text column of the reference slot when the text vocabulary has no LM extra
+# tokens (config.model.text_extra_tokens False: HeartMuLa's layout).
+REF_SLOT = -2
 
 EXTRA_TOKENS = ('<null_tags>', '<null_lyrics>', '<ref>', '<null_ref>', '<audio>',
                 '<null_section>')
@@ -54,3 +64,20 @@ def special_id(codebook_size: int) -> int:
 
 def audio_table_size(codebook_size: int) -> int:
   return codebook_size + 2
+
+
+def audio_steps(config: ml_collections.ConfigDict) -> int:
+  """Audio slots of a window: frames, or pattern steps for single_stream
+  (+1 frame for END)."""
+  m, d = config.model, config.data
+  if m.variant == 'single_stream':
+    return patterns.num_steps(m.pattern, m.num_codebooks, d.max_frames + 1)
+  return d.max_frames + 1
+
+
+def seq_len(config: ml_collections.ConfigDict) -> int:
+  """Slots of a training window: condition text, audio, and in the
+  interleaved layout one END per section."""
+  d = config.data
+  extra = d.max_sections if d.layout == 'interleaved' else 0
+  return d.max_text_tokens + audio_steps(config) + extra

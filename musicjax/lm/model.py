@@ -8,6 +8,13 @@ reference-audio slot adds a projection of the mean embedding of a reference
 segment's frames (a pooled embedding learned with the model: no pretrained
 audio encoder is needed offline).
 
+The embedding and head layout is config (`check_config` lists the keys); the
+defaults are musicjax's own, and configs/lm/heartmula_oss_3b.py sets the
+released HeartMuLa's: one table width for every codebook and head (special
+rows included), END as an ordinary codebook-0 class, no LM extra text tokens,
+a learned unconditional row for guidance, a given reference embedding through
+a biased linear into the reference slot, and no melody.
+
 global_local (seed 001 §3.1): the global transformer reads slots and predicts
 codebook 0 of the next frame (plus END); a local transformer, fed the global
 hidden state and the next frame's codebooks 0..k-1, predicts codebook k.
@@ -26,6 +33,7 @@ import ml_collections
 import optax
 from flax import nnx
 
+from musicjax.config import ConfigError
 from musicjax.kernels import decode_attention as kernel_lib
 from musicjax.kernels import dispatch
 from musicjax.lm import layout
@@ -33,6 +41,63 @@ from musicjax.nn import transformer
 from musicjax.parallel import rules
 
 VARIANTS = ('global_local', 'single_stream')
+REFERENCES = ('pooled', 'linear')
+
+
+def audio_rows(c: ml_collections.ConfigDict) -> int:
+  """Rows of each codebook's embedding table."""
+  return int(c.audio_vocab_size) or layout.audio_table_size(int(c.codebook_size))
+
+
+def head_widths(c: ml_collections.ConfigDict) -> tuple[int, int]:
+  """Classes of the codebook-0 head (codes + END) and of the local heads."""
+  v = int(c.audio_vocab_size)
+  return (v, v) if v else (int(c.codebook_size) + 1, int(c.codebook_size))
+
+
+def end_id(c: ml_collections.ConfigDict) -> int:
+  """Codebook-0 class that ends the song (or section)."""
+  e = int(c.end_id)
+  return e if e >= 0 else layout.end_id(int(c.codebook_size))
+
+
+def text_rows(c: ml_collections.ConfigDict) -> int:
+  v = int(c.text_vocab_size)
+  return layout.text_table_size(v) if c.text_extra_tokens else v
+
+
+def ref_slot_id(c: ml_collections.ConfigDict) -> int:
+  """Text-column id of the reference slot."""
+  if c.text_extra_tokens:
+    return layout.extra_id(int(c.text_vocab_size), '<ref>')
+  return layout.REF_SLOT
+
+
+def check_config(c: ml_collections.ConfigDict) -> None:
+  """The embedding/head layout keys of config.model."""
+  v = int(c.codebook_size)
+  if c.variant == 'single_stream' and (c.audio_vocab_size or c.end_id != -1):
+    raise ConfigError('config.model.audio_vocab_size / end_id apply to the '
+                      "global_local variant only (single_stream: 0 and -1)")
+  if c.audio_vocab_size and c.audio_vocab_size < v + 1:
+    raise ConfigError(f'config.model.audio_vocab_size must be 0 (ours) or hold '
+                      f'the {v} codes and END (>= {v + 1}), got '
+                      f'{c.audio_vocab_size}')
+  classes = head_widths(c)[0]
+  if c.end_id != -1 and not v <= c.end_id < classes:
+    raise ConfigError(f'config.model.end_id must be -1 (= codebook_size) or a '
+                      f'codebook-0 class in [{v}, {classes}) (audio_vocab_size '
+                      f'sets the classes), got {c.end_id}')
+  if c.reference not in REFERENCES:
+    raise ConfigError(f'config.model.reference must be one of {REFERENCES}, '
+                      f'got {c.reference!r}')
+  if c.reference == 'linear' and c.reference_dim < 1:
+    raise ConfigError("config.model.reference_dim must be >= 1 with reference="
+                      f"'linear', got {c.reference_dim}")
+  for key in ('text_extra_tokens', 'uncond_embedding', 'melody'):
+    if not isinstance(c[key], bool):
+      raise ConfigError(f'config.model.{key} must be True or False, got '
+                        f'{c[key]!r}')
 
 
 def _normal(rngs: nnx.Rngs, shape, std: float, names) -> nnx.Param:
@@ -55,25 +120,39 @@ class AudioLM(nnx.Module):
     self.num_codebooks = k = int(c.num_codebooks)
     self.codebook_size = v = int(c.codebook_size)
     self.text_vocab_size = int(c.text_vocab_size)
+    self.ref_id = ref_slot_id(c)
+    self.reference = c.reference
+    self.melody = bool(c.melody)
     e = int(c.backbone.dim)
     std = float(c.embed_init_std)
-    self.audio_embed = _normal(rngs, (k, layout.audio_table_size(v), e), std,
+    self.audio_embed = _normal(rngs, (k, audio_rows(c), e), std,
                                ('codebook', 'vocab', 'embed'))
-    self.text_embed = _normal(rngs, (layout.text_table_size(self.text_vocab_size), e),
-                              std, ('vocab', 'embed'))
-    self.melody_embed = _normal(rngs, (layout.MELODY_VOCAB, e), std,
-                                (None, 'embed'))
-    self.ref_proj = _normal(rngs, (e, e), e ** -0.5, ('embed', 'mlp'))
+    self.text_embed = _normal(rngs, (text_rows(c), e), std, ('vocab', 'embed'))
+    if self.melody:
+      self.melody_embed = _normal(rngs, (layout.MELODY_VOCAB, e), std,
+                                  (None, 'embed'))
+    # Guidance's unconditional rows: this one row stands for every text slot.
+    self.uncond_embed = (_normal(rngs, (e,), std, ('embed',))
+                         if c.uncond_embedding else None)
+    if self.reference == 'pooled':
+      self.ref_proj = _normal(rngs, (e, e), e ** -0.5, ('embed', 'mlp'))
+    else:  # a given embedding (HeartMuLa: MuQ-MuLan, 512 wide)
+      r = int(c.reference_dim)
+      self.ref_proj = _normal(rngs, (r, e), r ** -0.5, (None, 'embed'))
+      self.ref_bias = nnx.Param(jnp.zeros((e,), jnp.float32),
+                                out_sharding=('embed',))
     self.backbone = transformer.Transformer(c.backbone, rngs)
     head_std = float(c.backbone.init_std)
     if self.variant == 'global_local':
       el = int(c.local.dim)
+      width0, width = head_widths(c)
       # Codebook 0 (+ END) from the global hidden state.
-      self.head0 = _normal(rngs, (e, v + 1), head_std, ('embed', 'vocab'))
+      self.head0 = _normal(rngs, (e, width0), head_std, ('embed', 'vocab'))
       # Global hidden state and code embeddings enter the local width (CSM/HeartMuLa).
       self.local_proj = _normal(rngs, (e, el), e ** -0.5, ('embed', 'mlp'))
       self.local = transformer.Transformer(c.local, rngs)
-      self.local_heads = _normal(rngs, (k - 1, el, v), float(c.local.init_std),
+      self.local_heads = _normal(rngs, (k - 1, el, width),
+                                 float(c.local.init_std),
                                  ('codebook', 'embed', 'vocab'))
     else:
       self.heads = _normal(rngs, (k, e, v + 1), head_std,
@@ -88,23 +167,44 @@ class AudioLM(nnx.Module):
       out = out + _lookup(table[i], codes[..., i])
     return out
 
-  def reference_embedding(self, ref_codes: jax.Array) -> jax.Array:
-    """ref_codes [B, R, K] -> pooled, projected [B, E] (mean over valid frames)."""
+  def reference_embedding(self, ref: jax.Array) -> jax.Array:
+    """The reference slot's vector [B, E]: 'pooled', from ref codes [B, R, K]
+    (projected mean over valid frames); 'linear', from a given embedding
+    [B, reference_dim]."""
+    if self.reference == 'linear':
+      w = rules.shard_activation(self.ref_proj[...], (None, None))
+      return ref @ w + self.ref_bias[...]
+    ref_codes = ref
     valid = (ref_codes[..., 0] >= 0).astype(jnp.float32)
     emb = self.frame_embedding(ref_codes)
     pooled = jnp.sum(emb * valid[..., None], axis=1) / jnp.maximum(
         jnp.sum(valid, axis=1, keepdims=True), 1.0)
     return pooled @ rules.shard_activation(self.ref_proj[...], (None, None))
 
-  def embed(self, text, audio, melody, ref=None, ref_valid=None) -> jax.Array:
-    """Slot embeddings [B,S,E] from text [B,S], audio [B,S,K], melody [B,S]."""
+  def embed(self, text, audio, melody, ref=None, ref_valid=None,
+            uncond=None) -> jax.Array:
+    """Slot embeddings [B,S,E] from text [B,S], audio [B,S,K], melody [B,S]
+    (unused without a melody table); `uncond` [B] marks the unconditional
+    rows of guidance (with `uncond_embedding`)."""
     x = self.frame_embedding(audio)
-    x = x + _lookup(self.text_embed[...], text)
-    x = x + _lookup(self.melody_embed[...], melody)
+    t = _lookup(self.text_embed[...], text)
+    if self.uncond_embed is not None and uncond is not None:
+      # Every slot with a text column (the reference slot too) reads the
+      # unconditional row instead.
+      null = uncond[:, None] & (text != layout.EMPTY)
+      t = jnp.where(null[..., None], self.uncond_embed[...].astype(t.dtype), t)
+    x = x + t
+    if self.melody:
+      x = x + _lookup(self.melody_embed[...], melody)
     if ref is not None:
-      ref_slot = text == layout.extra_id(self.text_vocab_size, '<ref>')
-      use = ref_slot & ref_valid[:, None]
-      x = x + jnp.where(use[..., None], ref[:, None, :], 0.0)
+      use = (text == self.ref_id) & ref_valid[:, None]
+      if self.reference == 'linear':
+        # Replaces the slot, in conditional rows only.
+        if self.uncond_embed is not None and uncond is not None:
+          use = use & ~uncond[:, None]
+        x = jnp.where(use[..., None], ref[:, None, :].astype(x.dtype), x)
+      else:
+        x = x + jnp.where(use[..., None], ref[:, None, :], 0.0)
     return rules.shard_activation(x, ('batch', 'time', 'embed'))
 
   # ---------------------------------------------------------------- global
@@ -162,12 +262,19 @@ class AudioLM(nnx.Module):
     [K-1, B, F, V] (so each codebook's head is one plain GEMM and the large
     logits are never transposed) with 'local_index' [B, F] (the slot of each
     frame row; -1 if unused).
+
+    Optional keys: 'ref_codes' [B, R, K] ('pooled' reference) or 'ref_embed'
+    [B, reference_dim] ('linear'), each with 'ref_valid' [B]; 'uncond' [B]
+    (rows that read the unconditional embedding); 'melody' is unused
+    without a melody table.
     """
     ref = ref_valid = None
-    if 'ref_codes' in batch:
-      ref = self.reference_embedding(batch['ref_codes'])
+    ref_key = 'ref_codes' if self.reference == 'pooled' else 'ref_embed'
+    if ref_key in batch:
+      ref = self.reference_embedding(batch[ref_key])
       ref_valid = batch['ref_valid']
-    x = self.embed(batch['text'], batch['audio'], batch['melody'], ref, ref_valid)
+    x = self.embed(batch['text'], batch['audio'], batch.get('melody'), ref,
+                   ref_valid, batch.get('uncond'))
     valid = batch['valid']
     h, _ = self.backbone(x, batch['positions'], transformer.causal_mask(valid))
     if self.variant == 'single_stream':
@@ -218,7 +325,7 @@ class DecodeView:
     audio = model.audio_embed[...]
     self.tables = [audio[i] for i in range(k)]
     self.text_table = model.text_embed[...]
-    self.melody_table = model.melody_embed[...]
+    self.melody_table = model.melody_embed[...] if model.melody else None
     decode_attn = None
     if attention != 'xla':
       decode_attn = functools.partial(dispatch.attend_decode, impl=attention,
@@ -237,7 +344,9 @@ class DecodeView:
       self.heads = [heads[i] for i in range(k)]
 
   def embed(self, text, audio, melody) -> jax.Array:
-    x = _lookup(self.text_table, text) + _lookup(self.melody_table, melody)
+    x = _lookup(self.text_table, text)
+    if self.melody_table is not None:
+      x = x + _lookup(self.melody_table, melody)
     for i, table in enumerate(self.tables):
       x = x + _lookup(table, audio[..., i])
     return x

@@ -16,7 +16,7 @@ nothing but the codec:
 Prompts are token records (tags, lyrics and melody of real songs) of the
 LM's token dataset. All candidates of a prompt come from one batched
 generate call (the rows sample independently). Pairs are written in the
-format `musicjax.lm.dpo` reads: JSONL (OUT ends in .jsonl) or ArrayRecord
+format DPO reads (musicjax/lm/dpo_pairs.py): JSONL (OUT ends in .jsonl) or ArrayRecord
 shards (OUT is a directory).
 """
 from __future__ import annotations
@@ -29,16 +29,26 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+from array_record.python import array_record_module
+from tqdm import tqdm
 
+from musicjax import config as config_lib
+from musicjax.codec import chunked
+from musicjax.data import melody as melody_lib
+from musicjax.data import song_text
+from musicjax.data import token_records
 from musicjax.errors import UserError
-from musicjax.lm import dpo
+from musicjax.lm import dpo_pairs
+from musicjax.lm import generate as gen
 from musicjax.lm import layout
 from musicjax.lm import sequence
+from musicjax.lm import song
+from musicjax.parallel import rules
 
 DEFAULT_CANDIDATES = 4        # seed 001 §3.3.3
 DEFAULT_MARGIN = 0.1          # winner score - loser score must exceed this
 DEFAULT_MIN_WINNER = 0.0      # the winner's score must exceed this
-SHARD_PATTERN = 'pairs-{shard:05d}' + dpo.SHARD_SUFFIX
+SHARD_PATTERN = 'pairs-{shard:05d}' + dpo_pairs.SHARD_SUFFIX
 _TMP_SUFFIX = '.tmp'
 
 
@@ -85,11 +95,9 @@ def select_pair(scores: Sequence[float], *, margin: float,
 
 def candidate_chroma(ctx, codes: np.ndarray) -> np.ndarray:
   """Chroma class per frame of a candidate, decoded with the codec."""
-  from musicjax.codec import chunked  # pylint: disable=g-import-not-at-top
-  from musicjax.data import melody  # pylint: disable=g-import-not-at-top
   wave = chunked.decode_array(ctx.codec(), codes, progress=False)
-  return melody.chroma_tokens(wave, int(ctx.info['sample_rate']),
-                              int(ctx.info['hop_length']))
+  return melody_lib.chroma_tokens(wave, int(ctx.info['sample_rate']),
+                                  int(ctx.info['hop_length']))
 
 
 def _chroma_metric(ctx, codes: np.ndarray, prompt_chroma: np.ndarray) -> float:
@@ -116,13 +124,11 @@ class _Sampler:
   data.max_text_tokens so every prompt reuses one compilation."""
 
   def __init__(self, ctx, candidates: int, frames: int):
-    from musicjax.lm import generate as gen  # pylint: disable=g-import-not-at-top
-    from musicjax.lm import task as lm_task  # pylint: disable=g-import-not-at-top
     c = ctx.config
     s = c.sample
     self.ctx, self.n, self.frames = ctx, candidates, frames
     self.cfg = s.cfg_scale != 1.0
-    sampling = lm_task.sampling_from_config(s, max_frames=frames)
+    sampling = gen.sampling_from_config(s, max_frames=frames)
     self.fn = gen.make_generate_fn(ctx.model, sampling, num_cond=candidates)
 
   def _row(self, ids: list[int]) -> dict[str, np.ndarray]:
@@ -133,7 +139,6 @@ class _Sampler:
 
   def __call__(self, ids: list[int], melody_ids: np.ndarray, rng: jax.Array):
     """Candidates [codes [F_i, K]] and whether each ended with END."""
-    from musicjax.parallel import rules  # pylint: disable=g-import-not-at-top
     ctx, n = self.ctx, self.n
     c = ctx.config
     budget = c.data.max_text_tokens
@@ -173,7 +178,7 @@ class _JsonlWriter:
     obj = {'tags': pair['tags'], 'lyrics': pair['lyrics']}
     if pair['melody'] is not None:
       obj['melody'] = np.asarray(pair['melody']).tolist()
-    for side in dpo.SIDES:
+    for side in dpo_pairs.SIDES:
       obj[side] = np.asarray(pair[side]).tolist()
       obj[f'{side}_end'] = bool(pair[f'{side}_end'])
     obj.update(info)
@@ -190,7 +195,7 @@ class _ShardWriter:
   def __init__(self, directory: str, per_shard: int):
     self.dir, self.per_shard = directory, max(int(per_shard), 1)
     os.makedirs(directory, exist_ok=True)
-    stale = [f for f in os.listdir(directory) if f.endswith(dpo.SHARD_SUFFIX)]
+    stale = [f for f in os.listdir(directory) if f.endswith(dpo_pairs.SHARD_SUFFIX)]
     if stale:
       raise UserError(f'--out {directory} already holds pair shards '
                       f'({stale[0]}, ...); use an empty directory')
@@ -200,14 +205,10 @@ class _ShardWriter:
     return os.path.join(self.dir, SHARD_PATTERN.format(shard=self._shard))
 
   def write(self, pair: dict[str, Any], info: dict[str, Any]) -> None:
-    # pylint: disable=g-import-not-at-top
-    from array_record.python import array_record_module
-    from musicjax.data import token_records
-    # pylint: enable=g-import-not-at-top
     if self._writer is None:
       self._writer = array_record_module.ArrayRecordWriter(
           self._path() + _TMP_SUFFIX, token_records.WRITER_OPTIONS)
-    self._writer.write(dpo.encode_pair_record(pair, info))
+    self._writer.write(dpo_pairs.encode_pair_record(pair, info))
     self._count += 1
     if self._count == self.per_shard:
       self._finish()
@@ -224,10 +225,10 @@ class _ShardWriter:
 
 
 def _writer(out_path: str, records_per_shard: int):
-  if out_path.endswith(dpo.JSONL_SUFFIX):
+  if out_path.endswith(dpo_pairs.JSONL_SUFFIX):
     return _JsonlWriter(out_path)
   if os.path.splitext(out_path.rstrip(os.sep))[1]:
-    raise UserError(f'--out {out_path}: give a {dpo.JSONL_SUFFIX} file or a '
+    raise UserError(f'--out {out_path}: give a {dpo_pairs.JSONL_SUFFIX} file or a '
                     'directory (for ArrayRecord shards)')
   return _ShardWriter(out_path, records_per_shard)
 
@@ -257,7 +258,6 @@ def build_pairs(ctx, prompts: Sequence[Prompt], *,
   Returns:
     {'prompts', 'pairs', 'mean_margin', 'skipped_no_melody', 'out'}.
   """
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   c = ctx.config
   if candidates < 2:
     raise UserError(f'--candidates must be >= 2 (a winner and a loser), got '
@@ -286,8 +286,8 @@ def build_pairs(ctx, prompts: Sequence[Prompt], *,
       if not (chroma >= 0).any():
         skipped += 1
         continue
-      ids = dpo.prompt_ids(ctx.text, p.tags, p.lyrics, c.data.max_text_tokens)
-      mel_ids = dpo.melody_ids(chroma, frames, c.cond.melody)
+      ids = dpo_pairs.prompt_ids(ctx.text, p.tags, p.lyrics, c.data.max_text_tokens)
+      mel_ids = dpo_pairs.melody_ids(chroma, frames, c.cond.melody)
       codes, ended = sampler(ids, mel_ids, jax.random.fold_in(key, i))
       # An empty candidate (END first) cannot be a DPO sequence: no score.
       scores = [score(ctx, x, chroma) if len(x) else math.nan for x in codes]
@@ -321,8 +321,6 @@ def prompts_from_tokens(config, split: str, num_prompts: int, frames: int,
                         frame_rate: float) -> list[Prompt]:
   """Prompts from the first `num_prompts` usable records of a token split:
   all tags, the lyrics of the sections in the first `frames` frames, the melody."""
-  from musicjax.data import song_text  # pylint: disable=g-import-not-at-top
-  from musicjax.data import token_records  # pylint: disable=g-import-not-at-top
   ds = token_records.source(os.path.expanduser(config.data.path), split)
   out = []
   for i in range(len(ds)):
@@ -350,8 +348,6 @@ def prefs_main(config, workdir: str, out: str, num_prompts: int,
                split: str = 'eval', codec_workdir: str | None = None
                ) -> dict[str, Any]:
   """`musicjax prefs`: pairs from the LM in `workdir` on `split` prompts."""
-  from musicjax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from musicjax.lm import song  # pylint: disable=g-import-not-at-top
   if split not in ('train', 'eval'):
     raise UserError(f"--split must be 'train' or 'eval', got {split!r}")
   if num_prompts < 1:

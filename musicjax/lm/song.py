@@ -19,17 +19,21 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import soundfile as sf
 
-from musicjax.errors import UserError
+from musicjax.codec import chunked
 from musicjax.data import audio
+from musicjax.data import melody as melody_lib
 from musicjax.data import song_text
 from musicjax.data import token_records
+from musicjax.errors import UserError
+from musicjax.eval import plots
 from musicjax.lm import conditions
 from musicjax.lm import generate as gen
 from musicjax.lm import layout
 from musicjax.lm import sequence
-from musicjax.lm import task as lm_task
 from musicjax.lm import token_data
+from musicjax.parallel import rules
 from musicjax.train import runs
 
 logger = logging.getLogger('musicjax.lm')
@@ -152,10 +156,9 @@ def _tags_text(ctx: SongContext, tags: str) -> str | None:
 def _melody(ctx: SongContext, path: str, frames: int) -> np.ndarray:
   if not path:
     return np.full((frames,), layout.MELODY_NULL, np.int32)
-  from musicjax.data import melody  # pylint: disable=g-import-not-at-top
   wave = ctx.load_wave(path)
-  chroma = melody.chroma_tokens(wave, int(ctx.info['sample_rate']),
-                                int(ctx.info['hop_length']))
+  chroma = melody_lib.chroma_tokens(wave, int(ctx.info['sample_rate']),
+                                    int(ctx.info['hop_length']))
   ids = sequence.melody_ids(chroma, frames, dropped=False)
   return np.concatenate([ids, np.full((frames - len(ids),), layout.MELODY_NULL,
                                       np.int32)])
@@ -169,7 +172,6 @@ def reference_codes(ctx: SongContext, path: str) -> np.ndarray | None:
     _say('WARNING: this model was trained without a reference condition '
          '(config.data.reference_frames = 0); --reference is ignored')
     return None
-  from musicjax.codec import chunked  # pylint: disable=g-import-not-at-top
   codes = chunked.encode_array(ctx.codec(), ctx.load_wave(path))
   codes = codes[:, :ctx.config.model.num_codebooks].astype(np.int32)
   if len(codes) < r:  # shorter than the training segment: pad with EMPTY
@@ -265,7 +267,6 @@ def sample_codes(ctx: SongContext, req: SongRequest, progress: bool = True,
   `stream_seconds` of generated audio, with the codes so far (the first
   `counts[0]` frames are final), e.g. to play the song while it generates.
   """
-  from musicjax.parallel import rules  # pylint: disable=g-import-not-at-top
   c = ctx.config
   s = c.sample
   frames = int(round(req.seconds * ctx.frame_rate))
@@ -289,7 +290,7 @@ def sample_codes(ctx: SongContext, req: SongRequest, progress: bool = True,
   overrides = {name: getattr(req, name) for name in ('temperature', 'top_k', 'top_p')
                if getattr(req, name) is not None}
   min_frames = min(frames, int(round(req.min_seconds * ctx.frame_rate)))
-  sampling = lm_task.sampling_from_config(
+  sampling = gen.sampling_from_config(
       s, cfg_scale=scale, max_frames=frames, min_frames=min_frames,
       stream_every=every, **overrides)
   cb = _Progress(frames, ctx.frame_rate) if progress else None
@@ -307,14 +308,11 @@ def sample_codes(ctx: SongContext, req: SongRequest, progress: bool = True,
 
 
 def spectrogram_png(wave: np.ndarray, sr: int, path: str, title: str) -> None:
-  from musicjax.eval import plots  # pylint: disable=g-import-not-at-top
   plots.save_spectrograms({title: wave}, sr, path)
 
 
 def generate_song(ctx: SongContext, req: SongRequest, out_path: str) -> dict[str, Any]:
   """Writes OUT (wav), OUT.npz (codes) and OUT.png (spectrogram)."""
-  import soundfile as sf  # pylint: disable=g-import-not-at-top
-  from musicjax.codec import chunked  # pylint: disable=g-import-not-at-top
   t0 = time.perf_counter()
   codes = sample_codes(ctx, req)
   t_gen = time.perf_counter() - t0

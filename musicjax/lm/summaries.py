@@ -28,11 +28,12 @@ import numpy as np
 from flax import nnx
 
 from musicjax.eval import summaries as common
+from musicjax.lm import conditions
 from musicjax.lm import generate as gen
 from musicjax.lm import layout
 from musicjax.lm import patterns
 from musicjax.lm import sequence
-from musicjax.lm import task as task_lib
+from musicjax.lm import token_data
 
 SLOT_KEYS = ('text', 'audio', 'melody', 'positions', 'valid')
 
@@ -98,8 +99,6 @@ class LMSummaries:
     self.codec, self.text = None, None
     self.frames = int(c.data.max_frames)
     if c.data.kind != 'synthetic':
-      from musicjax.lm import conditions  # pylint: disable=g-import-not-at-top
-      from musicjax.lm import token_data  # pylint: disable=g-import-not-at-top
       info = token_data.check_dataset(c)
       self.frames = max(1, int(round(c.summary.seconds * info['frame_rate'])))
       self.codec = common.DatasetCodec(info, c.data.path)
@@ -115,7 +114,7 @@ class LMSummaries:
     # Synthetic tokens carry no condition: guidance has nothing to guide.
     scale = float(c.sample.cfg_scale) if self.text is not None else 1.0
     self.cfg = scale != 1.0
-    self.sampling = task_lib.sampling_from_config(
+    self.sampling = gen.sampling_from_config(
         c.sample, cfg_scale=scale, max_frames=self.frames,
         min_frames=self.frames)
     self.sampling.validate()

@@ -1,8 +1,9 @@
 """The audio-token LM as a trainer task (both variants, both layouts).
 
 Batches are slot sequences (musicjax/lm/layout.py) built on the host by the
-token pipeline (musicjax/lm/data.py), or by the synthetic Markov source
-(musicjax/lm/synthetic.py) whose exact entropy tests the whole training path.
+token pipeline (musicjax/lm/token_data.py), or by the synthetic Markov source
+(musicjax/lm/data.py, musicjax/lm/synthetic.py) whose exact entropy tests the
+whole training path.
 """
 from __future__ import annotations
 
@@ -19,9 +20,13 @@ from flax import nnx
 from musicjax.config import ConfigError
 from musicjax.kernels import decode_attention as kernel_lib
 from musicjax.kernels import dispatch
+from musicjax.lm import data
 from musicjax.lm import generate as gen
+from musicjax.lm import layout
 from musicjax.lm import model as model_lib
 from musicjax.lm import patterns
+from musicjax.lm import summaries as summaries_lib
+from musicjax.lm import token_data
 from musicjax.nn import transformer
 from musicjax.train.task import ArraySpec, Task
 
@@ -43,6 +48,18 @@ def default_config() -> ConfigDict:
   m.text_vocab_size = 1024        # the tokenizer's vocabulary (LM extras come after)
   m.embed_init_std = 0.02
   m.max_seq_len = 8192            # slots a sequence may have (generate checks it)
+  # Embedding and head layout (model.check_config): musicjax's own by default;
+  # configs/lm/heartmula_oss_3b.py sets the released HeartMuLa's.
+  m.audio_vocab_size = 0          # rows per codebook table = head widths; 0: ours
+                                  # (codebook_size + 2 rows, heads + END / codes)
+  m.end_id = -1                   # codebook-0 class ending a song; -1: codebook_size
+  m.text_extra_tokens = True      # layout.EXTRA_TOKENS after the tokenizer's ids
+  m.uncond_embedding = False      # one learned row for every text slot of
+                                  # guidance's unconditional rows (batch 'uncond')
+  m.reference = 'pooled'          # pooled (ref codes, added to <ref>) | linear
+                                  # (a given embedding, replaces the ref slot)
+  m.reference_dim = 0             # linear: width of the given embedding
+  m.melody = True                 # melody-class table
   m.backbone = transformer.default_config()
   m.local = transformer.default_config()
   m.local.num_layers = 2
@@ -151,6 +168,7 @@ def check_config(config: ConfigDict) -> None:
     raise ConfigError(f'config.model.pattern must be one of {patterns.KINDS}, '
                       f'got {m.pattern!r}')
   transformer.check_config(m.backbone, 'model.backbone')
+  model_lib.check_config(m)
   if m.variant == 'global_local':
     transformer.check_config(m.local, 'model.local')
     if m.num_codebooks < 2:
@@ -163,8 +181,8 @@ def check_config(config: ConfigDict) -> None:
   if d.kind not in ('tokens', 'synthetic'):
     raise ConfigError(f"config.data.kind must be 'tokens' or 'synthetic' for "
                       f'the LM, got {d.kind!r}')
-  if seq_len(config) > m.max_seq_len:
-    raise ConfigError(f'config.data: a training sequence has {seq_len(config)} '
+  if layout.seq_len(config) > m.max_seq_len:
+    raise ConfigError(f'config.data: a training sequence has {layout.seq_len(config)} '
                       f'slots, more than config.model.max_seq_len={m.max_seq_len}')
   if config.loss.local_weighting not in ('uniform', 'sft'):
     raise ConfigError("config.loss.local_weighting must be 'uniform' or 'sft', "
@@ -177,37 +195,12 @@ def check_config(config: ConfigDict) -> None:
     raise ConfigError(f'config.sample.attention must be one of {dispatch.IMPLS}, '
                       f'got {s.attention!r}')
   try:
-    kernel_lib.check_params(sampling_from_config(s).kernel_params(), 'triton')
+    kernel_lib.check_params(gen.sampling_from_config(s).kernel_params(), 'triton')
   except ValueError as e:
     raise ConfigError(f'config.sample.attention_block_k / attention_splits: {e}'
                       ) from None
 
 
-def sampling_from_config(s: ConfigDict, **overrides) -> gen.Sampling:
-  """`gen.Sampling` from config.sample; keyword arguments override fields."""
-  kw = dict(temperature=float(s.temperature), top_k=int(s.top_k),
-            top_p=float(s.top_p), cfg_scale=float(s.cfg_scale),
-            top_k_keep_ties=bool(s.top_k_keep_ties),
-            head_dtype=s.head_dtype, attention=s.attention,
-            attention_block_k=int(s.attention_block_k),
-            attention_splits=int(s.attention_splits))
-  kw.update(overrides)
-  return gen.Sampling(**kw)
-
-
-def audio_steps(config: ConfigDict) -> int:
-  """Audio slots of a window: frames, or pattern steps for single_stream
-  (+1 frame for END)."""
-  m, d = config.model, config.data
-  if m.variant == 'single_stream':
-    return patterns.num_steps(m.pattern, m.num_codebooks, d.max_frames + 1)
-  return d.max_frames + 1
-
-
-def seq_len(config: ConfigDict) -> int:
-  d = config.data
-  extra = d.max_sections if d.layout == 'interleaved' else 0
-  return d.max_text_tokens + audio_steps(config) + extra
 
 
 class LMTask(Task):
@@ -229,7 +222,7 @@ class LMTask(Task):
     return state.model
 
   def batch_spec(self, batch_size: int) -> Mapping[str, ArraySpec]:
-    s, k = seq_len(self.config), self.config.model.num_codebooks
+    s, k = layout.seq_len(self.config), self.config.model.num_codebooks
     spec = {
         'text': ArraySpec((batch_size, s), np.int32, ('batch', 'time')),
         'audio': ArraySpec((batch_size, s, k), np.int32, ('batch', 'time', None)),
@@ -280,14 +273,14 @@ class LMTask(Task):
     return out
 
   def dataset(self, split: str, shard_index: int, shard_count: int):
-    from musicjax.lm import data  # pylint: disable=g-import-not-at-top
-    return data.lm_dataset(self.config, split, shard_index, shard_count)
+    if self.config.data.kind == 'synthetic':
+      return data.synthetic_dataset(self.config, split, shard_index, shard_count)
+    return token_data.token_dataset(self.config, split, shard_index, shard_count)
 
   @functools.cached_property
   def _summaries(self):
     # Built on first use: the codec and the jitted loop are kept for the run.
-    from musicjax.lm import summaries  # pylint: disable=g-import-not-at-top
-    return summaries.LMSummaries(self.config)
+    return summaries_lib.LMSummaries(self.config)
 
   def summaries(self, state: LMState, batch, rng):
     """A generated clip beside the batch's first example (lm/summaries.py)."""

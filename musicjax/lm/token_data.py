@@ -39,7 +39,6 @@ from musicjax.data import token_records
 from musicjax.lm import conditions
 from musicjax.lm import layout
 from musicjax.lm import sequence
-from musicjax.lm import task as task_lib
 from musicjax.lm.data import audio_slots, local_batch
 
 
@@ -150,7 +149,7 @@ class Example:
         nxt = int(mel[b]) if b < total else layout.MELODY_NULL
         ends = s.end_frame <= stop
         parts.append(sequence.AudioPart(codes[a:b], mel[a:b], ends, nxt))
-    ex = sequence.assemble(parts, task_lib.seq_len(c), k, c.model.codebook_size)
+    ex = sequence.assemble(parts, layout.seq_len(c), k, c.model.codebook_size)
     if r:
       ex['ref_codes'] = ref.astype(np.int32)
       ex['ref_valid'] = np.asarray(has_ref)

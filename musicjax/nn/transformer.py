@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from musicjax.errors import ConfigError
 from musicjax.parallel import rules
 
 Cache = dict[str, jax.Array]
@@ -79,7 +80,6 @@ def head_dim(c: ml_collections.ConfigDict) -> int:
 
 
 def check_config(c: ml_collections.ConfigDict, where: str) -> None:
-  from musicjax.config import ConfigError  # pylint: disable=g-import-not-at-top
   for key in ('num_layers', 'dim', 'num_heads', 'num_kv_heads', 'mlp_dim'):
     if int(c[key]) < 1:
       raise ConfigError(f'config.{where}.{key} must be >= 1, got {c[key]}')

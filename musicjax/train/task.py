@@ -34,9 +34,11 @@ import dataclasses
 from typing import Any, Mapping
 
 import jax
+import ml_collections
 import numpy as np
 from flax import nnx
-import ml_collections
+
+from musicjax.data import pipeline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +94,6 @@ class Task(abc.ABC):
   def dataset(self, split: str, shard_index: int, shard_count: int):
     """Host-local batches for `split` ('train' repeats forever; 'eval' is
     deterministic). Its iterator state is saved in every checkpoint."""
-    from musicjax.data import pipeline  # data is a sibling layer, loaded lazily
     return pipeline.audio_dataset(self.config, split, shard_index, shard_count)
 
   def finalize_metrics(self, averaged: dict[str, float]) -> dict[str, float]:

@@ -34,6 +34,7 @@ from jax.sharding import Mesh, NamedSharding
 from musicjax import config as config_lib
 from musicjax import tasks
 from musicjax.config import ConfigError
+from musicjax.data import audio
 from musicjax.errors import UserError
 from musicjax.parallel import distributed
 from musicjax.parallel import mesh as mesh_lib
@@ -451,11 +452,7 @@ def _write_summaries(s: Setup, state, step: int, writer) -> None:
 
 
 def _bad_file_count() -> int:
-  try:
-    from musicjax.data import audio  # written by the data layer
-    return int(audio.bad_file_count())
-  except (ImportError, AttributeError):
-    return 0
+  return int(audio.bad_file_count())   # counted by the data layer
 
 
 def restore_checkpoint(config: ml_collections.ConfigDict, workdir: str,
@@ -485,13 +482,3 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   with jax.set_mesh(s.mesh), rules_lib.use_rules(s.rules):
     ev = _eval(s, make_eval_step(s), state, n)
   return {'step': float(step), **ev}
-
-
-def restore_for_inference(config: ml_collections.ConfigDict, workdir: str,
-                          step: int | None = None):
-  """(task, mesh, state module): `musicjax.train.runs.load_run`, kept for the
-  callers not yet moved to it (notebooks 01 and 04)."""
-  # Late import: runs builds on this module (setup, restore_checkpoint).
-  from musicjax.train import runs  # pylint: disable=g-import-not-at-top
-  run = runs.load_run(workdir, step, config=config)
-  return run.task, run.mesh, run.state

@@ -1,8 +1,10 @@
 """Tiny config for trainer tests: the toy MLP task with small numbers."""
 from musicjax import config as config_lib
+from tests import toy_task
 
 
 def get_config():
+  toy_task.register()  # also in `musicjax train` subprocesses
   c = config_lib.for_task('toy')
   c.data.batch_size = 8
   c.data.eval_batch_size = 8

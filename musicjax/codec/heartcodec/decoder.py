@@ -7,7 +7,7 @@ float64 cross-fade on the host. Codes are [B, F, K] and audio [B, samples,
 channels], as elsewhere in musicjax.
 
 Build one with random weights from a config (config.py), or load HeartCodec
-weights with heartlib_weights.load.
+weights with musicjax.export.released.heartcodec.load.
 """
 from __future__ import annotations
 

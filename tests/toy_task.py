@@ -1,5 +1,9 @@
 """A tiny MLP regression task: the trainer's test vehicle (fast on 1 CPU core).
 
+Registered as task 'toy' by the tests only (conftest.py, configs/toy.py):
+`register()` names it by import path, so that the trainer, `load_run` and a
+`musicjax train` subprocess (PYTHONPATH = the checkout) all find it.
+
 It exercises every part of the task contract: logical-axis parameters
 ('embed', 'mlp'), an optax optimizer in the state, a deterministic Grain
 dataset with checkpointable iterator state, eval, and summaries.
@@ -22,6 +26,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from musicjax import tasks
 from musicjax.parallel.rules import matmul, shard_activation
 from musicjax.train.task import ArraySpec, Task
 
@@ -79,6 +84,9 @@ class ToyTask(Task):
   def create_state(self, rngs: nnx.Rngs) -> ToyState:
     m = self.config.model
     return ToyState(m.dim, m.hidden, self.config.optim.learning_rate, rngs)
+
+  def inference_model(self, state: ToyState) -> MLP:
+    return state.model
 
   def batch_spec(self, batch_size: int) -> Mapping[str, ArraySpec]:
     d = self.config.model.dim
@@ -146,3 +154,7 @@ def _to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(jax.device_get(x))
   from jax.experimental import multihost_utils
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def register() -> None:
+  tasks.register('toy', 'tests.toy_task:ToyTask')

@@ -1,4 +1,6 @@
-"""ArrayRecord shards of audio, written by `musicjax prepare`.
+"""ArrayRecord shards of audio: the record format, writing and reading them.
+
+Written by `musicjax prepare` (`musicjax.prepare.audio`), read by `sources`.
 
 Layout: `DIR/{train,eval}-00000-of-0000N.array_record`; `config.data.path`
 points at DIR. Each record is an `np.savez` archive (read back with
@@ -15,19 +17,16 @@ import json
 import os
 from typing import Any, Iterable
 
-import ml_collections
+import grain
 import numpy as np
+from array_record.python import array_record_module
 
-from musicjax import fileio
 from musicjax.data import audio
 from musicjax.data import npz
-from musicjax.data import song_parts
 
 _SHARD_PATTERN = '{split}-{index:05d}-of-{count:05d}.array_record'
 # One record per chunk: random access reads exactly one record.
 _WRITER_OPTIONS = 'group_size:1'
-# Marks a split whose shards are complete, with the settings they were made with.
-_DONE = '.{split}.done.json'
 
 
 def encode_record(x: np.ndarray, sample_rate: int, meta: dict[str, Any]) -> bytes:
@@ -70,7 +69,6 @@ def write_array_record(records: Iterable[dict[str, Any]], out_dir: str,
 def write_raw_records(records: Iterable[bytes], out_dir: str, shard_size: int,
                       split: str = 'train') -> list[str]:
   """`write_array_record` of records already encoded (`encode_record`)."""
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   if shard_size < 1:
     raise ValueError(f'shard_size must be >= 1, got {shard_size}')
   os.makedirs(out_dir, exist_ok=True)
@@ -89,7 +87,7 @@ def write_raw_records(records: Iterable[bytes], out_dir: str, shard_size: int,
   finally:
     if writer is not None:
       writer.close()
-  for old in _shards(out_dir, split):  # replace a previous set completely
+  for old in shards(out_dir, split):  # replace a previous set completely
     os.remove(old)
   final = []
   for i, tmp in enumerate(tmp_paths):
@@ -100,71 +98,15 @@ def write_raw_records(records: Iterable[bytes], out_dir: str, shard_size: int,
   return final
 
 
-def _shards(out_dir: str, split: str) -> list[str]:
+def shards(out_dir: str, split: str) -> list[str]:
+  """The shard files of `split` in `out_dir`, sorted."""
   return sorted(os.path.join(out_dir, f) for f in os.listdir(out_dir)
                 if f.startswith(f'{split}-') and f.endswith('.array_record'))
 
 
 def read_array_record(out_dir: str, split: str) -> list[dict[str, Any]]:
   """All items of a split (small sets and tests; the pipeline reads lazily)."""
-  import grain  # pylint: disable=g-import-not-at-top
-  paths = _shards(out_dir, split)
+  paths = shards(out_dir, split)
   source = grain.sources.ArrayRecordDataSource(paths)
   return [decode_record(source[i], f'{out_dir}/{split}#{i}')
           for i in range(len(source))]
-
-
-def prepare_audio_main(config: ml_collections.ConfigDict, out_dir: str) -> dict[str, int]:
-  """Converts the config's source (chorales/folder/...) to ArrayRecord shards.
-
-  Audio is stored at `config.data.sample_rate` with `config.data.channels`.
-  A rerun with the same `out_dir` after a kill resumes at the file it was on
-  (`song_parts`: each finished file is kept in DIR/.<split>.parts/ until the
-  split's shards are written). Returns the number of records per split.
-  """
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  from musicjax.data import sources  # pylint: disable=g-import-not-at-top
-  d = config.data
-  os.makedirs(out_dir, exist_ok=True)
-
-  def encode(item):
-    x = audio.load_audio(item['source'], d.sample_rate, d.channels,
-                         d.max_file_seconds, name=item['name'])
-    origin = item['name'] if isinstance(item['source'], str) else None
-    meta = dict(item['meta'], origin=item['meta'].get('origin', origin))
-    return encode_record(x, d.sample_rate, meta)
-
-  counts = {}
-  for split in sources.SPLITS:
-    items = sources.items(config, split)
-    settings = {'format': 'musicjax-audio-records', 'split': split,
-                'data': sources.describe(config), 'sample_rate': int(d.sample_rate),
-                'channels': int(d.channels),
-                'max_file_seconds': float(d.max_file_seconds),
-                'records_per_shard': int(d.records_per_shard),
-                'items': song_parts.items_fingerprint([it['name'] for it in items])}
-    done = os.path.join(out_dir, _DONE.format(split=split))
-    finished = _read_json(done)
-    if finished and finished.get('settings') == settings and _shards(out_dir, split):
-      counts[split] = int(finished['records'])  # written by an earlier run
-      continue
-    parts = song_parts.SongParts(os.path.join(out_dir, f'.{split}.parts'),
-                                 settings, os.path.join(out_dir, f'{split}-*'))
-    with tqdm(total=len(items), desc=f'prepare {split}', unit='file') as bar:
-      parts.make(items, encode, bar)
-    records, _ = parts.finished(len(items))
-    write_raw_records(records, out_dir, d.records_per_shard, split)
-    fileio.write_text(done, json.dumps({'settings': settings,
-                                        'records': len(records)}))
-    parts.remove()
-    counts[split] = len(records)
-  return counts
-
-
-def _read_json(path: str) -> dict[str, Any] | None:
-  try:
-    with open(path, encoding='utf-8') as f:
-      out = json.load(f)
-  except (OSError, ValueError):
-    return None
-  return out if isinstance(out, dict) else None
