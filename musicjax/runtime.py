@@ -1,4 +1,5 @@
-"""Process-wide settings the CLI applies before JAX starts any thread.
+"""Process-wide settings the CLI applies before JAX starts any thread, and
+facts about the machine (load, CPU model) for benchmarks and reports.
 
 glibc malloc. XLA:CPU allocates an execution's temporaries as one buffer and
 frees it when the execution ends: 1.5 GB for the train step of
@@ -24,6 +25,7 @@ import ctypes
 import ctypes.util
 import glob
 import os
+import platform
 
 # mallopt(3) parameters (glibc malloc.h).
 M_TRIM_THRESHOLD = -1
@@ -79,3 +81,24 @@ def tune_malloc() -> dict:
 def malloc_status() -> dict:
   """What `tune_malloc` did in this process (benches report it)."""
   return dict(_status)
+
+
+# ---- the machine, for benchmarks and reports --------------------------------
+def load_now() -> float | None:
+  """The 1-minute load average now (None where the OS has none)."""
+  try:
+    return float(os.getloadavg()[0])
+  except (AttributeError, OSError):
+    return None
+
+
+def cpu_model() -> str:
+  """The CPU's model name from /proc/cpuinfo, else what `platform` knows."""
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8') as f:
+      for line in f:
+        if line.lower().startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()

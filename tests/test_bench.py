@@ -5,6 +5,7 @@ import os
 
 from flax import nnx
 
+from musicjax import runtime
 from musicjax import cli
 from musicjax import config as config_lib
 from musicjax.bench import lm as lm_bench
@@ -35,7 +36,7 @@ TINY_LM = [
 def test_machine_reports_cpu_cores_and_load_at_start_and_end(monkeypatch):
   loads = iter([(0.25, 0.0, 0.0), (0.5, 0.0, 0.0)])
   monkeypatch.setattr(machine.os, 'getloadavg', lambda: next(loads))
-  start = machine.load_now()
+  start = runtime.load_now()
   m = machine.describe(start)
   assert m['load_1min_start'] == 0.25 and m['load_1min_end'] == 0.5
   assert isinstance(m['load_1min_end'], float)
@@ -56,7 +57,7 @@ def test_machine_without_a_load_average(monkeypatch):
   def none():
     raise OSError('no load average')
   monkeypatch.setattr(machine.os, 'getloadavg', none)
-  m = machine.describe(machine.load_now())
+  m = machine.describe(runtime.load_now())
   assert m['load_1min_start'] is None and m['busy'] is False
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from musicjax import cli
 from musicjax.errors import UserError
-from musicjax.eval import codec_quality as cq
+from musicjax.codec import quality as cq
 from musicjax.train import trainer
 from tests import audio_fixtures as fx
 from tests import codec_fixtures as cf

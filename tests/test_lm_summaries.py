@@ -15,7 +15,7 @@ from flax import nnx
 from musicjax import config as config_lib
 from musicjax.prepare import tokens as prepare_tokens
 from musicjax.data import token_records
-from musicjax.eval import summaries as common
+from musicjax.codec import dataset_codec as common
 from musicjax.lm import generate as gen
 from musicjax.lm import layout
 from musicjax.lm import sequence

@@ -28,7 +28,7 @@ from flax import nnx
 
 from musicjax.accomp import data as data_lib
 from musicjax.accomp import sample as sample_lib
-from musicjax.eval import summaries as common
+from musicjax.codec import dataset_codec as common
 
 
 class AccompSummaries:

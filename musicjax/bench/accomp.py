@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from musicjax import runtime
 from musicjax.accomp import sample as sample_lib
 from musicjax.accomp import task as task_lib
 from musicjax.bench import machine
@@ -93,7 +94,7 @@ def songs(config, frames=None, steps=None) -> list[tuple[int, int, int]]:
 def run(config, repeats: int = 3, frames=None, steps=None) -> dict:
   """RTF of each song (frames, steps) with and without guidance; one entry
   per song in out['songs'], in the order given."""
-  load_start = machine.load_now()
+  load_start = runtime.load_now()
   plan = songs(config, frames, steps)
   with nnx.use_eager_sharding(False):
     model = task_lib.AccompState(config, nnx.Rngs(config.train.seed)).model

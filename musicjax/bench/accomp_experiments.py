@@ -11,6 +11,7 @@ import tempfile
 
 import numpy as np
 
+from musicjax import runtime
 from musicjax import config as config_lib
 from musicjax.accomp import diffusion
 from musicjax.bench import machine
@@ -84,7 +85,7 @@ def _experiment(name: str, benchmark: str, metric: str, key: str, what: str,
   synthetic data and reports the final `metric` of each run as out[key_label]
   (and its mean). Runs go to `workdir`, or a temporary directory removed
   afterwards."""
-  load_start = machine.load_now()
+  load_start = runtime.load_now()
   out = {'benchmark': benchmark, 'log_v': float(np.log(SYNTHETIC_CODES))}
   tmp = None if workdir else tempfile.TemporaryDirectory(
       prefix=name.replace('-', '_') + '_')

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from musicjax import runtime
 from musicjax import tasks
 from musicjax.bench import machine
 from musicjax.bench import measure
@@ -19,7 +20,7 @@ def run(config, seconds: float = 10.0, repeats: int = 5) -> dict:
   """Encode and decode speed of a randomly initialised codec, as x real time
   (audio seconds per wall second; the median and the best of the repeats, the
   best being what ../shared/peer-bench/encodec_bench.py reports)."""
-  load_start = machine.load_now()
+  load_start = runtime.load_now()
   task = tasks.get(config.task)(config)
   with nnx.use_eager_sharding(False):
     state = task.create_state(nnx.Rngs(config.train.seed))

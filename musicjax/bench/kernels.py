@@ -33,6 +33,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from musicjax import runtime
 from musicjax.bench import machine
 from musicjax.bench import measure
 from musicjax.errors import UserError
@@ -437,7 +438,7 @@ def run_case(opts: Options, batch: int, impls: list[str], peak_bps: float,
 
 def run(opts: Options = Options()) -> dict:
   """The benchmark on the default device; one JSON-able dict."""
-  load_start = machine.load_now()
+  load_start = runtime.load_now()
   check(opts)
   device = jax.devices()[0]
   impls, skipped = implementations(opts, device.platform)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from musicjax import runtime
 from musicjax.bench import machine
 from musicjax.bench import measure
 from musicjax.errors import UserError
@@ -59,7 +60,7 @@ def decode(config, repeats: int = 3, frames=DECODE_FRAMES,
   """Frames/s of whole-song generation at batch 1, CFG on and off, for each
   song length in `frames` (out['lengths'], one entry each; the top-level
   figures are the first length's)."""
-  load_start = machine.load_now()
+  load_start = runtime.load_now()
   frames = tuple(int(f) for f in frames)
   if not frames or min(frames) < 1:
     raise UserError(f'--frames wants positive frame counts (e.g. 200,1000), '
@@ -202,7 +203,7 @@ def train_flops(config) -> dict[str, float]:
 def train(config, repeats: int = 5) -> dict:
   """Train-step throughput on synthetic tokens, and MFU against the GEMM peak
   (the best of jax, numpy and torch, measured in the same run)."""
-  load_start = machine.load_now()
+  load_start = runtime.load_now()
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.data.kind = 'synthetic'

@@ -27,36 +27,16 @@ from musicjax.bench import measure
 BUSY_LOAD_PER_CORE = 1.5
 
 
-def load_now() -> float | None:
-  """The 1-minute load average now (None where the OS has none)."""
-  try:
-    return float(os.getloadavg()[0])
-  except (AttributeError, OSError):
-    return None
-
-
-def cpu_model() -> str:
-  """The CPU's model name from /proc/cpuinfo, else what `platform` knows."""
-  try:
-    with open('/proc/cpuinfo', encoding='utf-8') as f:
-      for line in f:
-        if line.lower().startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
 def describe(load_start: float | None = None) -> dict:
   """Where a figure was measured: device, CPU, cores, and the load average at
-  the bench's start (`load_start`, from `load_now()`; None: now) and now.
+  the bench's start (`load_start`, from `runtime.load_now()`; None: now) and now.
 
   `busy` is True when either load exceeds BUSY_LOAD_PER_CORE x cores: other
   jobs shared the cores, so the figure understates the machine.
   """
   dev = jax.devices()[0]
   cores = os.cpu_count() or 1
-  end = load_now()
+  end = runtime.load_now()
   start = end if load_start is None else load_start
   loads = [x for x in (start, end) if x is not None]
   threshold = BUSY_LOAD_PER_CORE * cores
@@ -64,7 +44,7 @@ def describe(load_start: float | None = None) -> dict:
   out = {
       'platform': dev.platform, 'device_kind': dev.device_kind,
       'device_count': jax.device_count(), 'cpu_count': cores,
-      'cpu_model': cpu_model(),
+      'cpu_model': runtime.cpu_model(),
       'processor': platform.processor() or platform.machine(),
       'jax': jax.__version__,
       'load_1min_start': start, 'load_1min_end': end,

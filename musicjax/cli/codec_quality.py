@@ -8,7 +8,7 @@ def register(sub) -> dict:
   cq = sub.add_parser('codec-quality', help='a trained codec vs Opus on real '
                       'recordings: level, DC, <40 Hz energy, mel, SI-SDR',
                       argument_default=argparse.SUPPRESS)
-  # Defaults live in musicjax.eval.codec_quality.run: flags not given stay unset.
+  # Defaults live in musicjax.codec.quality.run: flags not given stay unset.
   cq.add_argument('--workdir', required=True, help='a trained codec workdir')
   cq.add_argument('--audio', required=True, nargs='+', metavar='DIR_OR_FILE',
                   help='audio files, or folders searched for them')
@@ -29,7 +29,7 @@ def register(sub) -> dict:
 
 def run(args, overrides: list[str]) -> int:
   del overrides  # the codec's own config.json is used as saved
-  from musicjax.eval import codec_quality as quality
+  from musicjax.codec import quality
   given = {k: v for k, v in vars(args).items() if k not in ('verb', 'workdir',
                                                             'audio')}
   quality.main(args.workdir, args.audio, **given)

@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from musicjax.eval import summaries as common
+from musicjax.codec import dataset_codec as common
 from musicjax.lm import conditions
 from musicjax.lm import generate as gen
 from musicjax.lm import layout

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import soundfile as sf
 
-from musicjax.bench import machine
+from musicjax import runtime
 from musicjax.codec import chunked
 from musicjax.data import audio as audio_io
 from musicjax.data import augment
@@ -276,8 +276,8 @@ def _load_clip(path: str, sample_rate: int, channels: int, seconds: float,
 def host_info() -> dict[str, Any]:
   """CPU model, 1-minute load average and JAX device: context for timings."""
   device = jax.devices()[0]
-  return dict(cpu_model=machine.cpu_model(), cpu_count=os.cpu_count(),
-              load_avg_1m=machine.load_now(),
+  return dict(cpu_model=runtime.cpu_model(), cpu_count=os.cpu_count(),
+              load_avg_1m=runtime.load_now(),
               jax_device=f'{device.platform}:{device.device_kind}')
 
 
