@@ -1,7 +1,6 @@
 """An accompaniment model of VampNet's tiny size, for timing only.
 
-It matches the model ../shared/peer-bench/vampnet_bench.py builds with
-VampNet's own code (8 layers x 256 wide, 4 heads, 4 codebooks x 1024,
+It matches VampNet's tiny model built with VampNet's own code (8 layers x 256 wide, 4 heads, 4 codebooks x 1024,
 bidirectional), so `musicjax bench accomp` sits beside VampNet's generate():
 
   musicjax bench accomp --config configs/accomp/vampnet_tiny_size.py \

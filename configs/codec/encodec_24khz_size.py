@@ -1,8 +1,8 @@
 """A codec of EnCodec 24 kHz's size and setting, for timing only.
 
 It matches EnCodec 24 kHz (`encodec.EncodecModel.encodec_model_24khz`) in
-what sets its speed, so `musicjax bench codec` sits beside
-../shared/peer-bench/encodec_bench.py: 24 kHz mono, strides (2, 4, 5, 8)
+what sets its speed, so `musicjax bench codec` sits beside EnCodec's own
+code (docs/figures.md): 24 kHz mono, strides (2, 4, 5, 8)
 (hop 320, 75 Hz), 8 codebooks x 1024 = 6 kbps, 14.85M generator parameters
 (bench prints `params`), and about the same FLOPs per second of audio. It is
 not meant to be trained as is (train configs/codec/base.py).

@@ -19,7 +19,7 @@ CODEC_TARGET_RTF = 100.0
 def run(config, seconds: float = 10.0, repeats: int = 5) -> dict:
   """Encode and decode speed of a randomly initialised codec, as x real time
   (audio seconds per wall second; the median and the best of the repeats, the
-  best being what ../shared/peer-bench/encodec_bench.py reports)."""
+  best being how EnCodec's speed is reported beside it in docs/figures.md)."""
   load_start = runtime.load_now()
   task = tasks.get(config.task)(config)
   with nnx.use_eager_sharding(False):
