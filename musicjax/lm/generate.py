@@ -15,8 +15,14 @@ Every loop iteration writes one slot for every row:
     ignores and that do not advance the row's position).
 
 CFG doubles the batch: rows [0, n) are conditional, rows [n, 2n) carry the
-learned null conditions; guided logits are u + scale * (c - u), and the sampled
+learned null conditions (or, with the prompt's 'uncond' [B], the model's
+unconditional row); guided logits are u + scale * (c - u), and the sampled
 token is written to both rows of a pair, so the pair stays in step.
+
+A frame ends the song (or section) when any of its codes is >= the END id
+(`Sampling.end_id`). With our heads that is codebook 0 == END (the local heads
+have no END class); the released HeartMuLa's heads all sample over the special
+rows too, and heartlib stops on any such code.
 """
 from __future__ import annotations
 
@@ -45,8 +51,11 @@ class Sampling:
   # `logits < kth` cut); False: exactly k (ties to the lower id).
   top_k_keep_ties: bool = True
   cfg_scale: float = 1.0     # 1.0 = no guidance (no batch doubling)
+  # END class (model.end_id(config.model)); -1: codebook_size, which only our
+  # own head layout (codebook 0 = codes + END) may leave implicit.
+  end_id: int = -1
   max_frames: int = 250
-  min_frames: int = 0        # END is not sampled before this many frames
+  min_frames: int = 0        # no class >= END before this many frames
   stream_every: int = 0      # frames between streaming callbacks (0 = off)
   head_dtype: str = 'float32'  # output-head weights in the loop: float32 | bfloat16
   # Global-transformer decode attention: auto | xla | pallas (kernels/dispatch.py)
@@ -68,6 +77,8 @@ class Sampling:
       raise ValueError(f'top_p must be in (0, 1], got {self.top_p}')
     if self.max_frames < 1:
       raise ValueError(f'max_frames must be >= 1, got {self.max_frames}')
+    if self.end_id < -1:
+      raise ValueError(f'end_id must be -1 or a class id, got {self.end_id}')
     if self.head_dtype not in ('float32', 'bfloat16'):
       raise ValueError("head_dtype must be 'float32' or 'bfloat16', got "
                        f'{self.head_dtype!r}')
@@ -142,6 +153,28 @@ def _draw_keeping_ties(logits, vals, idx, rng) -> jax.Array:
   return jnp.where(choice == vals.shape[-1], tie, top).astype(jnp.int32)
 
 
+def _end_of(model, sampling: Sampling) -> int:
+  """The END id; an explicit one is required when the heads are wider than
+  ours (config.model.audio_vocab_size), as END is then config, not layout."""
+  v = model.codebook_size
+  if sampling.end_id >= 0:
+    return sampling.end_id
+  if model.variant == 'global_local' and model.head0.shape[-1] != v + 1:
+    raise ValueError(
+        f'Sampling.end_id is needed: the codebook-0 head has '
+        f'{model.head0.shape[-1]} classes, not codebook_size + 1 = {v + 1} '
+        '(pass end_id=model.end_id(config.model) to sampling_from_config)')
+  return layout.end_id(v)
+
+
+def _no_end(logits: jax.Array, end: int, early: jax.Array) -> jax.Array:
+  """Classes >= END removed from logits [n, W] in the rows `early` [n, 1]."""
+  if logits.shape[-1] <= end:
+    return logits
+  return jnp.where(early & (jnp.arange(logits.shape[-1]) >= end), -jnp.inf,
+                   logits)
+
+
 def _guide(logits: jax.Array, n: int, scale: float) -> jax.Array:
   if logits.shape[0] == n:
     return logits
@@ -193,19 +226,23 @@ def generate(model, prompt: dict, *, rng: jax.Array, sampling: Sampling,
     model: an AudioLM.
     prompt: left-padded slot arrays text [B,P], audio [B,P,K], melody [B,P],
       positions [B,P], valid [B,P]. With CFG, B = 2 * num_cond (cond rows first).
+      Optional 'uncond' [B]: the rows that read the model's unconditional
+      embedding (config.model.uncond_embedding; HeartMuLa's CFG rows).
     rng: PRNG key.
     sampling: static sampling settings.
     num_cond: rows that are returned (B, or B/2 with CFG).
     sections: interleaved layout: text of the sections after the first,
       [B, NS, Ls], each left-padded with EMPTY and ending in '<audio>'.
     melody: [B, max_frames] melody ids of the frames to generate.
-    ref_codes, ref_valid: reference segment [B,R,K] and whether it is given.
+    ref_codes, ref_valid: reference segment [B,R,K] ('linear' reference: the
+      given embedding [B, reference_dim]) and whether it is given.
     callback: streaming `callback(frames [n, F, K], counts [n])`, called every
       `sampling.stream_every` frames (of row 0).
     teacher: [B, T, K] frames (END frames included) consumed in order instead
       of sampling: the decode loop then reproduces a training sequence.
     record_logits: also return the (guided) logits of every loop step:
-      'logits_global' [n, steps, V+1] and 'logits_local' [n, steps, K-1, V].
+      'logits_global' [n, steps, W0] and 'logits_local' [n, steps, K-1, W]
+      (the head widths: V+1 and V with our layout).
 
   Returns {'codes': [n, max_frames, K], 'num_frames': [n]}.
   """
@@ -215,12 +252,13 @@ def generate(model, prompt: dict, *, rng: jax.Array, sampling: Sampling,
                             ref_valid=ref_valid, callback=callback,
                             teacher=teacher, record_logits=record_logits)
   b, p = prompt['text'].shape
-  k, v = model.num_codebooks, model.codebook_size
+  k = model.num_codebooks
   nf = sampling.max_frames
   ns, ls = (0, 0) if sections is None else sections.shape[1:]
   steps = nf + ns * (ls + 1) + 1
   total = p + steps
-  end = layout.end_id(v)
+  end = _end_of(model, sampling)
+  w0, wl = model.head0.shape[-1], model.local_heads.shape[-1]
   if melody is None:
     melody = jnp.full((b, nf), layout.MELODY_NULL, jnp.int32)
   ref = None
@@ -231,7 +269,8 @@ def generate(model, prompt: dict, *, rng: jax.Array, sampling: Sampling,
   # Prefill the prompt. Its last slot predicts frame 0: it carries that melody.
   cache, key_valid = _prefill_cache(model, dv, b, total, prompt['valid'])
   x = model.embed(prompt['text'], prompt['audio'],
-                  _with_first_melody(prompt['melody'], melody), ref, ref_valid)
+                  _with_first_melody(prompt['melody'], melody), ref, ref_valid,
+                  prompt.get('uncond'))
   mask = transformer.cache_mask(key_valid, 0, p)
   h, cache = model.backbone(x, prompt['positions'], mask, cache, 0)
   cache = transformer.split_cache(cache)
@@ -241,12 +280,13 @@ def generate(model, prompt: dict, *, rng: jax.Array, sampling: Sampling,
     """Codebooks 0..K-1 of the next frame from the global hidden [B,E].
 
     `forced` [B,K] (teacher forcing) replaces the samples when given.
-    Returns (codes [B,K], global logits [n,V+1], local logits [n,K-1,V])."""
+    Returns (codes [B,K], global logits [n,W0], local logits [n,K-1,W])."""
     r0, rl = jax.random.split(rng)
     g0 = _guide(dv.global_logits(h_last), num_cond, sampling.cfg_scale)
+    early = None
     if sampling.min_frames:
       early = (count[:num_cond] < sampling.min_frames)[:, None]
-      g0 = jnp.where(early & (jnp.arange(v + 1) == end), -jnp.inf, g0)
+      g0 = _no_end(g0, end, early)
     c0 = _tile(sample_tokens(g0, r0, sampling), b)
     if forced is not None:
       c0 = forced[:, 0]
@@ -261,6 +301,8 @@ def generate(model, prompt: dict, *, rng: jax.Array, sampling: Sampling,
     last = out[:, 1]
     for i in range(1, k):
       logits = _guide(dv.local_logits(last, i), num_cond, sampling.cfg_scale)
+      if early is not None:
+        logits = _no_end(logits, end, early)
       local_logits.append(logits)
       ci = _tile(sample_tokens(logits, jax.random.fold_in(rl, i), sampling), b)
       if forced is not None:
@@ -284,8 +326,8 @@ def generate(model, prompt: dict, *, rng: jax.Array, sampling: Sampling,
       ptr=jnp.zeros((b,), jnp.int32), tptr=jnp.zeros((b,), jnp.int32),
       step=jnp.int32(0))
   if record_logits:
-    state['lg'] = jnp.zeros((num_cond, steps, v + 1), jnp.float32)
-    state['ll'] = jnp.zeros((num_cond, steps, k - 1, v), jnp.float32)
+    state['lg'] = jnp.zeros((num_cond, steps, w0), jnp.float32)
+    state['ll'] = jnp.zeros((num_cond, steps, k - 1, wl), jnp.float32)
 
   def cond_fn(st):
     return (st['step'] < steps) & ~jnp.all(st['done'])
@@ -298,7 +340,7 @@ def generate(model, prompt: dict, *, rng: jax.Array, sampling: Sampling,
       forced = teacher[rows, jnp.minimum(st['tptr'], teacher.shape[1] - 1)]
     frame, g0, gl = local_frame(st['h'], jax.random.fold_in(rng, step), forced,
                                 st['count'])
-    is_end = frame[:, 0] == end
+    is_end = jnp.any(frame >= end, axis=-1)
     emit = audio_mode & ~is_end
     count = st['count']
     frames = st['frames'].at[rows, jnp.minimum(count, nf - 1)].set(

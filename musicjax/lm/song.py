@@ -31,6 +31,7 @@ from musicjax.eval import plots
 from musicjax.lm import conditions
 from musicjax.lm import generate as gen
 from musicjax.lm import layout
+from musicjax.lm import model as model_lib
 from musicjax.lm import sequence
 from musicjax.lm import token_data
 from musicjax.parallel import rules
@@ -292,7 +293,7 @@ def sample_codes(ctx: SongContext, req: SongRequest, progress: bool = True,
   min_frames = min(frames, int(round(req.min_seconds * ctx.frame_rate)))
   sampling = gen.sampling_from_config(
       s, cfg_scale=scale, max_frames=frames, min_frames=min_frames,
-      stream_every=every, **overrides)
+      stream_every=every, end_id=model_lib.end_id(c.model), **overrides)
   cb = _Progress(frames, ctx.frame_rate) if progress else None
   if stream is not None:
     cb = _Both(cb, stream) if cb else stream
