@@ -94,6 +94,13 @@ class Pattern:
 
 
 # --------------------------------------------------------------------- model
+# Model options of musicjax's own layout (the JAX model's defaults); the
+# released HeartMuLa's settings of them are JAX-only so far.
+_OUR_LAYOUT = {'audio_vocab_size': 0, 'end_id': -1, 'text_extra_tokens': True,
+               'uncond_embedding': False, 'reference': 'pooled',
+               'melody': True}
+
+
 class AudioLM(nn.Module):
 
   def __init__(self, model: Mapping[str, Any],
@@ -104,6 +111,13 @@ class AudioLM(nn.Module):
     self.variant = model['variant']
     if self.variant not in VARIANTS:
       raise ValueError(f'unknown LM variant {self.variant!r}')
+    released = [k for k, ours in _OUR_LAYOUT.items()
+                if model.get(k, ours) != ours]
+    if released:
+      raise ValueError(
+          f'config model.{released[0]} = {model[released[0]]!r}: the released '
+          "HeartMuLa's layout (configs/lm/heartmula_oss_3b.py) is not mirrored "
+          'here yet; load such a run in JAX (musicjax generate / train)')
     self.pattern = model.get('pattern', 'delay')
     self.num_codebooks = k = int(model['num_codebooks'])
     self.codebook_size = v = int(model['codebook_size'])

@@ -9,7 +9,7 @@ from musicjax.cli import app
 
 VERBS = {'train', 'eval', 'encode', 'decode', 'codec-quality', 'prepare',
          'tokenizer', 'generate', 'accompany', 'prefs', 'export',
-         'import-torch', 'bench'}
+         'import-torch', 'import-heartmula', 'bench'}
 
 
 def test_every_verb_has_a_handler_and_is_listed_in_help(capsys):

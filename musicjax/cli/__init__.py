@@ -3,7 +3,8 @@
 app.py parses argv and dispatches through a table verb -> handler; each verb
 (or pair of verbs) has its own module that adds its subparser and holds its
 handler: train, evaluate (eval), encode_decode, codec_quality, prepare,
-tokenizer, generate, accompany, prefs, export (export, import-torch), bench.
+tokenizer, generate, accompany, prefs, export (export, import-torch),
+import_released (import-heartmula), bench.
 flags.py and configs.py hold what several verbs share.
 """
 from musicjax.cli.app import configure_logging

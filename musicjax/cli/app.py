@@ -15,6 +15,7 @@ from musicjax.cli import evaluate
 from musicjax.cli import export
 from musicjax.cli import flags
 from musicjax.cli import generate
+from musicjax.cli import import_released
 from musicjax.cli import prefs
 from musicjax.cli import prepare
 from musicjax.cli import tokenizer
@@ -47,6 +48,7 @@ _EPILOG = """examples:
       --frames 750,3000 --steps 12,36
   musicjax export --workdir runs/lm --out exports/lm [--dtype bfloat16]
   musicjax import-torch --from exports/lm_finetuned --workdir runs/lm_ft
+  musicjax import-heartmula --from heartlib_ckpt --workdir runs/heartmula
 
 --config takes a file path or the name of a shipped config (lm/tiny, codec/tiny,
 ...); PATH:ARG passes ARG to the file's get_config(arg).
@@ -58,7 +60,8 @@ Multi-host: launch/local.sh N -- musicjax train ...  (see docs/training.md)."""
 # one's register(sub) adds its subparsers and returns {verb: handler}; a
 # handler(args, overrides) returns the exit status.
 VERB_MODULES = (train, evaluate, encode_decode, codec_quality, prepare,
-                tokenizer, generate, accompany, prefs, export, bench)
+                tokenizer, generate, accompany, prefs, export, import_released,
+                bench)
 
 # Verbs that run training or timed steps: glibc malloc tuned (musicjax/runtime.py).
 MALLOC_VERBS = ('train', 'eval', 'bench')

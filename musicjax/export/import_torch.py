@@ -6,6 +6,7 @@ The run's config is the exported run's (config.json "run_config"), or
 sections such as data paths are yours). The checkpoint holds the imported model, a fresh optimizer and the
 export's step; there is no data position, so training continues from the
 start of the data. The mesh is this machine's (Orbax reshards on restore).
+The run is written atomically: a failed import leaves no WORKDIR.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from musicjax.errors import UserError
 from musicjax.export import export as export_lib
 from musicjax.export import files
 from musicjax.export import mapping
-from musicjax.train import checkpoint as ckpt_lib
+from musicjax.train import new_run
 from musicjax.train import trainer
 
 
@@ -118,28 +119,21 @@ def load_into(model: nnx.Module, fam: str, export_dir: str) -> None:
 def import_export(export_dir: str, workdir: str,
                   config: ml_collections.ConfigDict | None = None
                   ) -> dict[str, Any]:
-  """Writes `workdir`'s config.json and a checkpoint at the export's step."""
+  """Writes the new run `workdir` (config.json and a checkpoint at the
+  export's step), atomically (train/new_run.py)."""
   meta = read_meta(export_dir)
-  ckpt_dir = ckpt_lib.checkpoint_dir(workdir)
-  if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
-    raise ImportError_(f'{ckpt_dir} already has checkpoints; import into a new '
-                       '--workdir')
-  config = run_config(meta, workdir, config)
-  fam = export_lib.family(config)
-  if fam != meta['family']:
-    raise ImportError_(f'the export is a {meta["family"]}, the config a {fam}')
   step = int(meta.get('step', 0))
-  s = trainer.setup(config)
-  with jax.set_mesh(s.mesh):
-    state = trainer.init_state(s)
-    module = nnx.merge(s.graphdef, state)
-    load_into(s.task.inference_model(module), fam, export_dir)
-    _, state = nnx.split(module)
-    manager = ckpt_lib.make_manager(workdir, config.checkpoint.keep, False)
-    try:
-      ckpt_lib.save(manager, step, state, None, None, force=True)
-      manager.wait_until_finished()
-    finally:
-      manager.close()
+  with new_run.atomic_workdir(workdir) as tmp:
+    config = run_config(meta, tmp, config)
+    fam = export_lib.family(config)
+    if fam != meta['family']:
+      raise ImportError_(f'the export is a {meta["family"]}, the config a {fam}')
+    s = trainer.setup(config)
+    with jax.set_mesh(s.mesh):
+      state = trainer.init_state(s)
+      module = nnx.merge(s.graphdef, state)
+      load_into(s.task.inference_model(module), fam, export_dir)
+      _, state = nnx.split(module)
+      new_run.write(tmp, config, state, step)
   return {'workdir': workdir, 'family': fam, 'step': step,
           'from': os.path.abspath(export_dir)}

@@ -90,6 +90,9 @@ LM = [
     Rule(r'text_embed', 'text_embed.weight', 'same'),
     Rule(r'melody_embed', 'melody_embed.weight', 'same'),
     Rule(r'ref_proj', 'ref_proj.weight', 'linear'),
+    # The released HeartMuLa's layout (configs/lm/heartmula_oss_3b.py).
+    Rule(r'ref_bias', 'ref_proj.bias', 'same'),
+    Rule(r'uncond_embed', 'uncond_embed', 'same'),
     Rule(r'head0', 'head0.weight', 'linear'),
     Rule(r'local_proj', 'local_proj.weight', 'linear'),
     Rule(r'local_heads', 'local_heads.{i}.weight', 'linear'),

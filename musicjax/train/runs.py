@@ -1,6 +1,6 @@
 """A trained (or imported) run, loaded for inference: `load_run`.
 
-A run is the workdir of `musicjax train` (or `musicjax import-torch`): its
+A run is the workdir of `musicjax train` (or an import, train/new_run.py): its
 config.json and its checkpoints/. Every command that uses a finished run loads
 it here, so all of them say the same thing when the workdir is missing, holds
 another kind of run, or has no checkpoint. `check_same_model` is the one check

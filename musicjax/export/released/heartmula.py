@@ -21,7 +21,10 @@ projection and the heads.
 """
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from musicjax import config as config_lib
@@ -95,6 +98,19 @@ def _make(m: ml_collections.ConfigDict):
 
 
 # ---- config --------------------------------------------------------------------
+def config_name(folder: str) -> str:
+  """The shipped config ('lm/heartmula_oss_3b') of the folder's
+  (backbone_flavor, decoder_flavor) in its config.json."""
+  d, path = M.read_config_json(folder, HeartMuLaWeightsError, 'HeartMuLa',
+                               MODEL_TYPE)
+  flavors = (d.get('backbone_flavor'), d.get('decoder_flavor'))
+  if flavors not in FLAVORS:
+    raise HeartMuLaWeightsError(
+        f'{path}: no config of ours for backbone_flavor / decoder_flavor '
+        f'{flavors} (known: {sorted(FLAVORS)}); pass one that describes it')
+  return FLAVORS[flavors]
+
+
 def read_config(folder: str, config: ml_collections.ConfigDict | None = None
                 ) -> ml_collections.ConfigDict:
   """Our LM config for the folder: `config` if given, else the shipped one of
@@ -103,12 +119,7 @@ def read_config(folder: str, config: ml_collections.ConfigDict | None = None
   d, path = M.read_config_json(folder, HeartMuLaWeightsError, 'HeartMuLa',
                                MODEL_TYPE)
   if config is None:
-    flavors = (d.get('backbone_flavor'), d.get('decoder_flavor'))
-    if flavors not in FLAVORS:
-      raise HeartMuLaWeightsError(
-          f'{path}: no config of ours for backbone_flavor / decoder_flavor '
-          f'{flavors} (known: {sorted(FLAVORS)}); pass one that describes it')
-    config = config_lib.load(FLAVORS[flavors])
+    config = config_lib.load(config_name(folder))
   m = config.model
   want = {'text_vocab_size': model_lib.text_rows(m),
           'audio_vocab_size': model_lib.audio_rows(m),
@@ -132,6 +143,24 @@ def check_layout(config: ml_collections.ConfigDict,
   M.check_layout(_mapping(config.model), _make(config.model), shapes)
 
 
+def read_arrays(folder: str, config: ml_collections.ConfigDict, state,
+                place: Callable[[str, np.ndarray], Any]) -> dict:
+  """The folder's weights as the pure dict of `state` (our AudioLM's abstract
+  state under `config`), streamed: each array is handed to
+  `place(path, value)` as soon as it is read, and its result kept (e.g. the
+  array on its sharding; see mapping.load_arrays).
+
+  Raises:
+    HeartMuLaWeightsError: naming the file and the tensor.
+  """
+  return M.load_arrays(_mapping(config.model), state, _reader(folder), place)
+
+
+def _reader(folder: str) -> reader_lib.Reader:
+  return reader_lib.Reader(folder, HeartMuLaWeightsError,
+                           'a HeartMuLa checkpoint folder')
+
+
 def load(folder: str, config: ml_collections.ConfigDict | None = None
          ) -> tuple[model_lib.AudioLM, ml_collections.ConfigDict]:
   """Our AudioLM holding a HeartMuLa checkpoint folder's weights (float32),
@@ -146,7 +175,5 @@ def load(folder: str, config: ml_collections.ConfigDict | None = None
     HeartMuLaWeightsError: naming the file and the tensor (or key).
   """
   config = read_config(folder, config)
-  reader = reader_lib.Reader(folder, HeartMuLaWeightsError,
-                             'a HeartMuLa checkpoint folder')
-  model = M.load(_mapping(config.model), _make(config.model), reader)
+  model = M.load(_mapping(config.model), _make(config.model), _reader(folder))
   return model, config

@@ -167,7 +167,8 @@ def abstract_state(make: Callable[[], nnx.Module]):
   return nnx.split(abstract)
 
 
-def _key(path) -> str:
+def path_key(path) -> str:
+  """'backbone/layers/attn/wq': a pure-dict leaf's path, as Mapping names it."""
   return '/'.join(str(getattr(p, 'key', getattr(p, 'idx', p))) for p in path)
 
 
@@ -178,7 +179,7 @@ def check(mapping: Mapping, state, shapes: dict[str, tuple[int, ...]],
   prefixes the errors (the file)."""
   error, used = mapping.error, set()
   for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(state)):
-    key = _key(path)
+    key = path_key(path)
     if key not in mapping.sources:
       if mapping.unmapped is None:
         raise AssertionError(f'no checkpoint tensor mapped to {key}')  # our bug
@@ -214,10 +215,16 @@ def check_layout(mapping: Mapping, make: Callable[[], nnx.Module],
   check(mapping, state, shapes, lambda name: '')
 
 
-def load(mapping: Mapping, make: Callable[[], nnx.Module],
-         reader: reader_lib.Reader) -> nnx.Module:
-  """`make()`'s model holding the checkpoint's tensors, cast to our dtypes."""
-  gdef, state = abstract_state(make)
+def load_arrays(mapping: Mapping, state, reader: reader_lib.Reader,
+                place: Callable[[str, np.ndarray], Any]) -> dict:
+  """The pure dict of abstract `state`, each leaf read from the checkpoint,
+  cast to the leaf's dtype and handed to `place(path, value)`, whose result
+  is kept (e.g. the array on its sharding).
+
+  One leaf at a time: its host value is built in place (a stacked leaf layer
+  by layer) and dropped once placed, so the host never holds more than one of
+  our arrays and the checkpoint tensors it is made of.
+  """
   check(mapping, state, reader.shapes(), lambda name: f'{reader.path(name)}: ')
 
   def get(name):
@@ -228,11 +235,25 @@ def load(mapping: Mapping, make: Callable[[], nnx.Module],
     return reader.get(name)
 
   def fill(path, leaf):
-    src = mapping.sources[_key(path)]
-    arrays = [src.rule.to_ours(get(name)) for name in src.names]
-    value = np.stack(arrays) if src.stacked else arrays[0]
-    return jnp.asarray(value.astype(leaf.dtype))
+    key = path_key(path)
+    src = mapping.sources[key]
+    value = np.empty(leaf.shape, leaf.dtype)
+    if src.stacked:
+      for i, name in enumerate(src.names):
+        value[i] = src.rule.to_ours(get(name)).astype(leaf.dtype, copy=False)
+    else:
+      value[...] = src.rule.to_ours(get(src.names[0])).astype(leaf.dtype,
+                                                              copy=False)
+    return place(key, value)
 
-  pure = jax.tree_util.tree_map_with_path(fill, nnx.to_pure_dict(state))
+  return jax.tree_util.tree_map_with_path(fill, nnx.to_pure_dict(state))
+
+
+def load(mapping: Mapping, make: Callable[[], nnx.Module],
+         reader: reader_lib.Reader) -> nnx.Module:
+  """`make()`'s model holding the checkpoint's tensors, cast to our dtypes,
+  on the default device."""
+  gdef, state = abstract_state(make)
+  pure = load_arrays(mapping, state, reader, lambda key, v: jnp.asarray(v))
   nnx.replace_by_pure_dict(state, pure)
   return nnx.merge(gdef, state)
