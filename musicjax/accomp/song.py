@@ -54,7 +54,7 @@ def _say(msg: str) -> None:
   print(f'[accompany] {msg}', file=sys.stderr, flush=True)
 
 
-class AccompContext:
+class AccompContext(lm_song.TokenSetAccess):
   """A restored accomp run with its tokenizer and its token set
   (`musicjax.lm.song.TokenSet`: facts, codec, tags seen, audio loading)."""
 
@@ -70,19 +70,6 @@ class AccompContext:
     self.info, self.codec_workdir = self.tokens.info, self.tokens.codec_workdir
     self.tokenizer = token_data.load_tokenizer(config)
     self._fns = {}
-
-  @property
-  def frame_rate(self) -> float:
-    return self.tokens.frame_rate
-
-  def codec(self):
-    return self.tokens.codec()
-
-  def known_tags(self) -> set[str]:
-    return self.tokens.known_tags()
-
-  def load_wave(self, path: str) -> np.ndarray:
-    return self.tokens.load_wave(path)
 
   def text_ids(self, tags: str) -> np.ndarray:
     """[L] token ids (-1 padded) of a user's tags ('genre: chorale; mood:

@@ -108,7 +108,26 @@ class TokenSet:
       raise UserError(str(e)) from None
 
 
-class SongContext:
+class TokenSetAccess:
+  """What a generation context reads of its token dataset, `self.tokens`
+  (shared by SongContext and the accompaniment's context)."""
+  tokens: TokenSet
+
+  @property
+  def frame_rate(self) -> float:
+    return self.tokens.frame_rate
+
+  def codec(self):
+    return self.tokens.codec()
+
+  def known_tags(self) -> set[str]:
+    return self.tokens.known_tags()
+
+  def load_wave(self, path: str) -> np.ndarray:
+    return self.tokens.load_wave(path)
+
+
+class SongContext(TokenSetAccess):
   """A restored LM run with its tokenizer and its token set (`TokenSet`)."""
 
   def __init__(self, config, workdir: str, codec_workdir: str | None = None,
@@ -124,18 +143,6 @@ class SongContext:
     self.text = conditions.ConditionText(token_data.load_tokenizer(config),
                                          config.model.text_vocab_size)
 
-  @property
-  def frame_rate(self) -> float:
-    return self.tokens.frame_rate
-
-  def codec(self):
-    return self.tokens.codec()
-
-  def known_tags(self) -> set[str]:
-    return self.tokens.known_tags()
-
-  def load_wave(self, path: str) -> np.ndarray:
-    return self.tokens.load_wave(path)
 
 
 def _say(msg: str) -> None:
