@@ -14,6 +14,7 @@ from musicjax.lm import task as task_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, 'configs', 'lm', 'heartmula_3b.py')
+OSS = os.path.join(REPO, 'configs', 'lm', 'heartmula_oss_3b.py')
 
 
 def test_heartmula_3b_has_paper_scale():
@@ -44,6 +45,21 @@ def test_heartmula_3b_compiles_for_8_gpus():
   assert out['mesh'] == {'data': 1, 'fsdp': 4, 'tensor': 2}
   # Parameters + AdamW moments of 3.75B params over 8 devices: ~5.3 GiB each.
   assert 4.0 < out['compiled_argument_gib'] < 7.0, out
+
+
+def test_released_heartmula_3b_compiles_for_8_gpus():
+  """The released model's config (heartlib's 3.94B parameters: 8197-wide
+  heads, Llama-3 rotary scaling, the unconditional row) compiles its
+  fine-tuning step on 8 simulated devices (fsdp 4 x tensor 2)."""
+  c = cfg.load(OSS, ['--config.mesh.fsdp=4', '--config.mesh.tensor=2',
+                     '--config.data.batch_size=8',
+                     '--config.data.eval_batch_size=8',
+                     '--config.data.max_frames=100',
+                     '--config.data.max_text_tokens=32'])
+  out = lm_bench.compile_train_step(c)
+  assert out['mesh'] == {'data': 1, 'fsdp': 4, 'tensor': 2}
+  # float32 parameters + AdamW moments of 3.94B over 8 devices: 5.5 GiB each.
+  assert 4.5 < out['compiled_argument_gib'] < 7.0, out
 
 
 def test_heartmula_3b_lowers_for_tpu_v5p_64():

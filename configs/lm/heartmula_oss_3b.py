@@ -56,4 +56,5 @@ def get_config():
   s.top_k = 50
   s.top_k_keep_ties = True        # heartlib's top-k keeps ties
   s.cfg_scale = 1.5
+  s.seconds = 120.0               # heartlib's pipeline: max_audio_length_ms 120,000
   return c

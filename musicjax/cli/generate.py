@@ -1,4 +1,6 @@
-"""`musicjax generate`: a song from a trained LM (tags, lyrics, melody, style)."""
+"""`musicjax generate`: a song from a trained LM (tags, lyrics, melody, style),
+or from a released HeartMuLa run (`musicjax import-heartmula`) through
+HeartCodec."""
 from __future__ import annotations
 
 import json
@@ -21,7 +23,9 @@ def register(sub) -> dict:
                  help='audio (e.g. hummed) whose chroma the melody follows')
   g.add_argument('--reference', default='', metavar='WAV',
                  help='audio whose style the song follows')
-  g.add_argument('--seconds', type=float, default=10.0, help='at most this long')
+  g.add_argument('--seconds', type=float, default=None,
+                 help='at most this long (default config.sample.seconds: 10 '
+                 's; 120 s for the released HeartMuLa, as heartlib)')
   g.add_argument('--min-seconds', type=float, default=0.0,
                  help='the song does not end (END token) before this')
   g.add_argument('--seed', type=int, default=0)
@@ -31,12 +35,15 @@ def register(sub) -> dict:
   g.add_argument('--top-k', type=int, default=None)
   g.add_argument('--top-p', type=float, default=None)
   g.add_argument('--codec-workdir', default=None,
-                 help='codec for decoding (default: the one that made the tokens)')
+                 help='codec for decoding (default: the one that made the '
+                 'tokens; for an imported HeartMuLa run, the HeartCodec-oss '
+                 'folder it was released with)')
   g.add_argument('--out', required=True, help='song.wav; also writes .npz and .png')
   return {'generate': run}
 
 
 def run(args, overrides: list[str]) -> int:
+  from musicjax.export import heartmula_run
   from musicjax.lm import song
   config = configs.load_config(args, overrides)
   lyrics = ''
@@ -45,11 +52,17 @@ def run(args, overrides: list[str]) -> int:
       raise UserError(f'--lyrics file not found: {args.lyrics}')
     with open(args.lyrics, encoding='utf-8') as f:
       lyrics = f.read()
-  ctx = song.SongContext(config, args.workdir, args.codec_workdir)
   req = song.SongRequest(
       tags=args.tags, lyrics=lyrics, melody_path=args.melody,
-      reference_path=args.reference, seconds=args.seconds,
+      reference_path=args.reference,
+      seconds=(config.sample.seconds if args.seconds is None else args.seconds),
       min_seconds=args.min_seconds, seed=args.seed, cfg_scale=args.cfg,
       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+  if heartmula_run.is_released(args.workdir):
+    from musicjax.lm import heartmula_song
+    ctx = heartmula_run.open_song(args.workdir, config, args.codec_workdir)
+    print(json.dumps(heartmula_song.generate_song(ctx, req, args.out)))
+    return 0
+  ctx = song.SongContext(config, args.workdir, args.codec_workdir)
   print(json.dumps(song.generate_song(ctx, req, args.out)))
   return 0

@@ -56,6 +56,10 @@ class Sampling:
   end_id: int = -1
   max_frames: int = 250
   min_frames: int = 0        # no class >= END before this many frames
+  # > 0: classes in [codec_classes, END) are never sampled: ids the codec
+  # cannot decode (the released HeartMuLa's special rows below END, which
+  # heartlib would pass on to HeartCodec). 0 = off.
+  codec_classes: int = 0
   stream_every: int = 0      # frames between streaming callbacks (0 = off)
   head_dtype: str = 'float32'  # output-head weights in the loop: float32 | bfloat16
   # Global-transformer decode attention: auto | xla | pallas (kernels/dispatch.py)
@@ -79,6 +83,8 @@ class Sampling:
       raise ValueError(f'max_frames must be >= 1, got {self.max_frames}')
     if self.end_id < -1:
       raise ValueError(f'end_id must be -1 or a class id, got {self.end_id}')
+    if self.codec_classes < 0:
+      raise ValueError(f'codec_classes must be >= 0, got {self.codec_classes}')
     if self.head_dtype not in ('float32', 'bfloat16'):
       raise ValueError("head_dtype must be 'float32' or 'bfloat16', got "
                        f'{self.head_dtype!r}')
@@ -173,6 +179,14 @@ def _no_end(logits: jax.Array, end: int, early: jax.Array) -> jax.Array:
     return logits
   return jnp.where(early & (jnp.arange(logits.shape[-1]) >= end), -jnp.inf,
                    logits)
+
+
+def _no_specials(logits: jax.Array, lo: int, end: int) -> jax.Array:
+  """Classes in [lo, end) of logits [n, W] removed (lo = 0: none)."""
+  if not lo or lo >= min(end, logits.shape[-1]):
+    return logits
+  ids = jnp.arange(logits.shape[-1])
+  return jnp.where((ids >= lo) & (ids < end), -jnp.inf, logits)
 
 
 def _guide(logits: jax.Array, n: int, scale: float) -> jax.Array:
@@ -283,6 +297,7 @@ def generate(model, prompt: dict, *, rng: jax.Array, sampling: Sampling,
     Returns (codes [B,K], global logits [n,W0], local logits [n,K-1,W])."""
     r0, rl = jax.random.split(rng)
     g0 = _guide(dv.global_logits(h_last), num_cond, sampling.cfg_scale)
+    g0 = _no_specials(g0, sampling.codec_classes, end)
     early = None
     if sampling.min_frames:
       early = (count[:num_cond] < sampling.min_frames)[:, None]
@@ -301,6 +316,7 @@ def generate(model, prompt: dict, *, rng: jax.Array, sampling: Sampling,
     last = out[:, 1]
     for i in range(1, k):
       logits = _guide(dv.local_logits(last, i), num_cond, sampling.cfg_scale)
+      logits = _no_specials(logits, sampling.codec_classes, end)
       if early is not None:
         logits = _no_end(logits, end, early)
       local_logits.append(logits)

@@ -151,13 +151,20 @@ def build(m: ml_collections.ConfigDict, tag_ids: list[int],
           'ref_valid': np.ones((rows,), bool)}
 
 
-def from_folder(folder: str, version: str, m: ml_collections.ConfigDict,
-                tags: str, lyrics: str, cfg: bool) -> dict[str, np.ndarray]:
-  """`build` from tags and lyrics text with the folder's tokenizer and
-  gen_config.json."""
-  paths = resolve(folder, version)
-  gen = read_gen_config(paths.gen_config)
-  check(m, gen, paths.gen_config)
-  tok = load_tokenizer(paths.tokenizer)
+def from_files(tokenizer_path: str, gen_config_path: str,
+               m: ml_collections.ConfigDict, tags: str, lyrics: str,
+               cfg: bool) -> dict[str, np.ndarray]:
+  """`build` from tags and lyrics text with a tokenizer.json and a
+  gen_config.json (checked against the model config `m`)."""
+  gen = read_gen_config(gen_config_path)
+  check(m, gen, gen_config_path)
+  tok = load_tokenizer(tokenizer_path)
   return build(m, text_ids(tok, tags, gen, True),
                text_ids(tok, lyrics, gen, False), cfg)
+
+
+def from_folder(folder: str, version: str, m: ml_collections.ConfigDict,
+                tags: str, lyrics: str, cfg: bool) -> dict[str, np.ndarray]:
+  """`from_files` with a released folder's tokenizer and gen_config.json."""
+  paths = resolve(folder, version)
+  return from_files(paths.tokenizer, paths.gen_config, m, tags, lyrics, cfg)

@@ -238,8 +238,8 @@ def build_inputs(ctx: SongContext, req: SongRequest, frames: int, cfg: bool):
   return out
 
 
-class _Progress:
-  """Streaming callback that prints frames done, speed and ETA."""
+class FrameProgress:
+  """Streaming callback that prints frames done, speed and ETA (on stderr)."""
 
   def __init__(self, total: int, frame_rate: float):
     self.total, self.frame_rate = total, frame_rate
@@ -301,7 +301,7 @@ def sample_codes(ctx: SongContext, req: SongRequest, progress: bool = True,
   sampling = gen.sampling_from_config(
       s, cfg_scale=scale, max_frames=frames, min_frames=min_frames,
       stream_every=every, end_id=model_lib.end_id(c.model), **overrides)
-  cb = _Progress(frames, ctx.frame_rate) if progress else None
+  cb = FrameProgress(frames, ctx.frame_rate) if progress else None
   if stream is not None:
     cb = _Both(cb, stream) if cb else stream
   fn = gen.make_generate_fn(ctx.model, sampling, num_cond=1, callback=cb)

@@ -112,6 +112,7 @@ def default_config() -> ConfigDict:
   # top-k); False: exactly k, ties to the lower token id.
   s.top_k_keep_ties = True
   s.cfg_scale = 1.5               # 3.0 is MusicGen's default for the delay pattern
+  s.seconds = 10.0                # `musicjax generate`'s length without --seconds
   s.stream_every = 0              # frames between streaming callbacks (0 = off)
   # Output-head weights in the decode loop. bfloat16 halves the step's largest
   # memory reads (logits accumulate in float32); float32 is exact.

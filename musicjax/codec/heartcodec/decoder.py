@@ -12,6 +12,7 @@ weights with musicjax.export.released.heartcodec.load.
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -71,7 +72,8 @@ class HeartCodecDecoder(nnx.Module):
                         float(self.config.sample_rate))
 
   def detokenize(self, codes, rng: jax.Array | None = None,
-                 noise=None, return_latents: bool = False):
+                 noise=None, return_latents: bool = False,
+                 on_window: Callable[[int, int], None] | None = None):
     """Audio [B, samples, channels] float32 (numpy) of codes [B, F, K].
 
     Args:
@@ -80,6 +82,7 @@ class HeartCodecDecoder(nnx.Module):
       noise: or that noise itself, [windows, B, window_frames, C]
         (`window_count(F)` windows).
       return_latents: also return the windows' latents [windows, B, T, C].
+      on_window: called as on_window(done, total) after each window (progress).
     """
     codes = np.asarray(codes)
     q = self.config.codes
@@ -114,6 +117,8 @@ class HeartCodecDecoder(nnx.Module):
                               jnp.int32(prefix))
       latents.append(latent)
       waves.append(np.asarray(_waveform(gdef, state, latent)))
+      if on_window is not None:
+        on_window(i + 1, len(p.starts))
     spc = config_lib.samples_per_code(self.config)
     overlap = (int(f.window_codes) - int(f.hop_codes)) * spc
     # cross_fade works on the last axis: samples.
