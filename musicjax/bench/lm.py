@@ -79,7 +79,8 @@ def decode(config, repeats: int = 3, frames=DECODE_FRAMES,
                         ('nocfg', 1.0)):
       rows = 2 if scale != 1 else 1
       sampling = gen.sampling_from_config(s, cfg_scale=scale,
-                                               max_frames=n, min_frames=n)
+                                          max_frames=n, min_frames=n,
+                                          **gen.model_classes(config.model))
       fn = gen.make_generate_fn(model, sampling, num_cond=1)
       prompt = _prompt(config, rows, rng)
       t = measure.median_time(lambda: fn(prompt, jax.random.key(0))['codes'], repeats)

@@ -102,6 +102,12 @@ def sampling_from_config(s, **overrides) -> Sampling:
   return Sampling(**kw)
 
 
+def model_classes(m) -> dict[str, int]:
+  """Sampling's class settings for config.model `m`: its END, and the codes
+  a codec decodes (classes between the codebook and END are never drawn)."""
+  return {'end_id': model_lib.end_id(m), 'codec_classes': int(m.codebook_size)}
+
+
 def sample_tokens(logits: jax.Array, rng: jax.Array, s: Sampling) -> jax.Array:
   """logits [..., V] -> token ids [...]: temperature, then top-k and top-p
   within it (heartlib's order).

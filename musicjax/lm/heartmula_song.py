@@ -30,7 +30,6 @@ from musicjax.codec.heartcodec.decoder import HeartCodecDecoder
 from musicjax.errors import UserError
 from musicjax.lm import generate as gen
 from musicjax.lm import heartmula_prompt
-from musicjax.lm import model as model_lib
 from musicjax.lm import song
 from musicjax.train import runs
 
@@ -108,7 +107,7 @@ def sample_codes(ctx: ReleasedSong, req: song.SongRequest,
       c.sample, cfg_scale=scale, max_frames=frames,
       min_frames=min(frames, int(round(req.min_seconds * ctx.frame_rate))),
       stream_every=max(1, int(2 * ctx.frame_rate)) if progress else 0,
-      end_id=model_lib.end_id(c.model), codec_classes=int(c.model.codebook_size),
+      **gen.model_classes(c.model),
       **overrides)
   cb = song.FrameProgress(frames, ctx.frame_rate) if progress else None
   fn = gen.make_generate_fn(ctx.run.model, sampling, num_cond=1, callback=cb)

@@ -128,7 +128,8 @@ class _Sampler:
     s = c.sample
     self.ctx, self.n, self.frames = ctx, candidates, frames
     self.cfg = s.cfg_scale != 1.0
-    sampling = gen.sampling_from_config(s, max_frames=frames)
+    sampling = gen.sampling_from_config(s, max_frames=frames,
+                                        **gen.model_classes(c.model))
     self.fn = gen.make_generate_fn(ctx.model, sampling, num_cond=candidates)
 
   def _row(self, ids: list[int]) -> dict[str, np.ndarray]:

@@ -31,7 +31,6 @@ from musicjax.eval import plots
 from musicjax.lm import conditions
 from musicjax.lm import generate as gen
 from musicjax.lm import layout
-from musicjax.lm import model as model_lib
 from musicjax.lm import sequence
 from musicjax.lm import token_data
 from musicjax.parallel import rules
@@ -300,7 +299,7 @@ def sample_codes(ctx: SongContext, req: SongRequest, progress: bool = True,
   min_frames = min(frames, int(round(req.min_seconds * ctx.frame_rate)))
   sampling = gen.sampling_from_config(
       s, cfg_scale=scale, max_frames=frames, min_frames=min_frames,
-      stream_every=every, end_id=model_lib.end_id(c.model), **overrides)
+      stream_every=every, **gen.model_classes(c.model), **overrides)
   cb = FrameProgress(frames, ctx.frame_rate) if progress else None
   if stream is not None:
     cb = _Both(cb, stream) if cb else stream

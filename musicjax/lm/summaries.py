@@ -116,7 +116,7 @@ class LMSummaries:
     self.cfg = scale != 1.0
     self.sampling = gen.sampling_from_config(
         c.sample, cfg_scale=scale, max_frames=self.frames,
-        min_frames=self.frames)
+        min_frames=self.frames, **gen.model_classes(c.model))
     self.sampling.validate()
     self._ready = True
 
