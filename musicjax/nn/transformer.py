@@ -18,6 +18,12 @@ One attention path serves training, prefill and decode:
 Positions are explicit per token, so left-padded prompts (a batch of different
 prompt lengths, or classifier-free-guidance rows with a shorter null
 condition) get the same rotary phases as in training.
+
+Switches for models that are not Llama-shaped (MusicGen's decoder): LayerNorm
+with a bias instead of RMSNorm (`norm`), a plain GELU MLP instead of SwiGLU
+(`mlp`), no rotary phases when positions are added to the inputs
+(`positions`), and cross-attention to a context such as text-encoder states
+after each self-attention (`cross_attention`).
 """
 from __future__ import annotations
 
@@ -72,7 +78,18 @@ def default_config() -> ml_collections.ConfigDict:
   # blocks the peak is [heads, chunk, T], and the backward recomputes a block's
   # scores instead of storing them.
   c.attention_chunk = 0
+  c.norm = 'rms'            # rms | layer (LayerNorm with bias: MusicGen)
+  c.mlp = 'swiglu'          # swiglu | gelu (fc1 -> exact GELU -> fc2: MusicGen)
+  c.positions = 'rope'      # rope | none (positions added to the inputs)
+  # Attend to a context (e.g. text-encoder states projected to `dim`) after
+  # each self-attention, with its own pre-norm (MusicGen).
+  c.cross_attention = False
   return c
+
+
+NORMS = ('rms', 'layer')
+MLPS = ('swiglu', 'gelu')
+POSITIONS = ('rope', 'none')
 
 
 def head_dim(c: ml_collections.ConfigDict) -> int:
@@ -114,6 +131,11 @@ def check_config(c: ml_collections.ConfigDict, where: str) -> None:
     if int(c.rope_original_context) < 1:
       raise ConfigError(f'config.{where}.rope_original_context must be >= 1, '
                         f'got {c.rope_original_context}')
+  for key, allowed in (('norm', NORMS), ('mlp', MLPS),
+                       ('positions', POSITIONS)):
+    if c.get(key, allowed[0]) not in allowed:
+      raise ConfigError(f'config.{where}.{key} must be one of {allowed}, got '
+                        f'{c.get(key)!r}')
   if c.remat not in ('none', 'full', 'dots'):
     raise ConfigError(f"config.{where}.remat must be 'none', 'full' or 'dots', "
                       f'got {c.remat!r}')
@@ -135,6 +157,29 @@ class RMSNorm(nnx.Module):
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
     scale = rules.shard_activation(self.scale[...], (None,))
     return (y * scale).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm with scale and bias (statistics in float32)."""
+
+  def __init__(self, dim: int, eps: float):
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=('embed',))
+    self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32), out_sharding=('embed',))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+    scale = rules.shard_activation(self.scale[...], (None,))
+    bias = rules.shard_activation(self.bias[...], (None,))
+    return (y * scale + bias).astype(x.dtype)
+
+
+def make_norm(c: ml_collections.ConfigDict) -> nnx.Module:
+  cls = LayerNorm if c.get('norm', 'rms') == 'layer' else RMSNorm
+  return cls(int(c.dim), float(c.norm_eps))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +213,20 @@ class Rotary:
         wavelength < self.original_context / self.high_freq_factor, freq,
         jnp.where(wavelength > self.original_context / self.low_freq_factor,
                   freq / self.scale_factor, blended))
+
+
+def sinusoidal(positions: jax.Array, dim: int) -> jax.Array:
+  """Sinusoidal position vectors [B, T, dim] of integer positions [B, T]
+  (tensor2tensor's layout, MusicGen's): cosines of `dim // 2` frequencies
+  from 1 down to 1/10000, then their sines; float32."""
+  half = dim // 2
+  step = jnp.float32(jnp.log(10000.0) / (half - 1))
+  freq = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -step)
+  angle = positions.astype(jnp.float32)[..., None] * freq
+  out = jnp.concatenate([jnp.cos(angle), jnp.sin(angle)], axis=-1)
+  if dim % 2:
+    out = jnp.pad(out, [(0, 0)] * (out.ndim - 1) + [(0, 1)])
+  return out
 
 
 def rope(x: jax.Array, positions: jax.Array, rotary: Rotary) -> jax.Array:
@@ -229,7 +288,8 @@ class Attention(nnx.Module):
     self.wk = _param(rngs, (e, kv, d), std, ('embed', 'kv_heads', None))
     self.wv = _param(rngs, (e, kv, d), std, ('embed', 'kv_heads', None))
     self.wo = _param(rngs, (h, d, e), std, ('heads', None, 'embed'))
-    self.rotary = Rotary.from_config(c)
+    self.rotary = (Rotary.from_config(c) if c.get('positions', 'rope') == 'rope'
+                   else None)
     self.dtype = _DTYPES[c.dtype]
     self.chunk = int(c.get('attention_chunk', 0))
 
@@ -243,8 +303,9 @@ class Attention(nnx.Module):
     q = jnp.einsum('bte,ehd->bthd', x, self._w(self.wq, (None, 'heads', None)))
     k = jnp.einsum('bte,ehd->bhtd', x, self._w(self.wk, (None, 'kv_heads', None)))
     v = jnp.einsum('bte,ehd->bhtd', x, self._w(self.wv, (None, 'kv_heads', None)))
-    q = rope(q, positions, self.rotary)
-    k = jnp.swapaxes(rope(jnp.swapaxes(k, 1, 2), positions, self.rotary), 1, 2)
+    if self.rotary is not None:
+      q = rope(q, positions, self.rotary)
+      k = jnp.swapaxes(rope(jnp.swapaxes(k, 1, 2), positions, self.rotary), 1, 2)
     q = rules.shard_activation(q, ('batch', 'time', 'heads', None))
     if cache is not None:
       # Write this layer's new keys/values at [index, index + T) in place.
@@ -323,19 +384,85 @@ class MLP(nnx.Module):
     return rules.matmul(hid, d, ('batch', 'time', 'embed'))
 
 
+class CrossAttention(nnx.Module):
+  """Queries from the sequence, keys and values from a context [B, S, dim]
+  (no positions); every query sees the context's valid slots."""
+
+  def __init__(self, c: ml_collections.ConfigDict, rngs: nnx.Rngs):
+    e, h, kv, d = int(c.dim), int(c.num_heads), int(c.num_kv_heads), head_dim(c)
+    std = float(c.init_std)
+    self.wq = _param(rngs, (e, h, d), std, ('embed', 'heads', None))
+    self.wk = _param(rngs, (e, kv, d), std, ('embed', 'kv_heads', None))
+    self.wv = _param(rngs, (e, kv, d), std, ('embed', 'kv_heads', None))
+    self.wo = _param(rngs, (h, d, e), std, ('heads', None, 'embed'))
+    self.dtype = _DTYPES[c.dtype]
+
+  def __call__(self, x: jax.Array, context: 'Context') -> jax.Array:
+    dt = self.dtype
+    w = lambda p: p[...].astype(dt)
+    q = jnp.einsum('bte,ehd->bthd', x.astype(dt), w(self.wq))
+    states = context.states.astype(dt)
+    k = jnp.einsum('bse,ehd->bhsd', states, w(self.wk))
+    v = jnp.einsum('bse,ehd->bhsd', states, w(self.wv))
+    o = attend(q, k, v, context.valid[:, None, :])
+    return jnp.einsum('bthd,hde->bte', o, w(self.wo))
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """What cross-attention reads: states [B, S, dim] and valid slots [B, S]."""
+  states: jax.Array
+  valid: jax.Array
+
+
+jax.tree_util.register_dataclass(Context, data_fields=['states', 'valid'],
+                                 meta_fields=[])
+
+
+class GeluMLP(nnx.Module):
+  """down(gelu(up(x))), exact GELU, no biases (MusicGen's fc1/fc2)."""
+
+  def __init__(self, c: ml_collections.ConfigDict, rngs: nnx.Rngs):
+    e, f, std = int(c.dim), int(c.mlp_dim), float(c.init_std)
+    self.up = _param(rngs, (e, f), std, ('embed', 'mlp'))
+    self.down = _param(rngs, (f, e), std, ('mlp', 'embed'))
+    self.dtype = _DTYPES[c.dtype]
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dt = self.dtype
+    u = rules.shard_activation(self.up[...].astype(dt), (None, 'mlp'))
+    d = rules.shard_activation(self.down[...].astype(dt), ('mlp', None))
+    hid = jax.nn.gelu(x.astype(dt) @ u, approximate=False)
+    hid = rules.shard_activation(hid, ('batch', 'time', 'mlp'))
+    return rules.matmul(hid, d, ('batch', 'time', 'embed'))
+
+
 class Block(nnx.Module):
 
   def __init__(self, c: ml_collections.ConfigDict, rngs: nnx.Rngs):
-    self.attn_norm = RMSNorm(int(c.dim), float(c.norm_eps))
+    self.attn_norm = make_norm(c)
     self.attn = Attention(c, rngs)
-    self.mlp_norm = RMSNorm(int(c.dim), float(c.norm_eps))
-    self.mlp = MLP(c, rngs)
+    if c.get('cross_attention', False):
+      self.cross_norm = make_norm(c)
+      self.cross = CrossAttention(c, rngs)
+    self.mlp_norm = make_norm(c)
+    self.mlp = GeluMLP(c, rngs) if c.get('mlp', 'swiglu') == 'gelu' else MLP(c, rngs)
 
-  def __call__(self, x, positions, mask, cache=None, layer=None, index=None):
+  def __call__(self, x, positions, mask, cache=None, layer=None, index=None,
+               context: Context | None = None):
     a, cache = self.attn(self.attn_norm(x), positions, mask, cache, layer, index)
     x = x + a.astype(x.dtype)
+    if hasattr(self, 'cross'):
+      x = x + self.cross(self.cross_norm(x), _needs(context)).astype(x.dtype)
     x = x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
     return x, cache
+
+
+def _needs(context: Context | None) -> Context:
+  if context is None:
+    raise ValueError('this stack has cross_attention: pass its context '
+                     '(Context(states [B, S, dim], valid [B, S]))')
+  return context
 
 
 _REMAT = {
@@ -363,7 +490,7 @@ class Transformer(nnx.Module):
       return Block(c, r)
 
     self.layers = make(rngs)
-    self.norm = RMSNorm(int(c.dim), float(c.norm_eps))
+    self.norm = make_norm(c)
 
   def init_cache(self, batch: int, length: int, dtype=None,
                  per_layer: bool = False) -> Cache:
@@ -379,8 +506,10 @@ class Transformer(nnx.Module):
     return split_cache(cache) if per_layer else cache
 
   def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
-               cache: Cache | None = None, index: Any = None):
-    """x [B,T,E], positions [B,T], mask [B,T,S] (S = T, or the cache length).
+               cache: Cache | None = None, index: Any = None,
+               context: Context | None = None):
+    """x [B,T,E], positions [B,T], mask [B,T,S] (S = T, or the cache length);
+    context: what cross-attention reads (config.cross_attention).
 
     Returns (normed output [B,T,E], updated cache or None).
     """
@@ -389,7 +518,8 @@ class Transformer(nnx.Module):
 
     def body(carry, layer_params):
       h, cache, i = carry
-      h, cache = nnx.merge(gdef, layer_params)(h, positions, mask, cache, i, index)
+      h, cache = nnx.merge(gdef, layer_params)(h, positions, mask, cache, i,
+                                               index, context)
       return (h, cache, i + 1), None
 
     if self.remat in _REMAT:
@@ -437,17 +567,23 @@ class FusedBlock:
                                  a.wk[...].reshape(e, kv * d),
                                  a.wv[...].reshape(e, kv * d)], 1).astype(dt)
     self.wo = a.wo[...].reshape(h * d, e).astype(dt)
-    self.wgu = jnp.concatenate([m.gate[...], m.up[...]], 1).astype(m.dtype)
+    self.gated = isinstance(m, MLP)
+    self.wgu = (jnp.concatenate([m.gate[...], m.up[...]], 1) if self.gated
+                else m.up[...]).astype(m.dtype)
     self.wd = m.down[...].astype(m.dtype)
+    self.cross = getattr(block, 'cross', None)
+    self.cross_norm = getattr(block, 'cross_norm', None)
 
-  def __call__(self, x, positions, mask, cache, layer, index):
+  def __call__(self, x, positions, mask, cache, layer, index,
+               context: Context | None = None):
     b, t, _ = x.shape
     h, kv, d = self.h, self.kv, self.d
     y = self.attn_norm(x).astype(self.dtype)
     qkv = y @ self.wqkv
-    q = rope(qkv[..., :h * d].reshape(b, t, h, d), positions, self.rotary)
-    k = rope(qkv[..., h * d:(h + kv) * d].reshape(b, t, kv, d), positions,
-             self.rotary)
+    q = qkv[..., :h * d].reshape(b, t, h, d)
+    k = qkv[..., h * d:(h + kv) * d].reshape(b, t, kv, d)
+    if self.rotary is not None:
+      q, k = rope(q, positions, self.rotary), rope(k, positions, self.rotary)
     v = qkv[..., (h + kv) * d:].reshape(b, t, kv, d)
     start = (0, 0, index, 0)
     kc, vc = cache['k'][layer], cache['v'][layer]
@@ -467,10 +603,16 @@ class FusedBlock:
       o = attend(q, kc.astype(self.dtype), vc.astype(self.dtype),
                  mask).reshape(b, t, h * d)
     x = x + (o @ self.wo).astype(x.dtype)
+    if self.cross is not None:
+      x = x + self.cross(self.cross_norm(x), _needs(context)).astype(x.dtype)
     y = self.mlp_norm(x).astype(self.wgu.dtype)
     gu = y @ self.wgu
-    f = self.wd.shape[0]
-    x = x + ((jax.nn.silu(gu[..., :f]) * gu[..., f:]) @ self.wd).astype(x.dtype)
+    if self.gated:
+      f = self.wd.shape[0]
+      hid = jax.nn.silu(gu[..., :f]) * gu[..., f:]
+    else:
+      hid = jax.nn.gelu(gu, approximate=False)
+    x = x + (hid @ self.wd).astype(x.dtype)
     return x, cache
 
 
@@ -486,13 +628,14 @@ def fuse(stack: Transformer, decode_attention=None) -> list[FusedBlock]:
           for i in range(stack.num_layers)]
 
 
-def run_fused(blocks: list[FusedBlock], norm: RMSNorm, x, positions, mask,
-              cache: dict[str, list[jax.Array]], index
+def run_fused(blocks: list[FusedBlock], norm: nnx.Module, x, positions, mask,
+              cache: dict[str, list[jax.Array]], index,
+              context: Context | None = None
               ) -> tuple[jax.Array, dict[str, list[jax.Array]]]:
   """`Transformer.__call__` with a per-layer cache (`split_cache`), over
   `fuse`d blocks (unrolled)."""
   for i, block in enumerate(blocks):
-    x, cache = block(x, positions, mask, cache, i, index)
+    x, cache = block(x, positions, mask, cache, i, index, context)
   return norm(x), cache
 
 
