@@ -95,7 +95,7 @@ class AccompModel(nn.Module):
     self.text_proj = nn.Linear(d, d, bias=False)
     self.ref_proj = nn.Linear(half, d, bias=False)
     self.null_prefix = nn.Parameter(torch.zeros(len(PREFIX), d))
-    self.backbone = transformer.Transformer(bb)
+    self.backbone = transformer.Transformer(bb, 'model.backbone')
     self.heads = nn.ModuleList(nn.Linear(d, v, bias=False) for _ in range(k))
     self.rtd_head = nn.Linear(d, k, bias=False)
     self.conv_kernel = int(model.get('conv_kernel', 0))

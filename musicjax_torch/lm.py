@@ -6,6 +6,15 @@ each -1 (EMPTY) where absent. A slot's embedding is the sum of its codebook,
 text and melody embeddings; the `<ref>` slot adds a projection of the mean
 embedding of a reference segment.
 
+The embedding and head layout follows the JAX model's config keys: ours by
+default, or the released HeartMuLa's (configs/lm/heartmula_oss_3b.py):
+audio_vocab_size rows per codebook table and head (special rows included),
+end_id as a codebook-0 class, no LM extra text tokens (text_extra_tokens
+False; the reference slot's text id is REF_SLOT), one learned unconditional
+row for guidance's 'uncond' rows (uncond_embedding), a given reference
+embedding through a biased linear that replaces the reference slot
+(reference 'linear', reference_dim wide), and no melody table (melody False).
+
   global_local   the backbone predicts codebook 0 (+ END) of the next frame;
                  a local transformer, fed the backbone's hidden state and the
                  frame's codebooks 0..k-1, predicts codebook k.
@@ -15,7 +24,8 @@ embedding of a reference segment.
 
 `AudioLM(model_config, facts)` takes config.json's `model` dict and its
 top-level loader facts (end_id, special_id, extra_ids, melody_null); a missing
-fact defaults to the layout convention of musicjax/lm/layout.py.
+fact defaults to the layout convention of musicjax/lm/layout.py, and an
+explicit model end_id wins over the facts.
 Depends only on torch and numpy.
 """
 from __future__ import annotations
@@ -36,17 +46,76 @@ EXTRA_TOKENS = ('<null_tags>', '<null_lyrics>', '<ref>', '<null_ref>', '<audio>'
 MELODY_VOCAB = 14
 MELODY_SILENT = 12
 MELODY_NULL = 13
+# Text column of the reference slot without LM extra tokens (layout.REF_SLOT).
+REF_SLOT = -2
 # Audio table rows beyond the codes: END, then the pattern's special slot.
 AUDIO_EXTRA_ROWS = 2
 VARIANTS = ('global_local', 'single_stream')
+PATTERNS = ('delay', 'parallel', 'flatten')
+REFERENCES = ('pooled', 'linear')
+# Layout keys and their defaults (musicjax/lm/task.py): configs exported
+# before the keys existed describe our own layout.
+LAYOUT_DEFAULTS = {'audio_vocab_size': 0, 'end_id': -1, 'text_extra_tokens': True,
+                   'uncond_embedding': False, 'reference': 'pooled',
+                   'reference_dim': 0, 'melody': True}
+
+
+def layout_options(model: Mapping[str, Any]) -> dict[str, Any]:
+  """The model's embedding/head layout keys, defaults filled in."""
+  return {k: model.get(k, d) for k, d in LAYOUT_DEFAULTS.items()}
+
+
+def audio_rows(model: Mapping[str, Any]) -> int:
+  """Rows of each codebook's embedding table (JAX model.audio_rows)."""
+  return (int(model.get('audio_vocab_size', 0))
+          or int(model['codebook_size']) + AUDIO_EXTRA_ROWS)
+
+
+def head_widths(model: Mapping[str, Any]) -> tuple[int, int]:
+  """Classes of the codebook-0 head and of the local heads."""
+  w, v = int(model.get('audio_vocab_size', 0)), int(model['codebook_size'])
+  return (w, w) if w else (v + 1, v)
+
+
+def model_end_id(model: Mapping[str, Any]) -> int:
+  """The codebook-0 class that ends a song (JAX model.end_id)."""
+  e = int(model.get('end_id', -1))
+  return e if e >= 0 else int(model['codebook_size'])
 
 
 def default_facts(model: Mapping[str, Any]) -> dict[str, Any]:
   """The loader facts that `musicjax export` writes, from layout conventions."""
   v, t = int(model['codebook_size']), int(model['text_vocab_size'])
-  return {'end_id': v, 'special_id': v + 1,
-          'extra_ids': {tok: t + i for i, tok in enumerate(EXTRA_TOKENS)},
+  extra = ({tok: t + i for i, tok in enumerate(EXTRA_TOKENS)}
+           if layout_options(model)['text_extra_tokens'] else {})
+  return {'end_id': model_end_id(model), 'special_id': v + 1,
+          'extra_ids': extra,
           'melody_null': MELODY_NULL, 'melody_silent': MELODY_SILENT}
+
+
+def check_model(model: Mapping[str, Any]) -> None:
+  """Refuses a config this mirror would not compute as JAX does; the error
+  names the config key."""
+  def bad(key, value, want):
+    raise ValueError(f'config model.{key} = {value!r}: musicjax_torch mirrors '
+                     f'{want}; load this export in JAX (musicjax import-torch)')
+  if model['variant'] not in VARIANTS:
+    bad('variant', model['variant'], VARIANTS)
+  if model.get('pattern', 'delay') not in PATTERNS:
+    bad('pattern', model['pattern'], PATTERNS)
+  o = layout_options(model)
+  if o['reference'] not in REFERENCES:
+    bad('reference', o['reference'], REFERENCES)
+  if o['reference'] == 'linear' and int(o['reference_dim']) < 1:
+    bad('reference_dim', o['reference_dim'], ">= 1 with reference 'linear'")
+  if model['variant'] == 'single_stream':
+    for key in ('audio_vocab_size', 'end_id'):
+      if o[key] != LAYOUT_DEFAULTS[key]:
+        bad(key, o[key], f'{LAYOUT_DEFAULTS[key]} only for single_stream')
+  stacks = ('backbone', 'local') if model['variant'] == 'global_local' else (
+      'backbone',)
+  for stack in stacks:
+    transformer.check_config(model[stack], f'model.{stack}')
 
 
 def _lookup(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -94,48 +163,52 @@ class Pattern:
 
 
 # --------------------------------------------------------------------- model
-# Model options of musicjax's own layout (the JAX model's defaults); the
-# released HeartMuLa's settings of them are JAX-only so far.
-_OUR_LAYOUT = {'audio_vocab_size': 0, 'end_id': -1, 'text_extra_tokens': True,
-               'uncond_embedding': False, 'reference': 'pooled',
-               'melody': True}
-
-
 class AudioLM(nn.Module):
 
   def __init__(self, model: Mapping[str, Any],
                facts: Mapping[str, Any] | None = None):
     super().__init__()
+    check_model(model)
     self.config = dict(model)
+    o = layout_options(model)
     self.facts = {**default_facts(model), **dict(facts or {})}
+    if int(o['end_id']) >= 0:
+      # The config is the truth: exports before 2026-12 wrote the layout's
+      # codebook_size here whatever model.end_id said.
+      self.facts['end_id'] = int(o['end_id'])
     self.variant = model['variant']
-    if self.variant not in VARIANTS:
-      raise ValueError(f'unknown LM variant {self.variant!r}')
-    released = [k for k, ours in _OUR_LAYOUT.items()
-                if model.get(k, ours) != ours]
-    if released:
-      raise ValueError(
-          f'config model.{released[0]} = {model[released[0]]!r}: the released '
-          "HeartMuLa's layout (configs/lm/heartmula_oss_3b.py) is not mirrored "
-          'here yet; load such a run in JAX (musicjax generate / train)')
     self.pattern = model.get('pattern', 'delay')
     self.num_codebooks = k = int(model['num_codebooks'])
     self.codebook_size = v = int(model['codebook_size'])
     self.text_vocab_size = int(model['text_vocab_size'])
+    self.reference = o['reference']
+    self.melody = bool(o['melody'])
     bb, e = model['backbone'], int(model['backbone']['dim'])
     self.audio_embed = nn.ModuleList(
-        nn.Embedding(v + AUDIO_EXTRA_ROWS, e) for _ in range(k))
-    self.text_embed = nn.Embedding(self.text_vocab_size + len(EXTRA_TOKENS), e)
-    self.melody_embed = nn.Embedding(MELODY_VOCAB, e)
-    self.ref_proj = nn.Linear(e, e, bias=False)
-    self.backbone = transformer.Transformer(bb)
+        nn.Embedding(audio_rows(model), e) for _ in range(k))
+    extra = len(EXTRA_TOKENS) if o['text_extra_tokens'] else 0
+    self.text_embed = nn.Embedding(self.text_vocab_size + extra, e)
+    self.ref_id = self.extra_id('<ref>') if extra else REF_SLOT
+    if self.melody:
+      self.melody_embed = nn.Embedding(MELODY_VOCAB, e)
+    # Guidance's unconditional rows: this one row stands for every text slot.
+    if o['uncond_embedding']:
+      self.uncond_embed = nn.Parameter(torch.zeros(e))
+    else:
+      self.register_parameter('uncond_embed', None)
+    if self.reference == 'pooled':
+      self.ref_proj = nn.Linear(e, e, bias=False)
+    else:  # a given embedding; its bias is JAX's ref_bias
+      self.ref_proj = nn.Linear(int(o['reference_dim']), e)
+    self.backbone = transformer.Transformer(bb, 'model.backbone')
     if self.variant == 'global_local':
       el = int(model['local']['dim'])
-      self.head0 = nn.Linear(e, v + 1, bias=False)           # codebook 0 + END
+      width0, width = head_widths(model)
+      self.head0 = nn.Linear(e, width0, bias=False)          # codebook 0 + END
       self.local_proj = nn.Linear(e, el, bias=False)
-      self.local = transformer.Transformer(model['local'])
+      self.local = transformer.Transformer(model['local'], 'model.local')
       self.local_heads = nn.ModuleList(
-          nn.Linear(el, v, bias=False) for _ in range(k - 1))
+          nn.Linear(el, width, bias=False) for _ in range(k - 1))
     else:
       self.heads = nn.ModuleList(nn.Linear(e, v + 1, bias=False)
                                  for _ in range(k))
@@ -165,35 +238,58 @@ class AudioLM(nn.Module):
       out = out + _lookup(self.audio_embed[i].weight, codes[..., i])
     return out
 
-  def reference_embedding(self, ref_codes: torch.Tensor) -> torch.Tensor:
-    """ref_codes [B, R, K] -> pooled, projected [B, E] (mean of valid frames)."""
+  def reference_embedding(self, ref: torch.Tensor) -> torch.Tensor:
+    """The reference slot's vector [B, E]: 'pooled', from ref codes [B, R, K]
+    (projected mean of valid frames); 'linear', from a given embedding
+    [B, reference_dim]."""
+    if self.reference == 'linear':
+      return self.ref_proj(ref.to(self.ref_proj.weight.dtype))
+    ref_codes = ref
     emb = self.frame_embedding(ref_codes)
     valid = (ref_codes[..., 0] >= 0).to(emb.dtype)
     pooled = torch.sum(emb * valid[..., None], dim=1) / torch.clamp(
         torch.sum(valid, dim=1, keepdim=True), min=1.0)
     return self.ref_proj(pooled)
 
-  def embed(self, text, audio, melody, ref=None, ref_valid=None) -> torch.Tensor:
-    """Slot embeddings [B,S,E] from text [B,S], audio [B,S,K], melody [B,S]."""
+  def embed(self, text, audio, melody, ref=None, ref_valid=None,
+            uncond=None) -> torch.Tensor:
+    """Slot embeddings [B,S,E] from text [B,S], audio [B,S,K], melody [B,S]
+    (unused without a melody table); `uncond` [B] bool marks guidance's
+    unconditional rows (with uncond_embedding)."""
     x = self.frame_embedding(audio)
-    x = x + _lookup(self.text_embed.weight, text)
-    x = x + _lookup(self.melody_embed.weight, melody)
+    t = _lookup(self.text_embed.weight, text)
+    if self.uncond_embed is not None and uncond is not None:
+      # Every slot with a text column (the reference slot too) reads the
+      # unconditional row instead.
+      null = uncond[:, None] & (text != EMPTY)
+      t = torch.where(null[..., None], self.uncond_embed.to(t.dtype), t)
+    x = x + t
+    if self.melody and melody is not None:
+      x = x + _lookup(self.melody_embed.weight, melody)
     if ref is not None:
-      use = (text == self.extra_id('<ref>')) & ref_valid[:, None]
-      x = x + torch.where(use[..., None], ref[:, None, :], torch.zeros_like(x))
+      use = (text == self.ref_id) & ref_valid[:, None]
+      if self.reference == 'linear':
+        # Replaces the slot, in conditional rows only.
+        if self.uncond_embed is not None and uncond is not None:
+          use = use & ~uncond[:, None]
+        x = torch.where(use[..., None], ref[:, None, :].to(x.dtype), x)
+      else:
+        x = x + torch.where(use[..., None], ref[:, None, :], torch.zeros_like(x))
     return x
 
   def step_embed(self, text, audio, melody) -> torch.Tensor:
     """`embed` without a reference, summed in the decode loop's order (text,
     melody, codebooks), so decoding rounds exactly as the JAX loop does."""
-    x = _lookup(self.text_embed.weight, text) + _lookup(self.melody_embed.weight,
-                                                        melody)
+    x = _lookup(self.text_embed.weight, text)
+    if self.melody:
+      x = x + _lookup(self.melody_embed.weight, melody)
     for i in range(self.num_codebooks):
       x = x + _lookup(self.audio_embed[i].weight, audio[..., i])
     return x
 
   # ----------------------------------------------------------------- heads
   def global_logits(self, h: torch.Tensor) -> torch.Tensor:
+    """Global hidden [..., E] -> codebook-0 (+END) logits [..., W0]."""
     return self.head0(h).float()
 
   def stream_logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -208,15 +304,24 @@ class AudioLM(nn.Module):
   def forward(self, batch: Mapping[str, torch.Tensor],
               local_slots: int | None = None) -> dict[str, torch.Tensor]:
     """Teacher-forced logits, as the JAX `AudioLM.__call__`:
-    single_stream {'stream' [B,S,K,V+1]}; global_local {'global' [B,S,V+1],
-    'local' [K-1,B,F,V] (codebook-major), 'local_index' [B,F] (the slot of
-    each frame row, -1 if unused)}."""
+    single_stream {'stream' [B,S,K,V+1]}; global_local {'global' [B,S,W0],
+    'local' [K-1,B,F,W] (codebook-major), 'local_index' [B,F] (the slot of
+    each frame row, -1 if unused)}; the widths are V+1 and V in our layout,
+    audio_vocab_size in the released one.
+
+    Optional keys: 'ref_codes' [B,R,K] ('pooled' reference) or 'ref_embed'
+    [B, reference_dim] ('linear'), each with 'ref_valid' [B]; 'uncond' [B]
+    (rows that read the unconditional embedding); 'melody' is unused
+    without a melody table."""
     ref = ref_valid = None
-    if 'ref_codes' in batch:
-      ref = self.reference_embedding(batch['ref_codes'])
+    ref_key = 'ref_codes' if self.reference == 'pooled' else 'ref_embed'
+    if ref_key in batch:
+      ref = self.reference_embedding(batch[ref_key])
       ref_valid = batch['ref_valid'].bool()
+    uncond = batch.get('uncond')
     valid = batch['valid'].bool()
-    x = self.embed(batch['text'], batch['audio'], batch['melody'], ref, ref_valid)
+    x = self.embed(batch['text'], batch['audio'], batch.get('melody'), ref,
+                   ref_valid, None if uncond is None else uncond.bool())
     h = self.backbone(x, batch['positions'], transformer.causal_mask(valid))
     if self.variant == 'single_stream':
       return {'stream': self.stream_logits(h)}
@@ -257,15 +362,21 @@ class AudioLM(nn.Module):
     prompt: text [B,P], audio [B,P,K], melody [B,P], positions [B,P],
       valid [B,P]. With CFG (cfg_scale != 1) B = 2 * num_cond: rows
       [0, num_cond) conditional, [num_cond, B) the null conditions.
+      Optional 'uncond' [B]: the rows that read the unconditional embedding
+      (uncond_embedding; the released HeartMuLa's CFG rows; global_local).
     sections: interleaved layout: text [B, NS, Ls] of the sections after the
       first, each left-padded with EMPTY and ending in '<audio>'.
     melody: [B, max_frames] melody ids of the frames to generate.
-    ref_codes, ref_valid: reference segment [B,R,K] and whether it is given.
+    ref_codes, ref_valid: reference segment [B,R,K] ('linear' reference: the
+      given embedding [B, reference_dim]) and whether it is given.
     temperature 0 is greedy (argmax); otherwise top-k, then top-p within it;
     top_k_keep_ties keeps every token tied with the last kept one (heartlib's
     top-k; False: exactly k).
     teacher: frames [B,T,K] (pattern steps for single_stream) consumed
       instead of samples; record_logits: also return the guided logits.
+    A frame ends the song (or section) when any of its codes is >= end_id
+    (ours: codebook 0 == END; the released heads have END columns in every
+    codebook); min_frames bars every class >= end_id before that frame.
 
     Returns {'codes': [n, max_frames, K], 'num_frames': [n]}.
     """
@@ -367,7 +478,8 @@ class Sampler:
 
 
 # -------------------------------------------------------------------- decode
-def _prefill(model: AudioLM, prompt, melody, ref_codes, ref_valid, slots: int):
+def _prefill(model: AudioLM, prompt, melody, ref_codes, ref_valid, slots: int,
+             uncond=None):
   """Runs the prompt into a fresh backbone cache of `slots` slots.
   Returns (last hidden [B,E], cache, key validity [B,slots], rope positions)."""
   b, p = prompt['text'].shape
@@ -380,7 +492,7 @@ def _prefill(model: AudioLM, prompt, melody, ref_codes, ref_valid, slots: int):
   last = mel[:, -1]
   mel[:, -1] = torch.where(last < 0, melody[:, 0], last)
   x = model.embed(prompt['text'], prompt['audio'], mel, ref,
-                  None if ref_valid is None else ref_valid.bool())
+                  None if ref_valid is None else ref_valid.bool(), uncond)
   cache = model.backbone.init_cache(b, slots)
   h = model.backbone(x, prompt['positions'],
                      transformer.cache_mask(key_valid, 0, p), cache, 0)
@@ -395,15 +507,20 @@ def _backbone_step(model, text, audio, melody, rope, key_valid, cache, index):
   return h[:, 0]
 
 
+def _no_end(logits: torch.Tensor, end: int, early) -> torch.Tensor:
+  """Classes >= END removed from logits [n, W] in the rows `early` [n]."""
+  if early is None or logits.shape[-1] <= end:
+    return logits
+  is_end = torch.arange(logits.shape[-1], device=logits.device) >= end
+  return logits.masked_fill(early[:, None] & is_end, -float('inf'))
+
+
 def _local_frame(model: AudioLM, h_last, sampler: Sampler, forced, early):
   """Codebooks 0..K-1 of the next frame from the global hidden [B,E].
   `forced` [B,K] (teacher) replaces the samples; `early` [n] bars END.
-  Returns (codes [B,K], global logits [n,V+1], local logits [n,K-1,V])."""
+  Returns (codes [B,K], global logits [n,W0], local logits [n,K-1,W])."""
   b, k = h_last.shape[0], model.num_codebooks
-  g0 = sampler.guide(model.global_logits(h_last))
-  if early is not None:
-    is_end = torch.arange(g0.shape[-1], device=g0.device) == model.end_id
-    g0 = g0.masked_fill(early[:, None] & is_end, -float('inf'))
+  g0 = _no_end(sampler.guide(model.global_logits(h_last)), model.end_id, early)
   c0 = sampler.pick(g0, b) if forced is None else forced[:, 0]
   codes, local_logits = [c0], []
   lcache = model.local.init_cache(b, k)
@@ -414,7 +531,8 @@ def _local_frame(model: AudioLM, h_last, sampler: Sampler, forced, early):
   out = model.local(xin, pos, transformer.cache_mask(lvalid, 0, 2), lcache, 0)
   last = out[:, 1]
   for i in range(1, k):
-    logits = sampler.guide(model.local_heads[i - 1](last).float())
+    logits = _no_end(sampler.guide(model.local_heads[i - 1](last).float()),
+                     model.end_id, early)
     local_logits.append(logits)
     ci = sampler.pick(logits, b) if forced is None else forced[:, i]
     codes.append(ci)
@@ -433,7 +551,8 @@ def _inputs(model, prompt, max_frames, melody):
   if melody is None:
     melody = torch.full((b, max_frames), int(model.facts['melody_null']),
                         dtype=torch.long, device=prompt['text'].device)
-  prompt = {k: x.bool() if k == 'valid' else x.long() for k, x in prompt.items()}
+  prompt = {k: x.bool() if k in ('valid', 'uncond') else x.long()
+            for k, x in prompt.items()}
   return prompt, melody.long()
 
 
@@ -446,13 +565,13 @@ def decode(model: AudioLM, prompt, sampler: Sampler, max_frames: int,
   are invalid slots that do not advance the row's position."""
   prompt, melody = _inputs(model, prompt, max_frames, melody)
   b, p = prompt['text'].shape
-  k, v, nf, n = model.num_codebooks, model.codebook_size, max_frames, sampler.num_cond
+  k, nf, n = model.num_codebooks, max_frames, sampler.num_cond
   ns, ls = (0, 0) if sections is None else tuple(sections.shape[1:])
   steps = nf + ns * (ls + 1) + 1
   end = model.end_id
   dev = prompt['text'].device
   h, cache, key_valid, rope = _prefill(model, prompt, melody, ref_codes,
-                                       ref_valid, p + steps)
+                                       ref_valid, p + steps, prompt.get('uncond'))
   rows = torch.arange(b, device=dev)
   frames = torch.zeros(b, nf, k, dtype=torch.long, device=dev)
   count = torch.zeros(b, dtype=torch.long, device=dev)
@@ -461,8 +580,9 @@ def decode(model: AudioLM, prompt, sampler: Sampler, max_frames: int,
   sec = torch.zeros_like(count)
   ptr = torch.zeros_like(count)
   tptr = torch.zeros_like(count)
-  lg = torch.zeros(n, steps, v + 1, device=dev) if record_logits else None
-  ll = torch.zeros(n, steps, k - 1, v, device=dev) if record_logits else None
+  w0, wl = head_widths(model.config)
+  lg = torch.zeros(n, steps, w0, device=dev) if record_logits else None
+  ll = torch.zeros(n, steps, k - 1, wl, device=dev) if record_logits else None
   empty = torch.full((b,), EMPTY, dtype=torch.long, device=dev)
   for step in range(steps):
     if bool(done.all()):
@@ -473,7 +593,7 @@ def decode(model: AudioLM, prompt, sampler: Sampler, max_frames: int,
       forced = teacher[rows, tptr.clamp(max=teacher.shape[1] - 1)].long()
     early = (count[:n] < min_frames) if min_frames else None
     frame, g0, gl = _local_frame(model, h, sampler, forced, early)
-    is_end = frame[:, 0] == end
+    is_end = (frame >= end).any(dim=-1)
     emit = audio_mode & ~is_end
     at = count.clamp(max=nf - 1)
     frames[rows, at] = torch.where(emit[:, None], frame, frames[rows, at])

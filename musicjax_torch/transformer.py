@@ -31,6 +31,25 @@ MASKED = -1e30
 LayerCache = tuple[torch.Tensor, torch.Tensor]
 
 
+# Stack options of musicjax/nn/transformer.py and the values mirrored here
+# (the first is the default when a config predates the key); other values
+# (e.g. MusicGen's LayerNorm, GELU MLP, cross-attention) are refused.
+MIRRORED = {'rope_scaling': ('none', 'llama3'), 'norm': ('rms',),
+            'mlp': ('swiglu',), 'positions': ('rope',),
+            'cross_attention': (False,)}
+
+
+def check_config(c: Mapping[str, Any], where: str = 'transformer') -> None:
+  """Refuses a stack config this mirror would not compute as JAX does; the
+  error names the key (`where` is its path, e.g. 'model.backbone')."""
+  for key, allowed in MIRRORED.items():
+    value = c.get(key, allowed[0])
+    if value not in allowed:
+      raise ValueError(f'config {where}.{key} = {value!r}: musicjax_torch '
+                       f'mirrors {allowed} only; load this export in JAX '
+                       '(musicjax import-torch)')
+
+
 def head_dim(c: Mapping[str, Any]) -> int:
   """The config's head_dim, where 0 means dim // num_heads."""
   return int(c.get('head_dim', 0)) or int(c['dim']) // int(c['num_heads'])
@@ -56,8 +75,12 @@ def rope_frequencies(c: Mapping[str, Any], half: int,
   exponent = -torch.arange(half, dtype=torch.float32, device=device) / half
   freq = torch.pow(torch.tensor(float(c['rope_theta']), dtype=torch.float32,
                                 device=device), exponent)
-  if c.get('rope_scaling', 'none') == 'none':
+  scaling = c.get('rope_scaling', 'none')
+  if scaling == 'none':
     return freq
+  if scaling != 'llama3':
+    raise ValueError(f"rope_scaling {scaling!r} is not mirrored here ('none' or "
+                     "'llama3')")
   factor = float(c['rope_scale_factor'])
   low, high = float(c['rope_low_freq_factor']), float(c['rope_high_freq_factor'])
   context = int(c['rope_original_context'])
@@ -165,8 +188,9 @@ class Transformer(nn.Module):
   JAX `model.backbone` config (keys it does not use, such as init_std or
   remat, are ignored)."""
 
-  def __init__(self, c: Mapping[str, Any]):
+  def __init__(self, c: Mapping[str, Any], where: str = 'transformer'):
     super().__init__()
+    check_config(c, where)
     self.num_kv_heads = int(c['num_kv_heads'])
     self.head_dim = head_dim(c)
     self.layers = nn.ModuleList(Block(c) for _ in range(int(c['num_layers'])))

@@ -26,6 +26,7 @@ from musicjax.errors import UserError
 from musicjax.export import files
 from musicjax.export import mapping
 from musicjax.lm import layout
+from musicjax.lm import model as lm_model
 from musicjax.train import runs
 
 FORMAT = 'musicjax-export'
@@ -76,11 +77,14 @@ def loader_facts(config: ml_collections.ConfigDict, fam: str,
   m = config.model
   facts: dict[str, Any] = {}
   if fam == 'lm':
+    # The model's layout: the released HeartMuLa's END is config, and its
+    # text table has no LM extra tokens.
     facts.update(
-        end_id=layout.end_id(m.codebook_size),
+        end_id=lm_model.end_id(m),
         special_id=layout.special_id(m.codebook_size),
-        extra_ids={t: layout.extra_id(m.text_vocab_size, t)
-                   for t in layout.EXTRA_TOKENS},
+        extra_ids=({t: layout.extra_id(m.text_vocab_size, t)
+                    for t in layout.EXTRA_TOKENS}
+                   if m.get('text_extra_tokens', True) else {}),
         melody_null=layout.MELODY_NULL, melody_silent=layout.MELODY_SILENT)
   else:
     facts.update(frame_rate=float(m.frame_rate),
