@@ -476,6 +476,14 @@ def validate_model_config(cfg: Mapping[str, Any]) -> None:
   if cfg['padding'] not in PADDINGS:
     raise ValueError(f'config "model.padding" must be one of {PADDINGS}, got '
                      f'{cfg["padding"]!r}')
+  if (cfg.get('pad_extra', 'right') != 'right'
+      and any(int(s) % 2 for s in strides)):
+    # DAC's alignment of odd paddings (musicjax/codec/model.py) is not built
+    # here; with even strides every padding is even and it changes nothing.
+    raise ValueError(
+        f'config "model.pad_extra" = {cfg["pad_extra"]!r} with odd strides '
+        f'{strides} is not mirrored in musicjax_torch; export an imported DAC '
+        'with `musicjax export-dac` and load it with transformers\' DacModel')
   if int(cfg['decoder_dim']) % (2 ** len(strides)):
     raise ValueError(f'config "model.decoder_dim" ({cfg["decoder_dim"]}) must be '
                      f'divisible by 2**len(strides) = {2 ** len(strides)}')

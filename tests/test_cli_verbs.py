@@ -9,7 +9,8 @@ from musicjax.cli import app
 
 VERBS = {'train', 'eval', 'encode', 'decode', 'codec-quality', 'prepare',
          'tokenizer', 'generate', 'accompany', 'prefs', 'export',
-         'import-torch', 'import-heartmula', 'bench'}
+         'import-torch', 'import-heartmula', 'import-dac', 'export-dac',
+         'bench'}
 
 
 def test_every_verb_has_a_handler_and_is_listed_in_help(capsys):

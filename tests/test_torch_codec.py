@@ -495,3 +495,15 @@ def test_family_without_a_torch_model_says_so(monkeypatch):
   monkeypatch.setitem(torch_io.MODELS, 'lm', ('musicjax_torch.not_there', 'X'))
   with pytest.raises(NotImplementedError, match="no 'lm' model"):
     torch_io.model_class('lm')
+
+
+def test_dac_odd_stride_alignment_is_refused_by_key():
+  """musicjax_torch does not build DAC's odd-padding alignment: a run that
+  needs it is refused by name, one that does not (even strides) is not."""
+  from musicjax_torch import codec as torch_codec
+  cfg = {'strides': (2, 5), 'padding': 'same', 'decoder_dim': 8,
+         'pad_extra': 'left'}
+  with pytest.raises(ValueError, match='"model.pad_extra" .* odd strides'):
+    torch_codec.validate_model_config(cfg)
+  torch_codec.validate_model_config(dict(cfg, strides=(2, 4)))
+  torch_codec.validate_model_config(dict(cfg, pad_extra='right'))

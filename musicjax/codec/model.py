@@ -19,17 +19,66 @@ from musicjax.codec.rvq import ResidualVQ
 from musicjax.nn.conv import Snake, WNConv1d, WNConvTranspose1d
 from musicjax.nn.dc_block import dc_block
 
+# Where 'same' padding puts the extra sample of an odd padding total: 'right'
+# (ours), or 'left' as torch's symmetric padding=ceil(stride/2) does in DAC's
+# strided convs. Only odd strides (e.g. DAC 16/24 kHz's 5) give odd totals.
+PAD_EXTRA = ('right', 'left')
+
+
+class LeftExtraConv1d(WNConv1d):
+  """WNConv1d whose 'same' padding puts an odd total's extra sample on the
+  left (the same parameters: only the output's alignment moves)."""
+
+  def _pads(self, length: int) -> tuple[int, int]:
+    left, right = super()._pads(length)
+    return (right, left) if self.padding == 'same' else (left, right)
+
+
+class LeftExtraConvTranspose1d(WNConvTranspose1d):
+  """WNConvTranspose1d keeping the window of its full output that starts
+  ceil((m - 1) * stride / 2) samples in ('same' starts at the floor): torch's
+  ConvTranspose1d(padding=ceil(stride/2), output_padding=stride % 2) for
+  m = 2, as DAC's decoder blocks."""
+
+  def __init__(self, *args, padding: str = 'same', **kwargs):
+    # Run causally (the full output's first t * stride samples) on m - 1
+    # zero frames more, which keeps the whole full output to cut from.
+    super().__init__(*args, padding='causal', **kwargs)
+    if padding != 'same':
+      raise ValueError(f"pad_extra 'left' needs 'same' padding, got {padding!r}")
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    t, m, s = x.shape[1], self.kernel_multiple, self.stride
+    y = super().__call__(jnp.pad(x, ((0, 0), (0, m - 1), (0, 0))))
+    extra = (m - 1) * s
+    start = extra - extra // 2
+    return y[:, start:start + t * s]
+
+
+def _conv(cfg: ml_collections.ConfigDict, *args, **kwargs) -> WNConv1d:
+  cls = LeftExtraConv1d if cfg.pad_extra == 'left' else WNConv1d
+  return cls(*args, **kwargs)
+
+
+def _conv_transpose(cfg: ml_collections.ConfigDict, *args, **kwargs
+                    ) -> WNConvTranspose1d:
+  cls = (LeftExtraConvTranspose1d if cfg.pad_extra == 'left'
+         else WNConvTranspose1d)
+  return cls(*args, **kwargs)
+
 
 class ResidualUnit(nnx.Module):
   """Snake -> dilated conv -> Snake -> 1x1 conv, plus the skip."""
 
-  def __init__(self, channels: int, dilation: int, kernel_size: int,
-               padding: str, init_std: float, *, rngs: nnx.Rngs):
+  def __init__(self, channels: int, dilation: int,
+               cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     self.act1 = Snake(channels)
-    self.conv1 = WNConv1d(channels, channels, kernel_size, dilation=dilation,
-                          padding=padding, init_std=init_std, rngs=rngs)
+    self.conv1 = _conv(cfg, channels, channels, cfg.residual_kernel,
+                       dilation=dilation, padding=cfg.padding,
+                       init_std=cfg.init_std, rngs=rngs)
     self.act2 = Snake(channels)
-    self.conv2 = WNConv1d(channels, channels, 1, init_std=init_std, rngs=rngs)
+    self.conv2 = _conv(cfg, channels, channels, 1, init_std=cfg.init_std,
+                       rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return x + self.conv2(self.act2(self.conv1(self.act1(x))))
@@ -41,13 +90,12 @@ class EncoderBlock(nnx.Module):
   def __init__(self, channels: int, out_channels: int, stride: int,
                cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     self.units = nnx.List([
-        ResidualUnit(channels, d, cfg.residual_kernel, cfg.padding, cfg.init_std,
-                     rngs=rngs)
+        ResidualUnit(channels, d, cfg, rngs=rngs)
         for d in cfg.dilations])
     self.act = Snake(channels)
-    self.down = WNConv1d(channels, out_channels,
-                         cfg.down_kernel_multiple * stride, stride=stride,
-                         padding=cfg.padding, init_std=cfg.init_std, rngs=rngs)
+    self.down = _conv(cfg, channels, out_channels,
+                      cfg.down_kernel_multiple * stride, stride=stride,
+                      padding=cfg.padding, init_std=cfg.init_std, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     for unit in self.units:
@@ -61,12 +109,12 @@ class DecoderBlock(nnx.Module):
   def __init__(self, channels: int, out_channels: int, stride: int,
                cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     self.act = Snake(channels)
-    self.up = WNConvTranspose1d(channels, out_channels, stride,
-                                kernel_multiple=cfg.up_kernel_multiple,
-                                padding=cfg.padding, init_std=cfg.init_std, rngs=rngs)
+    self.up = _conv_transpose(cfg, channels, out_channels, stride,
+                              kernel_multiple=cfg.up_kernel_multiple,
+                              padding=cfg.padding, init_std=cfg.init_std,
+                              rngs=rngs)
     self.units = nnx.List([
-        ResidualUnit(out_channels, d, cfg.residual_kernel, cfg.padding,
-                     cfg.init_std, rngs=rngs)
+        ResidualUnit(out_channels, d, cfg, rngs=rngs)
         for d in cfg.dilations])
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -81,16 +129,16 @@ class Encoder(nnx.Module):
   def __init__(self, audio_channels: int, cfg: ml_collections.ConfigDict, *,
                rngs: nnx.Rngs):
     ch = cfg.encoder_dim
-    self.stem = WNConv1d(audio_channels, ch, cfg.stem_kernel, padding=cfg.padding,
-                         rngs=rngs)
+    self.stem = _conv(cfg, audio_channels, ch, cfg.stem_kernel,
+                      padding=cfg.padding, rngs=rngs)
     blocks = []
     for s in cfg.strides:
       blocks.append(EncoderBlock(ch, 2 * ch, s, cfg, rngs=rngs))
       ch *= 2
     self.blocks = nnx.List(blocks)
     self.act = Snake(ch)
-    self.proj = WNConv1d(ch, cfg.latent_dim, cfg.latent_kernel,
-                         padding=cfg.padding, init_std=cfg.init_std, rngs=rngs)
+    self.proj = _conv(cfg, ch, cfg.latent_dim, cfg.latent_kernel,
+                      padding=cfg.padding, init_std=cfg.init_std, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = self.stem(x)
@@ -110,16 +158,16 @@ class Decoder(nnx.Module):
   def __init__(self, audio_channels: int, cfg: ml_collections.ConfigDict,
                sample_rate: int, *, rngs: nnx.Rngs):
     ch = cfg.decoder_dim
-    self.stem = WNConv1d(cfg.latent_dim, ch, cfg.stem_kernel, padding=cfg.padding,
-                         rngs=rngs)
+    self.stem = _conv(cfg, cfg.latent_dim, ch, cfg.stem_kernel,
+                      padding=cfg.padding, rngs=rngs)
     blocks = []
     for s in reversed(tuple(cfg.strides)):
       blocks.append(DecoderBlock(ch, ch // 2, s, cfg, rngs=rngs))
       ch //= 2
     self.blocks = nnx.List(blocks)
     self.act = Snake(ch)
-    self.out = WNConv1d(ch, audio_channels, cfg.stem_kernel, padding=cfg.padding,
-                        rngs=rngs)
+    self.out = _conv(cfg, ch, audio_channels, cfg.stem_kernel,
+                     padding=cfg.padding, rngs=rngs)
     self.output_tanh = bool(cfg.output_tanh)
     self.highpass_hz = float(cfg.output_highpass_hz)
     self.highpass_tolerance = float(cfg.output_highpass_tolerance)
@@ -141,6 +189,12 @@ def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
     raise ValueError(f'config.model.strides must be positive ints, got {cfg.strides}')
   if cfg.padding not in ('same', 'causal'):
     raise ValueError(f"config.model.padding must be 'same' or 'causal', got {cfg.padding!r}")
+  if cfg.pad_extra not in PAD_EXTRA:
+    raise ValueError(f'config.model.pad_extra must be one of {PAD_EXTRA}, got '
+                     f'{cfg.pad_extra!r}')
+  if cfg.pad_extra == 'left' and cfg.padding != 'same':
+    raise ValueError("config.model.pad_extra 'left' places 'same' padding; "
+                     f'config.model.padding is {cfg.padding!r}')
   if cfg.decoder_dim % (2 ** len(cfg.strides)):
     raise ValueError(f'config.model.decoder_dim ({cfg.decoder_dim}) must be divisible '
                      f'by 2**len(strides) = {2 ** len(cfg.strides)} (it halves per block)')

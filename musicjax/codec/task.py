@@ -49,6 +49,9 @@ def default_config() -> ConfigDict:
   m.down_kernel_multiple = 2     # strided conv kernel = multiple * stride
   m.up_kernel_multiple = 2       # transposed conv kernel = multiple * stride
   m.padding = 'same'             # same (centred) | causal
+  # Where 'same' puts the extra sample of an odd padding total (odd strides):
+  # right | left (DAC's torch convs, padding=ceil(stride/2); released DACs).
+  m.pad_extra = 'right'
   m.output_tanh = True
   # Fixed DC blocker at the decoder output, in Hz (0 = off): no loss pins DC
   # down, and decoders trained without it put 0.01-0.04 offsets on mastered
