@@ -11,9 +11,14 @@ from musicjax.errors import UserError
 
 # Benchmarks that build a model from --config.
 WITH_CONFIG = ('codec', 'lm-decode', 'lm-train', 'lm-memory', 'accomp')
+# The released HeartMuLa + HeartCodec (issue 18), --config by default:
+RELEASED = {'heartmula-memory': 'lm/heartmula_oss_3b',
+            'heartcodec-decode': 'codec/heartcodec_bench'}
 # Small training runs on synthetic data: no --config.
 EXPERIMENTS = ('accomp-weighting', 'accomp-context')
-BENCHES = WITH_CONFIG + EXPERIMENTS + ('decode-attention',)
+BENCHES = WITH_CONFIG + tuple(RELEASED) + EXPERIMENTS + ('decode-attention',)
+# heartmula-memory's codec when --codec-config is not given.
+DEFAULT_CODEC_CONFIG = 'codec/heartcodec_oss'
 # Train steps per run of the accomp experiments when --steps is not given.
 EXPERIMENT_TRAIN_STEPS = 300
 
@@ -22,16 +27,24 @@ def register(sub) -> dict:
   b = sub.add_parser('bench', help='speed benchmarks (prints JSON)')
   b.add_argument('what', choices=BENCHES,
                  help=f'{", ".join(WITH_CONFIG)}: time a model built from '
-                 f'--config; {", ".join(EXPERIMENTS)}: small training runs on '
+                 f'--config; heartmula-memory: compiled inference memory of '
+                 'the released LM + HeartCodec (nothing allocated); '
+                 'heartcodec-decode: HeartCodec detokenize speed; '
+                 f'{", ".join(EXPERIMENTS)}: small training runs on '
                  'synthetic data; decode-attention: the decode kernel')
   b.add_argument('--config', metavar='PATH',
                  help='config file (configs/...) or shipped config name '
                  '(lm/tiny), needed by ' + ', '.join(WITH_CONFIG) + '; '
+                 + '; '.join(f'{k} default {v}' for k, v in RELEASED.items())
+                 + '; '
                  'PATH:ARG calls get_config(ARG). Overrides: --config.a.b=value '
                  'or --config.a.b value.')
   b.add_argument('--devices', type=int, default=0,
                  help='lm-memory: number of devices of the target topology')
-  b.add_argument('--seconds', type=float, default=10.0, help='audio length per call')
+  b.add_argument('--seconds', type=float, default=None,
+                 help='audio length per call (codec: default 10; '
+                 'heartcodec-decode: 50, two windows); heartmula-memory: the '
+                 'song generated (default 240, heartlib\'s longest)')
   b.add_argument('--repeats', type=int, default=5,
                  help='timed calls per case, after a warm-up')
   b.add_argument('--steps', type=flags.int_list, default=None, metavar='N[,N...]',
@@ -45,6 +58,12 @@ def register(sub) -> dict:
                  'generated, one case each (default 200,1000)')
   b.add_argument('--seeds', type=int, default=2,
                  help='accomp-weighting/-context: runs (seeds) per case')
+  b.add_argument('--codec-config', metavar='PATH', default=None,
+                 help='heartmula-memory: the HeartCodec config (default '
+                 f'{DEFAULT_CODEC_CONFIG}); its estimator runs in bfloat16')
+  b.add_argument('--param-dtype', choices=['bfloat16', 'float32'], default=None,
+                 help='heartmula-memory: dtype of both models\' parameters '
+                 '(default bfloat16)')
   # Defaults live in bench.kernels.Options: flags not given stay unset.
   da = b.add_argument_group('decode-attention (no --config)',
                             argument_default=argparse.SUPPRESS)
@@ -86,6 +105,8 @@ def run(args, overrides: list[str]) -> int:
   _check_flags(args)
   if args.what in EXPERIMENTS:
     result = _experiment(args)
+  elif args.what in RELEASED:
+    result = _released(args, overrides)
   elif args.what == 'decode-attention':
     result = _decode_attention(args)
   else:
@@ -95,10 +116,12 @@ def run(args, overrides: list[str]) -> int:
 
 
 def _check_flags(args) -> None:
-  """--frames and --steps mean something to some benches only."""
+  """Flags that mean something to some benches only."""
   for flag, value, takers in (
       ('--frames', args.frames, ('accomp', 'lm-decode')),
-      ('--steps', args.steps, ('accomp',) + EXPERIMENTS)):
+      ('--steps', args.steps, ('accomp',) + EXPERIMENTS),
+      ('--codec-config', args.codec_config, ('heartmula-memory',)),
+      ('--param-dtype', args.param_dtype, ('heartmula-memory',))):
     if value is not None and args.what not in takers:
       raise UserError(f'bench {args.what} takes no {flag} (it applies to '
                       f'bench {"/".join(takers)}); leave it out')
@@ -128,6 +151,18 @@ def _decode_attention(args) -> dict:
   return kernels.run(kernels.Options(**given))
 
 
+def _released(args, overrides: list[str]) -> dict:
+  from musicjax.bench import heartmula
+  from musicjax.codec.heartcodec import config as codec_config
+  spec = args.config or RELEASED[args.what]
+  kw = {'seconds': args.seconds, 'repeats': args.repeats}
+  if args.what == 'heartcodec-decode':
+    return heartmula.run(args.what, codec_config.load(spec, overrides), **kw)
+  codec = codec_config.load(args.codec_config or DEFAULT_CODEC_CONFIG)
+  return heartmula.run(args.what, cfg.load(spec, overrides), codec,
+                       param_dtype=args.param_dtype, **kw)
+
+
 def _with_config(args, overrides: list[str]) -> dict:
   if not args.config:
     raise cfg.ConfigError(f'bench {args.what} needs --config')
@@ -138,7 +173,8 @@ def _with_config(args, overrides: list[str]) -> dict:
   config = cfg.load(args.config, overrides)
   if args.what == 'codec':
     from musicjax.bench import codec
-    return codec.run(config, seconds=args.seconds, repeats=args.repeats)
+    return codec.run(config, repeats=args.repeats,
+                     **({} if args.seconds is None else {'seconds': args.seconds}))
   if args.what == 'accomp':
     from musicjax.bench import accomp
     return accomp.run(config, repeats=args.repeats, frames=args.frames,
