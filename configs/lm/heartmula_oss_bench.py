@@ -24,6 +24,9 @@ def get_config():
     t.mlp_dim = 1024
     t.dtype = 'float32'
     t.scan_layers = False        # small stacks run faster unrolled on XLA:CPU
+  # The peer runs float32 heads and our fastest CPU decode is the fused one.
+  c.sample.head_dtype = 'float32'
+  c.sample.backbone_weights = 'fused'
   d = c.data
   d.kind = 'synthetic'
   d.max_frames = 250             # 20 s at 12.5 Hz

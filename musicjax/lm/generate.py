@@ -42,6 +42,9 @@ from musicjax.lm import patterns
 from musicjax.nn import transformer
 
 
+BACKBONE_WEIGHTS = ('fused', 'stacked')
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampling:
   temperature: float = 1.0
@@ -62,6 +65,9 @@ class Sampling:
   codec_classes: int = 0
   stream_every: int = 0      # frames between streaming callbacks (0 = off)
   head_dtype: str = 'float32'  # output-head weights in the loop: float32 | bfloat16
+  # Backbone weights in the loop: fused (per-layer copies, fewest matmuls) |
+  # stacked (read in place: no second copy of the weights; XLA attention).
+  backbone_weights: str = 'fused'
   # Global-transformer decode attention: auto | xla | pallas (kernels/dispatch.py)
   attention: str = 'auto'
   attention_block_k: int = 128   # Pallas kernel: keys per inner step
@@ -85,6 +91,14 @@ class Sampling:
       raise ValueError(f'end_id must be -1 or a class id, got {self.end_id}')
     if self.codec_classes < 0:
       raise ValueError(f'codec_classes must be >= 0, got {self.codec_classes}')
+    if self.backbone_weights not in BACKBONE_WEIGHTS:
+      raise ValueError(f'backbone_weights must be one of {BACKBONE_WEIGHTS}, '
+                       f'got {self.backbone_weights!r}')
+    if self.backbone_weights == 'stacked' and self.attention not in ('auto',
+                                                                     'xla'):
+      raise ValueError("backbone_weights 'stacked' decodes with XLA attention:"
+                       f" attention must be 'auto' or 'xla', got "
+                       f'{self.attention!r}')
     if self.head_dtype not in ('float32', 'bfloat16'):
       raise ValueError("head_dtype must be 'float32' or 'bfloat16', got "
                        f'{self.head_dtype!r}')
@@ -96,6 +110,7 @@ def sampling_from_config(s, **overrides) -> Sampling:
             top_p=float(s.top_p), cfg_scale=float(s.cfg_scale),
             top_k_keep_ties=bool(s.top_k_keep_ties),
             head_dtype=s.head_dtype, attention=s.attention,
+            backbone_weights=s.get('backbone_weights', 'fused'),
             attention_block_k=int(s.attention_block_k),
             attention_splits=int(s.attention_splits))
   kw.update(overrides)
@@ -218,10 +233,12 @@ def _stream(callback, frames, counts):
 
 def _decode_view(model, sampling: Sampling) -> model_lib.DecodeView:
   bb = model.backbone
-  impl = dispatch.resolve(sampling.attention, bb.num_heads, bb.num_kv_heads,
-                          bb.head_dim, sampling.kernel_params())
+  impl = ('xla' if sampling.backbone_weights == 'stacked' else
+          dispatch.resolve(sampling.attention, bb.num_heads, bb.num_kv_heads,
+                           bb.head_dim, sampling.kernel_params()))
   return model_lib.DecodeView(model, jnp.dtype(sampling.head_dtype),
-                              attention=impl, params=sampling.kernel_params())
+                              attention=impl, params=sampling.kernel_params(),
+                              backbone_weights=sampling.backbone_weights)
 
 
 def _prefill_cache(model, dv, b: int, slots: int, prompt_valid: jax.Array):
@@ -293,7 +310,7 @@ def generate(model, prompt: dict, *, rng: jax.Array, sampling: Sampling,
                   prompt.get('uncond'))
   mask = transformer.cache_mask(key_valid, 0, p)
   h, cache = model.backbone(x, prompt['positions'], mask, cache, 0)
-  cache = transformer.split_cache(cache)
+  cache = dv.loop_cache(cache)
   rope_pos = jnp.sum(prompt['valid'], axis=1).astype(jnp.int32)
 
   def local_frame(h_last, rng, forced, count):
@@ -448,7 +465,7 @@ def _generate_stream(model, prompt, *, rng, sampling, num_cond, melody,
                   _with_first_melody(prompt['melody'], melody), ref, ref_valid)
   h, cache = model.backbone(x, prompt['positions'],
                             transformer.cache_mask(key_valid, 0, p), cache, 0)
-  cache = transformer.split_cache(cache)
+  cache = dv.loop_cache(cache)
   rows = jnp.arange(b)
   state = dict(cache=cache, key_valid=key_valid, h=h[:, -1],
                rope=jnp.sum(prompt['valid'], axis=1).astype(jnp.int32),

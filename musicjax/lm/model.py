@@ -313,11 +313,22 @@ class DecodeView:
   (slices taken inside the loop body are copies, repeated every step)."""
 
   def __init__(self, model: AudioLM, head_dtype=jnp.float32,
-               attention: str = 'xla', params=None):
+               attention: str = 'xla', params=None,
+               backbone_weights: str = 'fused'):
     """`attention`: a `kernels.dispatch.resolve` result ('xla', or a Pallas
     kernel) for the global transformer's one-token steps; the local
-    transformer attends over at most K tokens and stays in XLA."""
+    transformer attends over at most K tokens and stays in XLA.
+
+    `backbone_weights`: 'fused' (per-layer copies with q|k|v and gate|up
+    joined: the fewest matmuls per step, at the cost of a second copy of the
+    backbone's weights while the loop runs) or 'stacked' (the stacked arrays
+    read in place by a scan over layers, with a stacked cache: no copy,
+    for models whose weights are most of the memory; XLA attention)."""
     self.model = model
+    self.stacked = backbone_weights == 'stacked'
+    if self.stacked and attention != 'xla':
+      raise ValueError(f"backbone_weights 'stacked' decodes with XLA "
+                       f'attention, not {attention!r}')
     self.head_dtype = head_dtype
     self.attention = attention
     self.params = params or kernel_lib.KernelParams()
@@ -330,7 +341,8 @@ class DecodeView:
     if attention != 'xla':
       decode_attn = functools.partial(dispatch.attend_decode, impl=attention,
                                       params=self.params)
-    self.backbone = transformer.fuse(model.backbone, decode_attn)
+    self.backbone = (None if self.stacked else
+                     transformer.fuse(model.backbone, decode_attn))
     if model.variant == 'global_local':
       self.local = transformer.fuse(model.local)
       # Output heads are most of a decode step's weight reads (K x width x
@@ -352,8 +364,14 @@ class DecodeView:
     return x
 
   def backbone_step(self, x, positions, mask, cache, index):
+    if self.stacked:
+      return self.model.backbone(x, positions, mask, cache, index)
     return transformer.run_fused(self.backbone, self.model.backbone.norm, x,
                                     positions, mask, cache, index)
+
+  def loop_cache(self, cache):
+    """The prefilled stacked cache in the layout backbone_step takes."""
+    return cache if self.stacked else transformer.split_cache(cache)
 
   def local_step(self, x, positions, mask, cache, index):
     return transformer.run_fused(self.local, self.model.local.norm, x,

@@ -117,6 +117,11 @@ def default_config() -> ConfigDict:
   # Output-head weights in the decode loop. bfloat16 halves the step's largest
   # memory reads (logits accumulate in float32); float32 is exact.
   s.head_dtype = 'float32'
+  # Backbone weights in the decode loop: fused (per-layer copies with q|k|v
+  # and gate|up joined: fewest matmuls, fastest on CPU) | stacked (read in
+  # place by a scan: no second copy of the weights while generating, for
+  # models whose weights are most of the memory; XLA attention only).
+  s.backbone_weights = 'fused'
   # Global-transformer decode attention (kernels/dispatch.py): auto = the
   # Pallas kernel on GPU/TPU, XLA on CPU; xla | pallas force one (pallas runs
   # in the interpreter on CPU). The kernel's cache is rounded up to
@@ -200,6 +205,10 @@ def check_config(config: ConfigDict) -> None:
   except ValueError as e:
     raise ConfigError(f'config.sample.attention_block_k / attention_splits: {e}'
                       ) from None
+  try:
+    gen.sampling_from_config(s).validate()
+  except ValueError as e:
+    raise ConfigError(f'config.sample: {e}') from None
 
 
 
