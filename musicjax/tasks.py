@@ -10,6 +10,7 @@ _TASKS = {
     'lm': 'musicjax.lm.task:LMTask',
     'lm_dpo': 'musicjax.lm.dpo:DPOTask',
     'accomp': 'musicjax.accomp.task:AccompTask',
+    'heartcodec': 'musicjax.codec.heartcodec.task:HeartCodecTask',
 }
 
 

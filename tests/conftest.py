@@ -44,7 +44,8 @@ def _fresh_bad_file_report():
 # The files that take longest go first, so that with `-n 2 --dist loadfile`
 # they overlap with the many short files instead of running alone at the end
 # (longest-processing-time-first; measured with --durations).
-SLOW_FIRST = ('test_notebooks.py', 'test_cli_codec.py', 'test_codec_sharded.py',
+SLOW_FIRST = ('test_notebooks.py', 'test_codec_heartcodec_train.py',
+              'test_cli_codec.py', 'test_codec_sharded.py',
               'test_accomp_train.py', 'test_codec_resume.py',
               'test_data_prepare_tokens.py', 'test_export.py', 'test_lm_train.py',
               'test_lm_summaries.py', 'test_packaging.py')

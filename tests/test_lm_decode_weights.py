@@ -11,7 +11,6 @@ from musicjax import config as cfg
 from musicjax.config import ConfigError
 from musicjax.lm import generate as G
 from musicjax.lm import heartmula_prompt as hp
-from musicjax.lm import model as model_lib
 from musicjax.lm import task as task_lib
 
 TINY = 'lm/heartmula_tiny'

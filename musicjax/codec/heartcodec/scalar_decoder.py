@@ -12,12 +12,28 @@ weight_norm default on ConvTranspose1d), the plain convs per output channel
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
 from musicjax.nn.conv import WNConv1d
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def round_to_levels(z: jax.Array, levels: float) -> jax.Array:
+  """z rounded to multiples of 1 / levels; its gradient passes straight
+  through (identity), so the waveform encoder trains through the rounding.
+  The value is exactly round(z * levels) / levels."""
+  return jnp.round(z * levels) / levels
+
+
+@round_to_levels.defjvp
+def _round_to_levels_jvp(levels, primals, tangents):
+  (z,), (dz,) = primals, tangents
+  return round_to_levels(z, levels), dz
 
 
 class PReLU(nnx.Module):
@@ -121,7 +137,7 @@ class ScalarDecoder(nnx.Module):
                         init_std=std, rngs=rngs)
 
   def quantize(self, z: jax.Array) -> jax.Array:
-    return jnp.round(z * self.levels) / self.levels
+    return round_to_levels(z, self.levels)
 
   def __call__(self, z: jax.Array) -> jax.Array:
     x = self.delay(self.quantize(z))
