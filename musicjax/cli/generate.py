@@ -3,6 +3,7 @@ or from a released HeartMuLa run (`musicjax import-heartmula`) through
 HeartCodec."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -54,15 +55,18 @@ def run(args, overrides: list[str]) -> int:
       lyrics = f.read()
   req = song.SongRequest(
       tags=args.tags, lyrics=lyrics, melody_path=args.melody,
-      reference_path=args.reference,
-      seconds=(config.sample.seconds if args.seconds is None else args.seconds),
+      reference_path=args.reference, seconds=args.seconds,
       min_seconds=args.min_seconds, seed=args.seed, cfg_scale=args.cfg,
       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
   if heartmula_run.is_released(args.workdir):
     from musicjax.lm import heartmula_song
+    heartmula_song.check_request(req)       # before a 3B model is restored
     ctx = heartmula_run.open_song(args.workdir, config, args.codec_workdir)
-    print(json.dumps(heartmula_song.generate_song(ctx, req, args.out)))
-    return 0
-  ctx = song.SongContext(config, args.workdir, args.codec_workdir)
-  print(json.dumps(song.generate_song(ctx, req, args.out)))
+    make = heartmula_song.generate_song
+  else:  # checks the run's kind first: a codec run is named as such
+    ctx = song.SongContext(config, args.workdir, args.codec_workdir)
+    make = song.generate_song
+  if req.seconds is None:
+    req = dataclasses.replace(req, seconds=float(ctx.config.sample.seconds))
+  print(json.dumps(make(ctx, req, args.out)))
   return 0

@@ -70,7 +70,8 @@ class ReleasedSong:
     return int(self.codec.config.sample_rate)
 
 
-def _check_request(req: song.SongRequest) -> None:
+def check_request(req: song.SongRequest) -> None:
+  """Inputs the released model does not take, named by their flags."""
   for given, flag, why in (
       (req.melody_path, '--melody', 'the released model has no melody input'),
       (req.reference_path, '--reference',
@@ -83,7 +84,7 @@ def _check_request(req: song.SongRequest) -> None:
 def sample_codes(ctx: ReleasedSong, req: song.SongRequest,
                  progress: bool = True) -> np.ndarray:
   """Codes [frames, K] of one song (one compiled loop), END frame excluded."""
-  _check_request(req)
+  check_request(req)
   c = ctx.config
   frames = int(round(req.seconds * ctx.frame_rate))
   if frames < 1:

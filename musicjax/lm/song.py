@@ -49,7 +49,7 @@ class SongRequest:
   lyrics: str = ''                # text with [verse]/[chorus] markers
   melody_path: str = ''           # audio whose chroma guides the melody
   reference_path: str = ''        # audio whose style guides the song
-  seconds: float = 10.0
+  seconds: float | None = 10.0    # None: config.sample.seconds (the CLI)
   min_seconds: float = 0.0        # the song does not end before this
   seed: int = 0
   cfg_scale: float | None = None  # None: config.sample.cfg_scale
