@@ -1,7 +1,7 @@
 """HeartCodec's decode path at a size that runs on 2 CPU cores, for
-`musicjax bench heartcodec-decode` and heartlib's side by side
-(../shared/peer-bench/heartcodec_bench.py builds heartlib's HeartCodec from
-these numbers).
+`musicjax bench heartcodec-decode` and heartlib's side by side (the
+maintainers' peer timing script builds heartlib's HeartCodec from these
+numbers).
 
 The released structure (heartcodec_oss.py), narrower: an estimator of 4
 heads x 64 = width 256 (released 24 x 64) and 2 + 1 layers (released

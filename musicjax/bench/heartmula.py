@@ -1,5 +1,5 @@
 """`musicjax bench heartmula-memory` and `heartcodec-decode`: the released
-HeartMuLa + HeartCodec as a user runs them (issue 18).
+HeartMuLa + HeartCodec as a user runs them.
 
 heartmula-memory lowers and compiles, with abstract inputs only (nothing is
 allocated), the inference programs on one device: the LM's whole-song
@@ -13,7 +13,7 @@ parameters cast to `param_dtype` at the jit boundary, as a bfloat16 load
 would hold them (every weight is cast to its compute dtype where it is used).
 
 heartcodec-decode times our HeartCodec detokenize at random init, as x real
-time; ../shared/peer-bench/heartcodec_bench.py times heartlib's at the same
+time; the maintainers' peer timing script times heartlib's at the same
 config.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ from musicjax.lm import model as model_lib
 
 GIB = 2 ** 30
 GB = 10 ** 9
-# Issue 18: the 3B LM + HeartCodec under 10 GB for inference (users report
+# The goal: the 3B LM + HeartCodec under 10 GB for inference (users report
 # 12-13 GB with heartlib). Read as decimal GB, the stricter reading.
 INFERENCE_GOAL_GB = 10.0
 # heartlib's example generates up to 240 s (max_audio_length_ms 240,000).

@@ -11,7 +11,7 @@ from musicjax.errors import UserError
 
 # Benchmarks that build a model from --config.
 WITH_CONFIG = ('codec', 'lm-decode', 'lm-train', 'lm-memory', 'accomp')
-# The released HeartMuLa + HeartCodec (issue 18), --config by default:
+# The released HeartMuLa + HeartCodec, --config by default:
 RELEASED = {'heartmula-memory': 'lm/heartmula_oss_3b',
             'heartcodec-decode': 'codec/heartcodec_bench'}
 # Small training runs on synthetic data: no --config.
