@@ -33,15 +33,20 @@ def test_heartmula_3b_has_paper_scale():
   assert total < 4.0e9, total
 
 
+def _compile_for_8_gpus(path: str) -> dict:
+  """The train step of the config at `path` in the 8 x H100 layout (fsdp 4 x
+  tensor 2) on the 8 forced CPU devices, with a shorter window so the compile
+  stays quick (the layout is the same)."""
+  return lm_bench.compile_train_step(cfg.load(path, [
+      '--config.mesh.fsdp=4', '--config.mesh.tensor=2',
+      '--config.data.batch_size=8', '--config.data.eval_batch_size=8',
+      '--config.data.max_frames=100', '--config.data.max_text_tokens=32']))
+
+
 def test_heartmula_3b_compiles_for_8_gpus():
   """The 8 x H100 layout (fsdp 4 x tensor 2) on the 8 forced CPU devices,
   with a shorter window so the compile stays quick (the layout is the same)."""
-  c = cfg.load(CONFIG, ['--config.mesh.fsdp=4', '--config.mesh.tensor=2',
-                        '--config.data.batch_size=8',
-                        '--config.data.eval_batch_size=8',
-                        '--config.data.max_frames=100',
-                        '--config.data.max_text_tokens=32'])
-  out = lm_bench.compile_train_step(c)
+  out = _compile_for_8_gpus(CONFIG)
   assert out['mesh'] == {'data': 1, 'fsdp': 4, 'tensor': 2}
   # Parameters + AdamW moments of 3.75B params over 8 devices: ~5.3 GiB each.
   assert 4.0 < out['compiled_argument_gib'] < 7.0, out
@@ -51,12 +56,7 @@ def test_released_heartmula_3b_compiles_for_8_gpus():
   """The released model's config (heartlib's 3.94B parameters: 8197-wide
   heads, Llama-3 rotary scaling, the unconditional row) compiles its
   fine-tuning step on 8 simulated devices (fsdp 4 x tensor 2)."""
-  c = cfg.load(OSS, ['--config.mesh.fsdp=4', '--config.mesh.tensor=2',
-                     '--config.data.batch_size=8',
-                     '--config.data.eval_batch_size=8',
-                     '--config.data.max_frames=100',
-                     '--config.data.max_text_tokens=32'])
-  out = lm_bench.compile_train_step(c)
+  out = _compile_for_8_gpus(OSS)
   assert out['mesh'] == {'data': 1, 'fsdp': 4, 'tensor': 2}
   # float32 parameters + AdamW moments of 3.94B over 8 devices: 5.5 GiB each.
   assert 4.5 < out['compiled_argument_gib'] < 7.0, out

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +31,8 @@ from musicjax.lm import layout
 from musicjax.lm import model as model_lib
 from musicjax_torch import io as torch_io
 from musicjax_torch import lm as torch_lm
+
+import test_import_heartmula as imp_test
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(REPO, 'tests', 'fixtures', 'heartmula_tiny')
@@ -79,16 +80,9 @@ def exported(tmp_path_factory):
   """The export directory of an imported run: heartlib's folder layout ->
   `musicjax import-heartmula` -> `musicjax export`."""
   tmp = tmp_path_factory.mktemp('heartmula')
-  src = tmp / 'released'
-  lm = src / 'HeartMuLa-oss-tiny'
-  lm.mkdir(parents=True)
-  (src / 'HeartCodec-oss').mkdir()
-  for name in (hw.CONFIG, hw.SINGLE):
-    shutil.copy(os.path.join(FIXTURE, name), lm)
-  for name in ('tokenizer.json', 'gen_config.json'):
-    shutil.copy(os.path.join(FIXTURE, name), src)
+  src = imp_test.released(tmp / 'released')
   run, out = str(tmp / 'run'), str(tmp / 'export')
-  assert cli.main(['import-heartmula', '--from', str(src), '--workdir', run,
+  assert cli.main(['import-heartmula', '--from', src, '--workdir', run,
                    '--config', TINY]) == 0
   assert cli.main(['export', '--workdir', run, '--out', out]) == 0
   return out

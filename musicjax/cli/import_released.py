@@ -5,32 +5,35 @@ from __future__ import annotations
 import json
 
 
-def register(sub) -> dict:
-  p = sub.add_parser('import-heartmula', help="heartlib's released HeartMuLa "
-                     'folder -> an LM run (generate, fine-tune, eval, export)')
+def _import_parser(sub, verb: str, summary: str, from_help: str,
+                   config_help: str) -> None:
+  """An import verb: --from, --workdir (a new run) and --config."""
+  p = sub.add_parser(verb, help=summary)
   p.add_argument('--from', dest='from_dir', required=True, metavar='DIR',
-                 help='the released folder (HeartMuLa-oss-3B/, HeartCodec-oss/,'
-                 ' tokenizer.json, gen_config.json) or its HeartMuLa-oss-* '
-                 'folder')
+                 help=from_help)
   p.add_argument('--workdir', required=True,
                  help='the new run directory (must not exist, or be empty)')
   p.add_argument('--config', default=None, metavar='PATH',
-                 help='our LM config of the model (file or shipped name); '
-                 "default: the shipped one of the folder's flavors "
-                 '(lm/heartmula_oss_3b). Overrides: --config.a.b=value.')
+                 help=config_help + '. Overrides: --config.a.b=value.')
 
-  d = sub.add_parser('import-dac', help="a DAC folder (transformers' DacModel: "
-                     'config.json + model.safetensors) -> a codec run (encode, '
-                     'decode, fine-tune, export-dac)')
-  d.add_argument('--from', dest='from_dir', required=True, metavar='DIR',
-                 help='the folder DacModel.save_pretrained wrote (e.g. a '
-                 'download of descript/dac_44khz)')
-  d.add_argument('--workdir', required=True,
-                 help='the new run directory (must not exist, or be empty)')
-  d.add_argument('--config', default=None, metavar='PATH',
-                 help='our codec config of the model (file or shipped name, '
-                 "e.g. codec/dac_44khz); default: built from the folder's "
-                 'config.json. Overrides: --config.a.b=value.')
+
+def register(sub) -> dict:
+  _import_parser(
+      sub, 'import-heartmula',
+      "heartlib's released HeartMuLa folder -> an LM run (generate, "
+      'fine-tune, eval, export)',
+      from_help='the released folder (HeartMuLa-oss-3B/, HeartCodec-oss/, '
+      'tokenizer.json, gen_config.json) or its HeartMuLa-oss-* folder',
+      config_help='our LM config of the model (file or shipped name); '
+      "default: the shipped one of the folder's flavors (lm/heartmula_oss_3b)")
+  _import_parser(
+      sub, 'import-dac',
+      "a DAC folder (transformers' DacModel: config.json + model.safetensors) "
+      '-> a codec run (encode, decode, fine-tune, export-dac)',
+      from_help='the folder DacModel.save_pretrained wrote (e.g. a download '
+      'of descript/dac_44khz)',
+      config_help='our codec config of the model (file or shipped name, e.g. '
+      "codec/dac_44khz); default: built from the folder's config.json")
 
   e = sub.add_parser('export-dac', help='a codec run of DAC\'s architecture -> '
                      "a folder transformers' DacModel.from_pretrained loads")

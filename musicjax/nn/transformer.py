@@ -279,15 +279,22 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   return jnp.moveaxis(out, 0, 1).reshape(b, n * chunk, h, d)[:, :t]
 
 
+def _add_projections(module: nnx.Module, c: ml_collections.ConfigDict,
+                     rngs: nnx.Rngs) -> None:
+  """q, k, v [dim, heads, head_dim] (k, v over the KV heads) and the output
+  [heads, head_dim, dim] of self- and cross-attention."""
+  e, h, kv, d = int(c.dim), int(c.num_heads), int(c.num_kv_heads), head_dim(c)
+  std = float(c.init_std)
+  module.wq = _param(rngs, (e, h, d), std, ('embed', 'heads', None))
+  module.wk = _param(rngs, (e, kv, d), std, ('embed', 'kv_heads', None))
+  module.wv = _param(rngs, (e, kv, d), std, ('embed', 'kv_heads', None))
+  module.wo = _param(rngs, (h, d, e), std, ('heads', None, 'embed'))
+
+
 class Attention(nnx.Module):
 
   def __init__(self, c: ml_collections.ConfigDict, rngs: nnx.Rngs):
-    e, h, kv, d = int(c.dim), int(c.num_heads), int(c.num_kv_heads), head_dim(c)
-    std = float(c.init_std)
-    self.wq = _param(rngs, (e, h, d), std, ('embed', 'heads', None))
-    self.wk = _param(rngs, (e, kv, d), std, ('embed', 'kv_heads', None))
-    self.wv = _param(rngs, (e, kv, d), std, ('embed', 'kv_heads', None))
-    self.wo = _param(rngs, (h, d, e), std, ('heads', None, 'embed'))
+    _add_projections(self, c, rngs)
     self.rotary = (Rotary.from_config(c) if c.get('positions', 'rope') == 'rope'
                    else None)
     self.dtype = _DTYPES[c.dtype]
@@ -389,12 +396,7 @@ class CrossAttention(nnx.Module):
   (no positions); every query sees the context's valid slots."""
 
   def __init__(self, c: ml_collections.ConfigDict, rngs: nnx.Rngs):
-    e, h, kv, d = int(c.dim), int(c.num_heads), int(c.num_kv_heads), head_dim(c)
-    std = float(c.init_std)
-    self.wq = _param(rngs, (e, h, d), std, ('embed', 'heads', None))
-    self.wk = _param(rngs, (e, kv, d), std, ('embed', 'kv_heads', None))
-    self.wv = _param(rngs, (e, kv, d), std, ('embed', 'kv_heads', None))
-    self.wo = _param(rngs, (h, d, e), std, ('heads', None, 'embed'))
+    _add_projections(self, c, rngs)
     self.dtype = _DTYPES[c.dtype]
 
   def __call__(self, x: jax.Array, context: 'Context') -> jax.Array:
