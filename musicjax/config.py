@@ -99,6 +99,17 @@ def base_config() -> ConfigDict:
   c.train.max_inflight_steps = 2
   c.train.summary_every = 0         # audio / image summaries (0 = at eval only)
   c.train.eval_at_start = False     # also evaluate the initial state (logged at step 0)
+  # Micro-batches per step: the step's gradient is the whole batch's (exactly,
+  # musicjax/train/accumulate.py) with one micro-batch's activations live.
+  c.train.grad_accum = 1
+
+  # Warm start (musicjax/train/warm_start.py, docs/training.md): a fresh run
+  # starts from the weights of another run's latest checkpoint (or an import);
+  # a resumed run ignores this section.
+  c.init = ConfigDict()
+  c.init.workdir = ''
+  c.init.model_changes = ()         # config.model keys that may differ from that run
+  c.init.new_params = ()            # path patterns ('model/uncond*') of weights it lacks
 
   c.checkpoint = ConfigDict()
   c.checkpoint.keep = 3
@@ -331,7 +342,7 @@ def validate(config: ConfigDict, schema: ConfigDict) -> None:
   positive = ['data.sample_rate', 'data.batch_size', 'data.eval_batch_size',
               'train.steps', 'train.log_every', 'train.checkpoint_every',
               'train.max_nonfinite', 'train.max_inflight_steps',
-              'checkpoint.keep']
+              'train.grad_accum', 'checkpoint.keep']
   for key in positive:
     if key in flat_c and not flat_c[key] > 0:
       raise ConfigError(f'config.{key} must be > 0, got {flat_c[key]!r}')

@@ -68,6 +68,7 @@ def test_heartmula_memory_counts_bf16_parameters_and_programs():
   assert out['peak_gib'] == pytest.approx(out['params_gib'] + worst)
   assert out['within_goal'] and out['peak_gb'] < out['goal_gb']
   assert out['peak_one_model_at_a_time_gb'] < out['peak_gb']
+  assert out['within_goal_one_model_at_a_time']
 
 
 def test_heartmula_memory_in_float32_doubles_the_parameters():

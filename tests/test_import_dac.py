@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import soundfile as sf
-from safetensors.numpy import save_file
 
 from musicjax import cli
 from musicjax import config as cfg
@@ -22,6 +21,8 @@ from musicjax.export.released import dac_export
 from musicjax.export.released import reader
 from musicjax.train import new_run
 from musicjax.train import runs
+
+import released_fixtures as rf
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -279,78 +280,51 @@ def test_only_dacs_architecture_exports():
 
 
 # ---- bad input: named, and no run left behind -----------------------------------
-def _copy(folder, dst, tensors=None, config=None):
-  """The DAC folder at `dst`, with its tensors or config.json replaced."""
-  os.makedirs(dst)
-  r = reader.Reader(folder)
-  save_file(tensors if tensors is not None else {n: r.get(n) for n in r.names},
-            os.path.join(dst, dac.SINGLE))
-  with open(os.path.join(folder, dac.CONFIG)) as f:
-    d = json.load(f)
-  with open(os.path.join(dst, dac.CONFIG), 'w') as f:
-    json.dump(config(d) if config else d, f)
-  return dst
-
-
-def _fails(capsys, src, run, *needles):
-  assert cli.main(['import-dac', '--from', src, '--workdir', run]) == 2
-  err = capsys.readouterr().err
-  for needle in needles:
-    assert needle in err, err
-  assert not os.path.exists(run)
-  assert not os.path.exists(new_run.staging_dir(run))
-
-
-def _tensors(folder):
-  r = reader.Reader(folder)
-  return {n: r.get(n) for n in r.names}
-
-
 def test_missing_tensor(folder, tmp_path, capsys):
-  t = _tensors(folder[0])
+  t = rf.tensors(folder[0])
   del t['decoder.block.1.res_unit2.conv1.weight']
-  src = _copy(folder[0], str(tmp_path / 'src'), tensors=t)
-  _fails(capsys, src, str(tmp_path / 'run'), os.path.join(src, dac.SINGLE),
+  src = rf.copy(folder[0], str(tmp_path / 'src'), tensors=t)
+  rf.fails(capsys, 'import-dac', src, str(tmp_path / 'run'), os.path.join(src, dac.SINGLE),
          "'decoder.block.1.res_unit2.conv1.weight'", 'missing')
 
 
 def test_extra_tensor(folder, tmp_path, capsys):
-  t = _tensors(folder[0])
+  t = rf.tensors(folder[0])
   t['decoder.block.2.snake1.alpha'] = np.ones((1, 4, 1), np.float32)
-  src = _copy(folder[0], str(tmp_path / 'src'), tensors=t)
-  _fails(capsys, src, str(tmp_path / 'run'), "decoder.block.2.snake1.alpha",
+  src = rf.copy(folder[0], str(tmp_path / 'src'), tensors=t)
+  rf.fails(capsys, 'import-dac', src, str(tmp_path / 'run'), "decoder.block.2.snake1.alpha",
          'does not have')
 
 
 def test_wrong_shape(folder, tmp_path, capsys):
-  t = _tensors(folder[0])
+  t = rf.tensors(folder[0])
   t['quantizer.quantizers.2.codebook.weight'] = np.zeros((32, 4), np.float32)
-  src = _copy(folder[0], str(tmp_path / 'src'), tensors=t)
-  _fails(capsys, src, str(tmp_path / 'run'),
+  src = rf.copy(folder[0], str(tmp_path / 'src'), tensors=t)
+  rf.fails(capsys, 'import-dac', src, str(tmp_path / 'run'),
          "'quantizer.quantizers.2.codebook.weight'", '(32, 4)', '(16, 4)')
 
 
 def test_wrong_model_type(folder, tmp_path, capsys):
-  src = _copy(folder[0], str(tmp_path / 'src'),
+  src = rf.copy(folder[0], str(tmp_path / 'src'),
               config=lambda d: {**d, 'model_type': 'encodec'})
-  _fails(capsys, src, str(tmp_path / 'run'), 'config.json', "'encodec'",
+  rf.fails(capsys, 'import-dac', src, str(tmp_path / 'run'), 'config.json', "'encodec'",
          "'dac'")
 
 
 def test_unknown_config_key(folder, tmp_path, capsys):
-  src = _copy(folder[0], str(tmp_path / 'src'),
+  src = rf.copy(folder[0], str(tmp_path / 'src'),
               config=lambda d: {**d, 'use_causal_conv': True})
-  _fails(capsys, src, str(tmp_path / 'run'), 'use_causal_conv')
+  rf.fails(capsys, 'import-dac', src, str(tmp_path / 'run'), 'use_causal_conv')
 
 
 def test_truncated_file(folder, tmp_path, capsys):
-  src = _copy(folder[0], str(tmp_path / 'src'))
+  src = rf.copy(folder[0], str(tmp_path / 'src'))
   path = os.path.join(src, dac.SINGLE)
   with open(path, 'rb') as f:
     data = f.read()
   with open(path, 'wb') as f:
     f.write(data[:len(data) // 2])
-  _fails(capsys, src, str(tmp_path / 'run'), path)
+  rf.fails(capsys, 'import-dac', src, str(tmp_path / 'run'), path)
 
 
 def test_a_config_of_another_model(folder, tmp_path, capsys):

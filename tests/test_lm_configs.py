@@ -89,3 +89,27 @@ def test_top_k_keeps_ties_by_default_and_the_key_passes_through():
   assert gen.sampling_from_config(c.sample).top_k_keep_ties
   c.sample.top_k_keep_ties = False
   assert not gen.sampling_from_config(c.sample).top_k_keep_ties
+
+
+def test_musicgen_small_is_what_import_musicgen_builds():
+  """configs/lm/musicgen_small.py = the config import-musicgen reads from
+  musicgen-small's config.json (its decoder and T5-base numbers), and its
+  size is the release's: the paper's "300M" decoder (420M counted with its
+  cross-attention, tables and heads) beside T5-base (110M)."""
+  from musicjax.export.released import musicgen
+  transformers = __import__('pytest').importorskip('transformers')
+  d = {'decoder': transformers.MusicgenDecoderConfig(
+           vocab_size=2048, max_position_embeddings=2048, num_hidden_layers=24,
+           ffn_dim=4096, num_attention_heads=16, hidden_size=1024,
+           num_codebooks=4).to_dict(),
+       'text_encoder': transformers.T5Config(
+           vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12,
+           num_heads=12).to_dict()}
+  c = cfg.load(os.path.join(REPO, 'configs', 'lm', 'musicgen_small.py'))
+  assert musicgen.config_from(d).model.to_dict() == c.model.to_dict()
+  with nnx.use_eager_sharding(False):
+    abstract = nnx.eval_shape(lambda: task_lib.LMState(c, nnx.Rngs(0)).model)
+  count = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
+  decoder = count(abstract) - count(abstract.text_encoder)
+  assert 0.40e9 < decoder < 0.44e9, decoder
+  assert 0.10e9 < count(abstract.text_encoder) < 0.12e9

@@ -60,8 +60,8 @@ def get_config():
   # Memory first (users of heartlib report 12-13 GB): heads in bfloat16, as
   # heartlib's autocast runs them, and the backbone's weights read in place
   # instead of copied per layer. Compiled for a 240 s song on one device
-  # (jax 0.12.1): the LM's program 10.2 GiB with these, 15.4 GiB with fused
-  # weights (`bench heartmula-memory`, docs/figures.md). Fused weights are
+  # (jax 0.12.1): the LM's program 9.18 GiB with these, 14.78 GiB with
+  # fused weights (`bench heartmula-memory`, docs/figures.md). Fused weights are
   # faster where memory allows: --config.sample.backbone_weights=fused.
   s.head_dtype = 'bfloat16'
   s.backbone_weights = 'stacked'

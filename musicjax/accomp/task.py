@@ -23,9 +23,7 @@ weights (fresh optimizer), see configs/accomp/.
 from __future__ import annotations
 
 import functools
-import os
-import sys
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -43,8 +41,7 @@ from musicjax.accomp import synthetic
 from musicjax.config import ConfigError
 from musicjax.lm import task as lm_task
 from musicjax.nn import transformer
-from musicjax.train import checkpoint as ckpt_lib
-from musicjax.train import runs
+from musicjax.train import accumulate
 from musicjax.train.task import ArraySpec, Task
 
 ConfigDict = ml_collections.ConfigDict
@@ -103,9 +100,6 @@ def default_config() -> ConfigDict:
   # overlap_frames (those start committed to the previous window's tokens).
   s.window_frames = 0
   s.overlap_frames = 0
-
-  i = c.init = ConfigDict()
-  i.workdir = ''                       # stage 2: start from this stage-1 run
 
   # TensorBoard summaries at eval steps (musicjax/accomp/summaries.py): the
   # first eval example's vocal accompanied with the sample settings above,
@@ -247,9 +241,106 @@ def ar_loss(model: model_lib.AccompModel, batch, use_text, use_ref):
   return ce, metrics
 
 
+# ------------------------------------------------ gradient accumulation
+# The losses above as sums over the batch's rows (musicjax/train/accumulate.py):
+# the step's randomness is drawn for the whole batch first and split with it,
+# so micro-batches see the masks and conditions the whole batch would.
+
+
+def step_draws(batch, step, rng, config: ConfigDict) -> dict[str, jax.Array]:
+  """Per-row draws of one train step: mask times 't' [B], 'mask' [B, T, K],
+  'use_text' / 'use_ref' [B]; the same as `AccompTask.train_step`'s."""
+  cd, lo = config.cond, config.loss
+  b = batch['valid'].shape[0]
+  r_mask, r_text, r_ref = jax.random.split(rng, 3)
+  out = {'use_text': jax.random.uniform(r_text, (b,)) >= cd.drop_text,
+         'use_ref': jax.random.uniform(r_ref, (b,)) >= cd.drop_reference}
+  if config.model.decode == 'ar':
+    out['t'] = jnp.ones((b,), jnp.float32)
+    out['mask'] = token_valid(batch)
+  else:
+    out['t'] = diffusion.cosine_mask_ratio(
+        diffusion.sobol_r(step, b, int(lo.sobol_seed)), float(lo.mask_eps))
+    out['mask'] = diffusion.mask_tokens(r_mask, token_valid(batch), out['t'])
+  return out
+
+
+def loss_sums(model: model_lib.AccompModel, batch, lo: ConfigDict,
+              decode: str) -> dict[str, jax.Array]:
+  """Sums over the rows of `batch` (with `step_draws`' keys) of the loss
+  terms and their counts; `loss_from_sums` turns them into the loss."""
+  v = model.codebook_size
+  tv = token_valid(batch)
+  mask = batch['mask']
+  pad = model_lib.pad_id(v)
+  clean = jnp.where(tv, batch['accomp'], pad)
+  if decode == 'ar':
+    inp = shift_right(clean, model_lib.mask_id(v))
+  else:
+    inp = jnp.where(mask, model_lib.mask_id(v), clean)
+  prefix = sample_lib.prefix_of(model, batch, batch['use_text'], batch['use_ref'])
+  vocal, valid = batch['vocal'], batch['valid']
+  logits = model.logits(model.hidden(vocal, inp, valid, prefix))
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+  ce = -jnp.take_along_axis(logp, clean[..., None], -1)[..., 0]
+  m = (mask & tv).astype(jnp.float32)
+  f32 = lambda x: jnp.sum(x.astype(jnp.float32))
+  out = {'ce': jnp.sum(ce * m), 'masked': jnp.sum(m), 'valid': f32(tv),
+         'ce_k': jnp.sum(ce * m, axis=(0, 1)), 'masked_k': jnp.sum(m, axis=(0, 1)),
+         'hit': f32((jnp.argmax(logits, -1) == clean) & mask),
+         'mask_count': f32(mask), 't': jnp.sum(batch['t']),
+         'rows': f32(jnp.ones_like(batch['t']))}
+  if lo.weighting != 'none':
+    w = diffusion.loss_weights(batch['t'], lo.weighting)[:, None, None]
+    out['weighted_ce'] = jnp.sum(w * ce * m)
+  if decode != 'ar' and lo.rtd_weight:
+    replaced, labels = diffusion.rtd_inputs(logits, clean, mask)
+    h2 = model.hidden(vocal, jnp.where(tv, replaced, pad), valid, prefix)
+    if not lo.rtd_backbone_grad:
+      h2 = jax.lax.stop_gradient(h2)
+    rl = model.rtd_logits(h2)
+    x, y = rl.astype(jnp.float32), labels.astype(jnp.float32)
+    bce = jnp.maximum(x, 0.0) - x * y + jnp.log1p(jnp.exp(-jnp.abs(x)))
+    out['rtd'] = jnp.sum(bce * tv)
+    out['rtd_hit'] = f32(((rl > 0) == labels) & tv)
+    out['replaced'] = f32(labels & tv)
+  return out
+
+
+# Sums that do not depend on the parameters (accumulate.value_and_grad).
+COUNT_SUMS = ('masked', 'valid', 'masked_k', 'mask_count', 'rows')
+
+
+def loss_from_sums(s: Mapping[str, jax.Array], lo: ConfigDict, decode: str):
+  """(loss, metrics) of `diffusion_loss` / `ar_loss` from the batch's sums."""
+  per = lambda a, n: a / jnp.maximum(n, 1.0)
+  ce_masked = per(s['ce'], s['masked'])
+  metrics = {f'ce/{k}': per(s['ce_k'][k], s['masked_k'][k])
+             for k in range(s['ce_k'].shape[0])}
+  if decode == 'ar':
+    metrics.update({'loss': ce_masked, 'ce': ce_masked,
+                    'acc': per(s['hit'], s['mask_count'])})
+    return ce_masked, metrics
+  mlm = ce_masked if lo.weighting == 'none' else per(s['weighted_ce'], s['valid'])
+  metrics.update({'mlm': mlm, 'ce_masked': ce_masked,
+                  'masked_fraction': per(s['masked'], s['valid']),
+                  'acc_masked': per(s['hit'], s['mask_count']),
+                  't_mean': s['t'] / s['rows']})
+  loss = mlm
+  if lo.rtd_weight:
+    rtd = per(s['rtd'], s['valid'])
+    loss = loss + lo.rtd_weight * rtd
+    metrics.update({'rtd': rtd, 'rtd_acc': per(s['rtd_hit'], s['valid']),
+                    'replaced_fraction': per(s['replaced'], s['valid'])})
+  metrics['loss'] = loss
+  return loss, metrics
+
+
 class AccompTask(Task):
   name = 'accomp'
   progress_metrics = ('loss', 'ce_masked', 'ce/0', 'rtd')
+  free_model_keys = _FREE_MODEL_KEYS   # stage 2 warm-starts from stage 1
+  supports_grad_accum = True
 
   @classmethod
   def default_config(cls) -> ConfigDict:
@@ -294,12 +385,23 @@ class AccompTask(Task):
     use_ref = jax.random.uniform(r_ref, (b,)) >= cd.drop_reference
     step = state.step[...]
     gdef, params, rest = nnx.split(state.model, nnx.Param, ...)
+    n = int(self.config.train.grad_accum)
+    if n == 1:
+      def loss_fn(p):
+        return self._loss(nnx.merge(gdef, p, rest), batch, step, r_mask,
+                          use_text, use_ref)
 
-    def loss_fn(p):
-      return self._loss(nnx.merge(gdef, p, rest), batch, step, r_mask,
-                        use_text, use_ref)
-
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    else:
+      lo, decode = self.config.loss, self.config.model.decode
+      full = dict(batch, **step_draws(batch, step, rng, self.config))
+      axes = {k: v.logical_axes for k, v in
+              self.batch_spec(self.config.data.batch_size).items()}
+      axes['mask'] = axes['accomp']
+      _, metrics, grads = accumulate.value_and_grad(
+          lambda p, mb: loss_sums(nnx.merge(gdef, p, rest), mb, lo, decode),
+          lambda sums: loss_from_sums(sums, lo, decode), params, full, n,
+          counts=COUNT_SUMS, logical_axes=axes)
     state.opt.update(state.model, grads)
     state.step[...] = step + 1
     metrics['optim/grad_norm'] = optax.tree.norm(grads)
@@ -320,23 +422,6 @@ class AccompTask(Task):
     metrics['ce_other_vocal'] = swapped[key]
     metrics['vocal_gain'] = swapped[key] - metrics[key]
     return metrics
-
-  def warm_start(self, state: nnx.State, shardings: Any) -> nnx.State:
-    """Stage 2: the model weights of the stage-1 run `init.workdir`."""
-    init_dir = self.config.init.workdir
-    if not init_dir:
-      return state
-    init_dir = os.path.expanduser(init_dir)
-    init_config = runs.check_same_model(
-        self.config, init_dir, expect='accomp', flag='config.init.workdir',
-        free_keys=_FREE_MODEL_KEYS)
-    restored, step = ckpt_lib.restore_subtree(
-        init_dir, init_config.checkpoint.keep, 'model', state['model'],
-        shardings['model'])
-    nnx.replace_by_pure_dict(state['model'], restored)
-    print(f'[accomp] model starts from {init_dir} step {step}', file=sys.stderr,
-          flush=True)
-    return jax.device_put(state, shardings)
 
   @functools.cached_property
   def _summaries(self):

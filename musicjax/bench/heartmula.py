@@ -222,7 +222,9 @@ def memory(lm_config, codec_config, param_dtype: str = PARAM_DTYPES[0],
                peak_gb=both[peak] / GB,
                within_goal=both[peak] / GB <= INFERENCE_GOAL_GB,
                # heartlib's lazy_load: the LM is freed before the codec runs.
-               peak_one_model_at_a_time_gb=max(alone.values()) / GB)
+               peak_one_model_at_a_time_gb=max(alone.values()) / GB,
+               within_goal_one_model_at_a_time=(
+                   max(alone.values()) / GB <= INFERENCE_GOAL_GB))
   if jax.devices()[0].platform == 'cpu':
     out['backend_note'] = CPU_NOTE
   out['machine'] = machine.describe(load_start)

@@ -23,6 +23,7 @@ from musicjax.kernels import dispatch
 from musicjax.lm import generate as gen
 from musicjax.lm import layout
 from musicjax.lm import model as model_lib
+from musicjax.lm import musicgen_song
 from musicjax.lm import sequence
 from musicjax.lm import task as task_lib
 from musicjax.nn import transformer
@@ -48,6 +49,10 @@ def _model(config):
 
 def _prompt(config, rows: int, rng: np.random.Generator) -> dict:
   m = config.model
+  if m.text_encoder:   # MusicGen: the text is the cross-attention context
+    ids = rng.integers(0, m.t5.vocab_size, (1, PROMPT_TOKENS))
+    p = musicgen_song.prompt(m, ids, cfg=rows == 2)
+    return {k: jnp.asarray(v) for k, v in p.items()}
   ids = list(rng.integers(0, m.text_vocab_size, PROMPT_TOKENS - 1)) + [
       layout.extra_id(m.text_vocab_size, '<audio>')]
   ex = sequence.assemble([sequence.TextPart(ids)], PROMPT_TOKENS,
@@ -88,7 +93,9 @@ def decode(config, repeats: int = 3, frames=DECODE_FRAMES,
       case[f'ms_per_frame_{name}'] = 1e3 * t / n
     out['lengths'].append(case)
   out.update({k: v for k, v in out['lengths'][0].items() if k != 'frames'})
-  out.update(breakdown(config, model, iters=breakdown_iters, frames=frames[0]))
+  if config.model.variant == 'global_local':   # the parts of a frame
+    out.update(breakdown(config, model, iters=breakdown_iters,
+                         frames=frames[0]))
   bb = model.backbone
   out['attention'] = dispatch.resolve(
       s.attention, bb.num_heads, bb.num_kv_heads, bb.head_dim,

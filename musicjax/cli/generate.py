@@ -1,6 +1,6 @@
 """`musicjax generate`: a song from a trained LM (tags, lyrics, melody, style),
-or from a released HeartMuLa run (`musicjax import-heartmula`) through
-HeartCodec."""
+from a released HeartMuLa run (`musicjax import-heartmula`) through
+HeartCodec, or from a released MusicGen run (`import-musicgen`, --text)."""
 from __future__ import annotations
 
 import dataclasses
@@ -18,6 +18,9 @@ def register(sub) -> dict:
   flags.add_config(g, required=False)
   g.add_argument('--tags', default='', help="e.g. 'genre: chorale; mood: bright' "
                  "or 'chorale, bright' (empty: unconditional tags)")
+  g.add_argument('--text', default='',
+                 help="an imported MusicGen run's description, e.g. '80s pop "
+                 "with synths' (empty: unconditional)")
   g.add_argument('--lyrics', default='', metavar='FILE',
                  help='lyrics text file with [verse]/[chorus] markers')
   g.add_argument('--melody', default='', metavar='WAV',
@@ -58,6 +61,18 @@ def run(args, overrides: list[str]) -> int:
       reference_path=args.reference, seconds=args.seconds,
       min_seconds=args.min_seconds, seed=args.seed, cfg_scale=args.cfg,
       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+  from musicjax.lm import musicgen_song
+  if args.text and not musicgen_song.is_released(args.workdir):
+    raise UserError(f'--text is for a run made by import-musicgen; '
+                    f'{args.workdir} is not one (use --tags and --lyrics)')
+  if musicgen_song.is_released(args.workdir):
+    musicgen_song.check_request(req)
+    ctx = musicgen_song.open_song(args.workdir, config, args.codec_workdir)
+    if req.seconds is None:
+      req = dataclasses.replace(req, seconds=float(ctx.config.sample.seconds))
+    print(json.dumps(musicgen_song.generate_song(ctx, req, args.text,
+                                                 args.out)))
+    return 0
   if heartmula_run.is_released(args.workdir):
     from musicjax.lm import heartmula_song
     heartmula_song.check_request(req)       # before a 3B model is restored

@@ -1,4 +1,5 @@
-"""`musicjax import-heartmula` / `import-dac` / `export-dac`: released
+"""`musicjax import-heartmula` / `import-musicgen` / `export-musicgen` /
+`import-dac` / `export-dac` / `import-encodec` / `export-encodec`: released
 checkpoints of other projects <-> musicjax runs."""
 from __future__ import annotations
 
@@ -6,15 +7,17 @@ import json
 
 
 def _import_parser(sub, verb: str, summary: str, from_help: str,
-                   config_help: str) -> None:
-  """An import verb: --from, --workdir (a new run) and --config."""
+                   config_help: str | None) -> None:
+  """An import verb: --from, --workdir (a new run) and --config (None: the
+  folder fixes the config; only --config.a.b=value overrides)."""
   p = sub.add_parser(verb, help=summary)
   p.add_argument('--from', dest='from_dir', required=True, metavar='DIR',
                  help=from_help)
   p.add_argument('--workdir', required=True,
                  help='the new run directory (must not exist, or be empty)')
-  p.add_argument('--config', default=None, metavar='PATH',
-                 help=config_help + '. Overrides: --config.a.b=value.')
+  if config_help is not None:
+    p.add_argument('--config', default=None, metavar='PATH',
+                   help=config_help + '. Overrides: --config.a.b=value.')
 
 
 def register(sub) -> dict:
@@ -35,16 +38,67 @@ def register(sub) -> dict:
       config_help='our codec config of the model (file or shipped name, e.g. '
       "codec/dac_44khz); default: built from the folder's config.json")
 
-  e = sub.add_parser('export-dac', help='a codec run of DAC\'s architecture -> '
-                     "a folder transformers' DacModel.from_pretrained loads")
+  _import_parser(
+      sub, 'import-musicgen',
+      "a MusicGen folder (transformers' MusicgenForConditionalGeneration) -> "
+      'an LM run with its T5 text encoder (generate --text, fine-tune, eval)',
+      from_help='the folder save_pretrained wrote (e.g. a download of '
+      'facebook/musicgen-small); its config.json sets the model (overrides '
+      '--config.a.b=value may change sampling, data and training keys)',
+      config_help=None)
+
+  _export_parser(sub, 'export-dac', "DAC's", 'DacModel', 'import-dac')
+  _import_parser(
+      sub, 'import-encodec',
+      "an EnCodec folder (transformers' EncodecModel: config.json + "
+      'model.safetensors) -> a codec run (encode, decode, fine-tune, '
+      'export-encodec)',
+      from_help='the folder EncodecModel.save_pretrained wrote (e.g. a '
+      'download of facebook/encodec_32khz or encodec_24khz)',
+      config_help='our codec config of the model (file or shipped name, e.g. '
+      "codec/encodec_32khz); default: built from the folder's config.json")
+  _export_parser(sub, 'export-encodec', "EnCodec's", 'EncodecModel',
+                 'import-encodec')
+  e = sub.add_parser('export-musicgen', help='a run made by import-musicgen '
+                     "(fine-tuned or not) -> a folder transformers' "
+                     'MusicgenForConditionalGeneration.from_pretrained loads')
+  e.add_argument('--workdir', required=True, help='the LM run')
+  e.add_argument('--out', required=True, metavar='DIR',
+                 help='the folder to write (config.json, model.safetensors, '
+                 'generation_config.json, the tokenizer files)')
+  e.add_argument('--codec-workdir', default=None,
+                 help='the EnCodec run (default: RUN/codec, made by the import)')
+  e.add_argument('--step', type=int, default=None,
+                 help='checkpoint step (default: the latest)')
+  return {'import-encodec': import_encodec, 'export-encodec': export_encodec,
+          'import-heartmula': import_heartmula, 'import-dac': import_dac,
+          'export-dac': export_dac, 'import-musicgen': import_musicgen,
+          'export-musicgen': export_musicgen}
+
+
+def _export_parser(sub, verb: str, arch: str, cls: str, importer: str) -> None:
+  """An export verb: --workdir (a codec run), --out, --step."""
+  e = sub.add_parser(verb, help=f'a codec run of {arch} architecture -> a '
+                     f"folder transformers' {cls}.from_pretrained loads")
   e.add_argument('--workdir', required=True, help='the codec run (e.g. one '
-                 'made by import-dac and fine-tuned)')
+                 f'made by {importer} and fine-tuned)')
   e.add_argument('--out', required=True, metavar='DIR',
                  help='the folder to write (config.json + model.safetensors)')
   e.add_argument('--step', type=int, default=None,
                  help='checkpoint step (default: the latest)')
-  return {'import-heartmula': import_heartmula, 'import-dac': import_dac,
-          'export-dac': export_dac}
+
+
+def export_musicgen(args, overrides: list[str]) -> int:
+  from musicjax.parallel import distributed
+  distributed.maybe_initialize()
+  from musicjax.export.released import musicgen_export
+  if overrides:
+    from musicjax.errors import UserError
+    raise UserError('export-musicgen takes no --config overrides: the run '
+                    'and its released config.json fix the folder')
+  print(json.dumps(musicgen_export.export_workdir(
+      args.workdir, args.out, args.step, args.codec_workdir)))
+  return 0
 
 
 def import_heartmula(args, overrides: list[str]) -> int:
@@ -53,6 +107,15 @@ def import_heartmula(args, overrides: list[str]) -> int:
   from musicjax.export import import_heartmula as import_lib
   print(json.dumps(import_lib.import_folder(args.from_dir, args.workdir,
                                             args.config, overrides)))
+  return 0
+
+
+def import_musicgen(args, overrides: list[str]) -> int:
+  from musicjax.parallel import distributed
+  distributed.maybe_initialize()
+  from musicjax.export import import_musicgen as import_lib
+  print(json.dumps(import_lib.import_folder(args.from_dir, args.workdir,
+                                            overrides)))
   return 0
 
 
@@ -71,4 +134,22 @@ def export_dac(args, overrides: list[str]) -> int:
   from musicjax.export.released import dac_export
   print(json.dumps(dac_export.export_workdir(args.workdir, args.out,
                                              args.step, overrides)))
+  return 0
+
+
+def import_encodec(args, overrides: list[str]) -> int:
+  from musicjax.parallel import distributed
+  distributed.maybe_initialize()
+  from musicjax.export import import_codec
+  print(json.dumps(import_codec.import_folder(
+      args.from_dir, args.workdir, args.config, overrides, family='encodec')))
+  return 0
+
+
+def export_encodec(args, overrides: list[str]) -> int:
+  from musicjax.parallel import distributed
+  distributed.maybe_initialize()
+  from musicjax.export.released import encodec_export
+  print(json.dumps(encodec_export.export_workdir(args.workdir, args.out,
+                                                 args.step, overrides)))
   return 0

@@ -16,13 +16,17 @@ from flax import nnx
 from musicjax.parallel import rules
 
 from musicjax.codec.rvq import ResidualVQ
-from musicjax.nn.conv import Snake, WNConv1d, WNConvTranspose1d
+from musicjax.nn.conv import Elu, Snake, WNConv1d, WNConvTranspose1d
+from musicjax.nn.conv import NORM_AXES, PAD_MODES
 from musicjax.nn.dc_block import dc_block
+from musicjax.nn.lstm import LSTM
 
 # Where 'same' padding puts the extra sample of an odd padding total: 'right'
 # (ours), or 'left' as torch's symmetric padding=ceil(stride/2) does in DAC's
 # strided convs. Only odd strides (e.g. DAC 16/24 kHz's 5) give odd totals.
-PAD_EXTRA = ('right', 'left')
+# 'seanet' is EnCodec's rule (SeanetConv1d), 'same' or 'causal'.
+PAD_EXTRA = ('right', 'left', 'seanet')
+ACTIVATIONS = ('snake', 'elu')   # DAC's learned Snake | SEANet's ELU
 
 
 class LeftExtraConv1d(WNConv1d):
@@ -55,33 +59,78 @@ class LeftExtraConvTranspose1d(WNConvTranspose1d):
     return y[:, start:start + t * s]
 
 
+class SeanetConv1d(WNConv1d):
+  """WNConv1d padded as EnCodec's convs: the kernel's k - stride samples
+  split with the odd one on the left ('same') or all on the left ('causal'),
+  plus, on the right, the samples that complete the last frame (so T in
+  gives ceil(T / stride) frames, as ours)."""
+
+  def _pads(self, length: int) -> tuple[int, int]:
+    total = (self.kernel_size - 1) * self.dilation + 1 - self.stride
+    extra = -(-length // self.stride) * self.stride - length
+    if self.padding == 'causal':
+      return total, extra
+    return total - total // 2, total // 2 + extra
+
+
 def _conv(cfg: ml_collections.ConfigDict, *args, **kwargs) -> WNConv1d:
-  cls = LeftExtraConv1d if cfg.pad_extra == 'left' else WNConv1d
-  return cls(*args, **kwargs)
+  cls = {'left': LeftExtraConv1d, 'seanet': SeanetConv1d}.get(cfg.pad_extra,
+                                                              WNConv1d)
+  return cls(*args, pad_mode=cfg.pad_mode, **kwargs)
 
 
-def _conv_transpose(cfg: ml_collections.ConfigDict, *args, **kwargs
-                    ) -> WNConvTranspose1d:
-  cls = (LeftExtraConvTranspose1d if cfg.pad_extra == 'left'
-         else WNConvTranspose1d)
-  return cls(*args, **kwargs)
+def _conv_transpose(cfg: ml_collections.ConfigDict, *args, padding: str,
+                    **kwargs) -> WNConvTranspose1d:
+  # EnCodec trims a transposed conv's k - stride extra samples as 'seanet'
+  # pads: the odd one from the left ('same'), all from the right ('causal').
+  left = cfg.pad_extra == 'left' or (cfg.pad_extra == 'seanet'
+                                     and padding == 'same')
+  cls = LeftExtraConvTranspose1d if left else WNConvTranspose1d
+  return cls(*args, padding=padding, norm_axis=cfg.up_weight_norm, **kwargs)
+
+
+def _act(cfg: ml_collections.ConfigDict, channels: int) -> nnx.Module:
+  return Snake(channels) if cfg.activation == 'snake' else Elu()
 
 
 class ResidualUnit(nnx.Module):
-  """Snake -> dilated conv -> Snake -> 1x1 conv, plus the skip."""
+  """act -> dilated conv -> act -> 1x1 conv, plus the skip (through a 1x1
+  conv with `conv_shortcut`, SEANet). The branch runs at channels //
+  compress (SEANet's compress; 1 in DAC)."""
 
   def __init__(self, channels: int, dilation: int,
                cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-    self.act1 = Snake(channels)
-    self.conv1 = _conv(cfg, channels, channels, cfg.residual_kernel,
+    hidden = channels // cfg.compress
+    self.act1 = _act(cfg, channels)
+    self.conv1 = _conv(cfg, channels, hidden, cfg.residual_kernel,
                        dilation=dilation, padding=cfg.padding,
                        init_std=cfg.init_std, rngs=rngs)
-    self.act2 = Snake(channels)
-    self.conv2 = _conv(cfg, channels, channels, 1, init_std=cfg.init_std,
+    self.act2 = _act(cfg, hidden)
+    self.conv2 = _conv(cfg, hidden, channels, 1, init_std=cfg.init_std,
                        rngs=rngs)
+    self.shortcut = _conv(cfg, channels, channels, 1, padding=cfg.padding,
+                          init_std=cfg.init_std, rngs=rngs
+                          ) if cfg.conv_shortcut else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return x + self.conv2(self.act2(self.conv1(self.act1(x))))
+    skip = x if self.shortcut is None else self.shortcut(x)
+    return skip + self.conv2(self.act2(self.conv1(self.act1(x))))
+
+
+class LSTMSkip(nnx.Module):
+  """x + LSTM(x): SEANet's sequence model at the bottleneck."""
+
+  def __init__(self, channels: int, layers: int, *, rngs: nnx.Rngs):
+    self.lstm = LSTM(channels, layers, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return x + self.lstm(x)
+
+
+def _lstm(cfg: ml_collections.ConfigDict, channels: int, rngs: nnx.Rngs
+          ) -> LSTMSkip | None:
+  return LSTMSkip(channels, cfg.lstm_layers, rngs=rngs
+                  ) if cfg.lstm_layers > 0 else None
 
 
 class EncoderBlock(nnx.Module):
@@ -92,7 +141,7 @@ class EncoderBlock(nnx.Module):
     self.units = nnx.List([
         ResidualUnit(channels, d, cfg, rngs=rngs)
         for d in cfg.dilations])
-    self.act = Snake(channels)
+    self.act = _act(cfg, channels)
     self.down = _conv(cfg, channels, out_channels,
                       cfg.down_kernel_multiple * stride, stride=stride,
                       padding=cfg.padding, init_std=cfg.init_std, rngs=rngs)
@@ -108,7 +157,7 @@ class DecoderBlock(nnx.Module):
 
   def __init__(self, channels: int, out_channels: int, stride: int,
                cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-    self.act = Snake(channels)
+    self.act = _act(cfg, channels)
     self.up = _conv_transpose(cfg, channels, out_channels, stride,
                               kernel_multiple=cfg.up_kernel_multiple,
                               padding=cfg.padding, init_std=cfg.init_std,
@@ -136,7 +185,8 @@ class Encoder(nnx.Module):
       blocks.append(EncoderBlock(ch, 2 * ch, s, cfg, rngs=rngs))
       ch *= 2
     self.blocks = nnx.List(blocks)
-    self.act = Snake(ch)
+    self.lstm = _lstm(cfg, ch, rngs)
+    self.act = _act(cfg, ch)
     self.proj = _conv(cfg, ch, cfg.latent_dim, cfg.latent_kernel,
                       padding=cfg.padding, init_std=cfg.init_std, rngs=rngs)
 
@@ -144,6 +194,8 @@ class Encoder(nnx.Module):
     x = self.stem(x)
     for block in self.blocks:
       x = block(x)
+    if self.lstm is not None:
+      x = self.lstm(x)
     return self.proj(self.act(x))
 
 
@@ -160,12 +212,13 @@ class Decoder(nnx.Module):
     ch = cfg.decoder_dim
     self.stem = _conv(cfg, cfg.latent_dim, ch, cfg.stem_kernel,
                       padding=cfg.padding, rngs=rngs)
+    self.lstm = _lstm(cfg, ch, rngs)
     blocks = []
     for s in reversed(tuple(cfg.strides)):
       blocks.append(DecoderBlock(ch, ch // 2, s, cfg, rngs=rngs))
       ch //= 2
     self.blocks = nnx.List(blocks)
-    self.act = Snake(ch)
+    self.act = _act(cfg, ch)
     self.out = _conv(cfg, ch, audio_channels, cfg.stem_kernel,
                      padding=cfg.padding, rngs=rngs)
     self.output_tanh = bool(cfg.output_tanh)
@@ -175,6 +228,8 @@ class Decoder(nnx.Module):
 
   def __call__(self, z: jax.Array) -> jax.Array:
     x = self.stem(z)
+    if self.lstm is not None:
+      x = self.lstm(x)
     for block in self.blocks:
       x = block(x)
     x = self.out(self.act(x))
@@ -195,6 +250,20 @@ def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
   if cfg.pad_extra == 'left' and cfg.padding != 'same':
     raise ValueError("config.model.pad_extra 'left' places 'same' padding; "
                      f'config.model.padding is {cfg.padding!r}')
+  for key, allowed in (('activation', ACTIVATIONS), ('pad_mode', PAD_MODES),
+                       ('up_weight_norm', tuple(NORM_AXES))):
+    if cfg[key] not in allowed:
+      raise ValueError(f'config.model.{key} must be one of {allowed}, got '
+                       f'{cfg[key]!r}')
+  if cfg.lstm_layers < 0:
+    raise ValueError(f'config.model.lstm_layers must be >= 0, got '
+                     f'{cfg.lstm_layers}')
+  if cfg.compress < 1 or any(
+      (cfg.encoder_dim << i) % cfg.compress for i in range(len(cfg.strides))) or any(
+          (cfg.decoder_dim >> (i + 1)) % cfg.compress
+          for i in range(len(cfg.strides))):
+    raise ValueError(f'config.model.compress ({cfg.compress}) must divide the '
+                     'channels of every residual unit')
   if cfg.decoder_dim % (2 ** len(cfg.strides)):
     raise ValueError(f'config.model.decoder_dim ({cfg.decoder_dim}) must be divisible '
                      f'by 2**len(strides) = {2 ** len(cfg.strides)} (it halves per block)')
@@ -223,6 +292,7 @@ class CodecModel(nnx.Module):
     self.quantizer = ResidualVQ(cfg.latent_dim, cfg.rvq, rngs=rngs)
     self.decoder = Decoder(audio_channels, cfg, sample_rate, rngs=rngs)
     self._hop = int(math.prod(cfg.strides))
+    self.pad_frames_in_convs = cfg.pad_extra == 'seanet'
     self.sample_rate = int(sample_rate)
     self.audio_channels = int(audio_channels)
     self.normalize = bool(cfg.normalize)
@@ -251,6 +321,8 @@ class CodecModel(nnx.Module):
     if audio.ndim != 3 or audio.shape[-1] != self.audio_channels:
       raise ValueError(f'audio must be [batch, time, {self.audio_channels}], '
                        f'got {audio.shape}')
+    if self.pad_frames_in_convs:
+      return audio   # each conv completes its last frame (SeanetConv1d)
     extra = (-audio.shape[1]) % self._hop
     return jnp.pad(audio, ((0, 0), (0, extra), (0, 0))) if extra else audio
 

@@ -51,7 +51,17 @@ def default_config() -> ConfigDict:
   m.padding = 'same'             # same (centred) | causal
   # Where 'same' puts the extra sample of an odd padding total (odd strides):
   # right | left (DAC's torch convs, padding=ceil(stride/2); released DACs).
+  # 'seanet': EnCodec's convs (kernel - stride split odd-left, or all left when
+  # causal, and each conv completing its last frame on the right).
   m.pad_extra = 'right'
+  m.pad_mode = 'zeros'           # zeros | reflect: what padding fills (EnCodec: reflect)
+  m.activation = 'snake'         # snake (DAC) | elu (SEANet / EnCodec)
+  m.compress = 1                 # residual branch at channels // compress (EnCodec: 2)
+  m.conv_shortcut = False        # residual skip through a 1x1 conv (EnCodec)
+  m.lstm_layers = 0              # x + LSTM(x) after the encoder blocks and decoder stem (EnCodec: 2)
+  # Transposed convs' weight-norm g per output channel (ours) or per input
+  # channel (torch's weight_norm of ConvTranspose1d: EnCodec).
+  m.up_weight_norm = 'out'
   m.output_tanh = True
   # Fixed DC blocker at the decoder output, in Hz (0 = off): no loss pins DC
   # down, and decoders trained without it put 0.01-0.04 offsets on mastered
@@ -196,6 +206,14 @@ def _split_real_fake(outs, n: int):
 class CodecTask(Task):
   name = 'codec'
   progress_metrics = ('loss/total', 'loss/mel', 'loss/adv_d')
+  # Warm start (musicjax/train/warm_start.py): both networks; an imported
+  # codec's discriminator is the fresh one its import wrote.
+  warm_start_subtrees = ('generator', 'discriminator')
+  arch_sections = ('model', 'disc')
+  # Init and the quantizer's training-time behaviour, not its weights.
+  free_model_keys = ('init_std', 'rvq.kmeans_init', 'rvq.kmeans_iters',
+                     'rvq.ema_decay', 'rvq.dead_code_threshold',
+                     'rvq.quantizer_dropout')
 
   @classmethod
   def default_config(cls) -> ConfigDict:

@@ -222,15 +222,22 @@ def sample_tags(tags: Mapping[str, list[str]], probs: Mapping[str, float],
   return out
 
 
-def format_tags(tags: Mapping[str, list[str]]) -> str:
-  """'<tag>genre: chorale, baroque; mood: bright</tag>'; '' for no tags."""
+def describe_tags(tags: Mapping[str, list[str]]) -> str:
+  """'genre: chorale, baroque; mood: bright' (a description, as MusicGen's
+  text encoder reads it); '' for no tags."""
   parts = []
   for category in _category_order(tags):
     if not tags[category]:
       continue
     values = ', '.join(tags[category])
     parts.append(values if category == UNCATEGORIZED else f'{category}: {values}')
-  return f'<tag>{"; ".join(parts)}</tag>' if parts else ''
+  return '; '.join(parts)
+
+
+def format_tags(tags: Mapping[str, list[str]]) -> str:
+  """'<tag>genre: chorale, baroque; mood: bright</tag>'; '' for no tags."""
+  text = describe_tags(tags)
+  return f'<tag>{text}</tag>' if text else ''
 
 
 # ----------------------------------------------------------------- sections

@@ -37,11 +37,33 @@ DEFAULT_MAX_SHARD_BYTES = 2 * 10 ** 9
 FAMILY_OF_TASK = {'codec': 'codec', 'lm': 'lm', 'lm_dpo': 'lm', 'accomp': 'accomp'}
 
 
+# Codec settings that musicjax_torch builds only at these values (the
+# SEANet/EnCodec parts of our codec: musicjax_torch/codec.py has none of
+# them, so it would load such weights wrongly or not at all).
+TORCH_CODEC_ONLY = {'lstm_layers': (0, "EnCodec's LSTM"),
+                    'activation': ('snake', 'ELU activations'),
+                    'pad_mode': ('zeros', 'reflect padding'),
+                    'compress': (1, 'compressed residual units'),
+                    'conv_shortcut': (False, 'conv shortcuts'),
+                    'up_weight_norm': ('out', "torch's transposed-conv weight norm")}
+
+
 def family(config: ml_collections.ConfigDict) -> str:
+  """The export family of a run's config; refuses what musicjax_torch lacks."""
   if config.task not in FAMILY_OF_TASK:
     raise UserError(f'task {config.task!r} has no exportable model (families: '
                     f'{mapping.FAMILIES})')
-  return FAMILY_OF_TASK[config.task]
+  fam = FAMILY_OF_TASK[config.task]
+  if fam == 'codec':
+    for key, (value, part) in TORCH_CODEC_ONLY.items():
+      got = config.model.get(key, value)
+      if got != value:
+        raise UserError(
+            f'config model.{key} = {got!r} ({part}): musicjax_torch has no such '
+            'codec layer, so `musicjax export` cannot write this run; export an '
+            'EnCodec run with `musicjax export-encodec --workdir W --out DIR` '
+            "(transformers' EncodecModel)")
+  return fam
 
 
 def path_key(path) -> str:

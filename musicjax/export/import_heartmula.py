@@ -9,9 +9,9 @@ parent). The run's config is the shipped one of the folder's flavors
 (released/heartmula.py), or --config; its model must describe the folder.
 
 Weights stream from the files into their target shardings on this
-machine's mesh, one array at a time (mapping.load_arrays): neither the whole
-model on one device nor a second host copy. The optimizer starts fresh. The
-run is written atomically (train/new_run.py). tokenizer.json and
+machine's mesh, one array at a time (streamed.py): neither the whole model
+on one device nor a second host copy. The optimizer starts fresh. The run
+is written atomically (train/new_run.py). tokenizer.json and
 gen_config.json are copied into RUN/released/, and RUN/released/
 heartmula.json records the folders read, HeartCodec's included, for
 generating audio.
@@ -27,13 +27,11 @@ from typing import Any, Iterable
 
 import jax
 import ml_collections
-from flax import nnx
 
 from musicjax import config as config_lib
+from musicjax.export import streamed
 from musicjax.export.released import heartmula
-from musicjax.export.released import mapping
 from musicjax.train import new_run
-from musicjax.train import trainer
 
 MODEL_GLOB = 'HeartMuLa-oss-*'
 CODEC_GLOB = 'HeartCodec-oss*'
@@ -122,23 +120,8 @@ def import_folder(from_dir: str, workdir: str, config: str | None = None,
   folders = find(from_dir)
   c = run_config(folders.model, config, overrides)
   with new_run.atomic_workdir(workdir) as tmp:
-    s = trainer.setup(c)
-    shardings = {
-        mapping.path_key(p): sh for p, sh in
-        jax.tree_util.tree_leaves_with_path(
-            nnx.to_pure_dict(s.state_shardings)['model'])}
-
-    def place(key, value):
-      # Each device gets its slice of the host value; works on several
-      # processes too (each holds the same file).
-      return jax.make_array_from_callback(value.shape, shardings[key],
-                                          lambda index: value[index])
-
-    with jax.set_mesh(s.mesh):
-      model = heartmula.read_arrays(folders.model, c,
-                                    s.abstract_state['model'], place)
-      state = new_run.state_with_model(s, model)
-      new_run.write(tmp, c, state, 0)
+    streamed.write_run(tmp, c, lambda state, place: heartmula.read_arrays(
+        folders.model, c, state, place))
     if jax.process_index() == 0:
       os.makedirs(os.path.join(tmp, RELEASED))
       for name, path in folders.extras.items():

@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 
 from musicjax.lm import layout
+from musicjax.lm import model as model_lib
 from musicjax.lm import patterns
 from musicjax.lm import sequence
 from musicjax.lm import synthetic
@@ -30,13 +31,16 @@ def local_batch(config: ml_collections.ConfigDict, split: str, shard_count: int)
 def audio_slots(config: ml_collections.ConfigDict, codes: np.ndarray,
                 melody: np.ndarray, end: bool) -> sequence.AudioPart:
   """Frames as the model variant sees them: frames (global_local), or pattern
-  steps with an END frame appended (single_stream)."""
+  steps with an END frame appended (single_stream). Without an END class
+  (MusicGen's layout) there is no END frame, and the steps follow a start
+  slot whose every codebook holds the empty (pad) id, as MusicGen's decoder
+  starts."""
   m = config.model
   if m.variant == 'global_local':
     return sequence.AudioPart(codes, melody, end)
   k = m.num_codebooks
-  special = layout.special_id(m.codebook_size)
-  if end:
+  special = model_lib.empty_id(m)
+  if end and m.end_token:
     end_frame = np.full((1, k), special, np.int32)
     end_frame[0, 0] = layout.end_id(m.codebook_size)
     codes = np.concatenate([codes, end_frame])
@@ -46,7 +50,28 @@ def audio_slots(config: ml_collections.ConfigDict, codes: np.ndarray,
   seq = np.where(pat.valid, codes[idx, np.arange(k)], special).astype(np.int32)
   # A step's melody is the melody of the frame its codebook 0 belongs to.
   mel = np.where(pat.valid[:, 0], melody[idx[:, 0]], layout.MELODY_NULL)
+  if not m.end_token:
+    seq = np.concatenate([np.full((1, k), special, np.int32), seq])
+    mel = np.concatenate([[layout.MELODY_NULL], mel])
   return sequence.AudioPart(seq, mel.astype(np.int32), False)
+
+
+def context(config: ml_collections.ConfigDict, ids, keep: bool
+            ) -> dict[str, np.ndarray]:
+  """A text encoder's inputs (MusicGen): 'context_tokens' and
+  'context_valid' [data.max_context_tokens], the ids cut to fit (their last,
+  end-of-sequence id kept) and padded; no valid slot when not `keep` (the
+  condition dropped for guidance)."""
+  n = int(config.data.max_context_tokens)
+  ids = list(ids)
+  if len(ids) > n:
+    ids = ids[:n - 1] + ids[-1:]
+  tokens = np.zeros((n,), np.int32)
+  valid = np.zeros((n,), bool)
+  if keep:
+    tokens[:len(ids)] = ids
+    valid[:len(ids)] = True
+  return {'context_tokens': tokens, 'context_valid': valid}
 
 
 class _SyntheticExample(grain.transforms.Map):
@@ -58,7 +83,8 @@ class _SyntheticExample(grain.transforms.Map):
         m.codebook_size, m.num_codebooks, d.markov_branching,
         tuple(d.markov_noise), d.markov_seed)
     self._split = 0 if split == 'train' else 1
-    self._start = [layout.extra_id(m.text_vocab_size, '<audio>')]
+    self._start = ([] if m.text_encoder else
+                   [layout.extra_id(m.text_vocab_size, '<audio>')])
 
   def map(self, index):
     c = self._config
@@ -68,6 +94,8 @@ class _SyntheticExample(grain.transforms.Map):
     parts = [sequence.TextPart(self._start), audio_slots(c, codes, mel, False)]
     ex = sequence.assemble(parts, layout.seq_len(c), c.model.num_codebooks,
                            c.model.codebook_size)
+    if c.model.text_encoder:   # unconditional: no text
+      ex.update(context(c, [], keep=False))
     r = c.data.reference_frames
     if r:
       ex['ref_codes'] = np.full((r, c.model.num_codebooks), layout.EMPTY, np.int32)

@@ -17,15 +17,16 @@ level the preference moved (they sum to `dpo/reward_margin`).
   ever touches them; they keep the Params' logical axis names, so the
   reference is sharded exactly like the policy.
 * `warm_start` (fresh runs only) restores the `model` subtree of the latest
-  checkpoint of `dpo.init_workdir` into both policy and reference; a resumed
-  run restores its own checkpoint, reference included.
+  checkpoint of `init.workdir` (or its older name `dpo.init_workdir`) into
+  the policy, as every task does (musicjax/train/warm_start.py), then copies
+  it into the reference bit for bit; a resumed run restores its own
+  checkpoint, reference included.
 * Pairs (`dpo.pairs`, written by `musicjax prefs`) and their batches:
   musicjax/lm/dpo_pairs.py.
 """
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any, Mapping, NamedTuple
 
 import jax
@@ -38,9 +39,7 @@ from musicjax.config import ConfigError
 from musicjax.lm import dpo_pairs as pairs_lib
 from musicjax.lm import model as model_lib
 from musicjax.lm import task as task_lib
-from musicjax.parallel import distributed
-from musicjax.train import checkpoint as ckpt_lib
-from musicjax.train import runs
+from musicjax.train import accumulate
 from musicjax.train.task import ArraySpec
 
 ConfigDict = ml_collections.ConfigDict
@@ -48,16 +47,6 @@ ConfigDict = ml_collections.ConfigDict
 # A batch holds '<side>/<slot key>' arrays of both candidates (dpo_pairs.py).
 SIDES = pairs_lib.SIDES
 SEQ_KEYS = pairs_lib.SEQ_KEYS
-# Model keys that may differ from the init run: they change neither the
-# parameters' shapes nor the function they compute.
-# Keys that do not change the weights' layout (scanned or unrolled layers
-# share the same stacked parameters).
-_FREE_MODEL_KEYS = ('embed_init_std', 'max_seq_len', 'backbone.init_std',
-                    'backbone.dtype', 'backbone.remat', 'backbone.scan_layers',
-                    'backbone.attention_chunk', 'local.init_std', 'local.dtype',
-                    'local.remat', 'local.scan_layers', 'local.attention_chunk')
-# Tasks whose checkpoints hold an AudioLM under `model`.
-_INIT_TASKS = ('lm', 'lm_dpo')
 
 
 def default_config() -> ConfigDict:
@@ -69,7 +58,9 @@ def default_config() -> ConfigDict:
   o.schedule = 'constant'
   o.weight_decay = 0.0        # decay pulls toward zero, not toward the reference
   p = c.dpo = ConfigDict()
-  p.init_workdir = ''         # LM run whose latest checkpoint starts policy + reference
+  # LM run whose latest checkpoint starts policy + reference: the older name
+  # of init.workdir (set one of them).
+  p.init_workdir = ''
   p.beta = 0.1                # KL penalty β (seed 001 §3.3.3)
   p.pairs = ''                # pairs.jsonl, or a directory of *.array_record shards
   p.eval_fraction = 0.1       # share of pairs for eval (0: eval on the train pairs)
@@ -117,7 +108,8 @@ class DPOState(nnx.Module):
     # Overwritten by warm_start; a separate init keeps every buffer distinct.
     self.ref = freeze(model_lib.AudioLM(config.model, rngs))
     self.opt = nnx.Optimizer(self.model, task_lib.make_optimizer(
-        config.optim, config.train.steps), wrt=nnx.Param)
+        config.optim, config.train.steps),
+        wrt=model_lib.trainable(config.model))
     self.step = task_lib.StepCounter(jnp.zeros((), jnp.int32))
 
 
@@ -160,29 +152,44 @@ def pair_log_probs(model: model_lib.AudioLM, batch: Mapping[str, jax.Array],
   return PairLogps(g[:b], lo[:b], g[b:], lo[b:])
 
 
-def dpo_loss(policy: PairLogps, reference: PairLogps, beta: float):
-  """-mean log σ(β Δ) (eq. 11-13) and its metrics."""
+def dpo_sums(policy: PairLogps, reference: PairLogps,
+             beta: float) -> dict[str, jax.Array]:
+  """Sums over the pairs of the loss -log σ(β Δ) (eq. 11-13) and of its
+  metrics; 'pairs' counts them. Sums, so micro-batches add up (gradient
+  accumulation, musicjax/train/accumulate.py)."""
   dg = ((policy.winner_global - reference.winner_global)
         - (policy.loser_global - reference.loser_global))
   dl = ((policy.winner_local - reference.winner_local)
         - (policy.loser_local - reference.loser_local))
   delta = dg + dl
-  loss = -jnp.mean(jax.nn.log_sigmoid(beta * delta))
   chosen = beta * ((policy.winner_global + policy.winner_local)
                    - (reference.winner_global + reference.winner_local))
   rejected = beta * ((policy.loser_global + policy.loser_local)
                      - (reference.loser_global + reference.loser_local))
-  metrics = {
-      'loss': loss,
-      'dpo/loss': loss,
-      'dpo/reward_margin': jnp.mean(beta * delta),
-      'dpo/global_margin': jnp.mean(beta * dg),
-      'dpo/local_margin': jnp.mean(beta * dl),
-      'dpo/accuracy': jnp.mean((delta > 0).astype(jnp.float32)),
-      'dpo/chosen_reward': jnp.mean(chosen),
-      'dpo/rejected_reward': jnp.mean(rejected),
+  return {
+      'pairs': jnp.sum(jnp.ones_like(delta)),
+      'loss': -jnp.sum(jax.nn.log_sigmoid(beta * delta)),
+      'reward_margin': jnp.sum(beta * delta),
+      'global_margin': jnp.sum(beta * dg),
+      'local_margin': jnp.sum(beta * dl),
+      'accuracy': jnp.sum((delta > 0).astype(jnp.float32)),
+      'chosen_reward': jnp.sum(chosen),
+      'rejected_reward': jnp.sum(rejected),
   }
+
+
+def dpo_from_sums(sums: Mapping[str, jax.Array]):
+  """-mean log σ(β Δ) and its metrics (means over the pairs) from `dpo_sums`."""
+  n = jnp.maximum(sums['pairs'], 1.0)
+  loss = sums['loss'] / n
+  metrics = {'loss': loss}
+  metrics.update({f'dpo/{k}': v / n for k, v in sums.items() if k != 'pairs'})
   return loss, metrics
+
+
+def dpo_loss(policy: PairLogps, reference: PairLogps, beta: float):
+  """-mean log σ(β Δ) (eq. 11-13) and its metrics."""
+  return dpo_from_sums(dpo_sums(policy, reference, beta))
 
 
 # -------------------------------------------------------------------- task
@@ -221,15 +228,32 @@ class DPOTask(task_lib.LMTask):
 
   def train_step(self, state: DPOState, batch, rng):
     del rng  # pairs carry no randomness
-    ref = self._reference(state, batch)
-    gdef, params, rest = nnx.split(state.model, nnx.Param, ...)
+    gdef, params, rest = nnx.split(
+        state.model, model_lib.trainable(self.config.model), ...)
     beta = self.config.dpo.beta
+    n = int(self.config.train.grad_accum)
+    if n == 1:
+      ref = self._reference(state, batch)
 
-    def loss_fn(p):
-      pol = self._log_probs(nnx.merge(gdef, p, rest), batch)
-      return dpo_loss(pol, ref, beta)
+      def loss_fn(p):
+        pol = self._log_probs(nnx.merge(gdef, p, rest), batch)
+        return dpo_loss(pol, ref, beta)
 
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    else:
+      rdef, rstate = nnx.split(state.ref)
+
+      def sums(p, mb):   # the reference runs per micro-batch too
+        pol = self._log_probs(nnx.merge(gdef, p, rest), mb)
+        ref = jax.lax.stop_gradient(
+            self._log_probs(nnx.merge(rdef, rstate), mb))
+        return dpo_sums(pol, ref, beta)
+
+      axes = {k: v.logical_axes for k, v in
+              self.batch_spec(self.config.data.batch_size).items()}
+      _, metrics, grads = accumulate.value_and_grad(
+          sums, dpo_from_sums, params, batch, n, counts=('pairs',),
+          logical_axes=axes)
     state.opt.update(state.model, grads)
     state.step[...] = state.step[...] + 1
     metrics['optim/grad_norm'] = optax.tree.norm(grads)
@@ -249,10 +273,12 @@ class DPOTask(task_lib.LMTask):
     one.update({k: batch[k] for k in ('ref_codes', 'ref_valid') if k in batch})
     return super().summaries(state, one, rng)
 
+  def init_source(self) -> tuple[str, str]:
+    return init_source(self.config)
+
   def warm_start(self, state: nnx.State, shardings: Any) -> nnx.State:
-    """Policy and reference <- the LM weights of `dpo.init_workdir`."""
-    restored = restore_init_model(self.config, state, shardings)
-    nnx.replace_by_pure_dict(state['model'], restored)
+    """Policy and reference <- the LM weights of `init.workdir`."""
+    state = super().warm_start(state, shardings)
     copy_policy_to_reference(state)
     return jax.device_put(state, shardings)
 
@@ -271,32 +297,19 @@ class DPOTask(task_lib.LMTask):
 # -------------------------------------------------------------- warm start
 
 
-def _say(msg: str) -> None:
-  if distributed.is_primary():
-    print(f'[dpo] {msg}', file=sys.stderr, flush=True)
-
-
-def _init_dir(config: ConfigDict) -> str:
-  d = config.dpo.init_workdir
-  if not d:
-    raise ConfigError('config.dpo.init_workdir is empty: DPO fine-tunes a '
-                      'trained LM; set --config.dpo.init_workdir=runs/lm')
-  return os.path.expanduser(d)
-
-
-def restore_init_model(config: ConfigDict, state: nnx.State,
-                       shardings: Any) -> dict:
-  """Pure dict of the init run's `model` weights, on `shardings['model']`.
-
-  Only the model subtree is read (partial restore): the init run's optimizer
-  moments never reach device memory.
-  """
-  init_dir = _init_dir(config)
-  init_config = runs.check_same_model(
-      config, init_dir, expect=_INIT_TASKS, flag='config.dpo.init_workdir',
-      free_keys=_FREE_MODEL_KEYS)
-  restored, step = ckpt_lib.restore_subtree(
-      init_dir, init_config.checkpoint.keep, 'model', state['model'],
-      shardings['model'])
-  _say(f'policy and reference start from {init_dir} step {step}')
-  return restored
+def init_source(config: ConfigDict) -> tuple[str, str]:
+  """(the LM run DPO starts from, the key naming it): `init.workdir`, or its
+  older name `dpo.init_workdir`; DPO needs one."""
+  new, old = config.init.workdir, config.dpo.init_workdir
+  if new and old and os.path.abspath(os.path.expanduser(new)) != os.path.abspath(
+      os.path.expanduser(old)):
+    raise ConfigError(f'config.init.workdir={new!r} and its older name '
+                      f'config.dpo.init_workdir={old!r} differ: set only '
+                      'config.init.workdir')
+  if new:
+    return new, 'config.init.workdir'
+  if old:
+    return old, 'config.dpo.init_workdir'
+  raise ConfigError('config.init.workdir (or its older name config.dpo.'
+                    'init_workdir) is empty: DPO fine-tunes a trained LM; set '
+                    '--config.init.workdir=runs/lm')

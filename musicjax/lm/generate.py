@@ -231,14 +231,18 @@ def _stream(callback, frames, counts):
     jax.experimental.io_callback(callback, None, frames, counts, ordered=True)
 
 
-def _decode_view(model, sampling: Sampling) -> model_lib.DecodeView:
+def _decode_view(model, sampling: Sampling,
+                 after=None) -> model_lib.DecodeView:
+  """The loop's view of `model`; with `after` (the prefill's output), its
+  copies are made after the prefill (see DecodeView)."""
   bb = model.backbone
   impl = ('xla' if sampling.backbone_weights == 'stacked' else
           dispatch.resolve(sampling.attention, bb.num_heads, bb.num_kv_heads,
                            bb.head_dim, sampling.kernel_params()))
   return model_lib.DecodeView(model, jnp.dtype(sampling.head_dtype),
                               attention=impl, params=sampling.kernel_params(),
-                              backbone_weights=sampling.backbone_weights)
+                              backbone_weights=sampling.backbone_weights,
+                              after=after)
 
 
 def _prefill_cache(model, dv, b: int, slots: int, prompt_valid: jax.Array):
@@ -265,6 +269,8 @@ def generate(model, prompt: dict, *, rng: jax.Array, sampling: Sampling,
       positions [B,P], valid [B,P]. With CFG, B = 2 * num_cond (cond rows first).
       Optional 'uncond' [B]: the rows that read the model's unconditional
       embedding (config.model.uncond_embedding; HeartMuLa's CFG rows).
+      With a text encoder (single_stream, MusicGen): 'context_tokens' [B, T]
+      and 'context_valid' [B, T], guidance's unconditional rows all invalid.
     rng: PRNG key.
     sampling: static sampling settings.
     num_cond: rows that are returned (B, or B/2 with CFG).
@@ -301,6 +307,7 @@ def generate(model, prompt: dict, *, rng: jax.Array, sampling: Sampling,
   ref = None
   if ref_codes is not None:
     ref = model.reference_embedding(ref_codes)
+  # Sizes the cache (its arrays go unused: the loop's view is made below).
   dv = _decode_view(model, sampling)
 
   # Prefill the prompt. Its last slot predicts frame 0: it carries that melody.
@@ -310,6 +317,9 @@ def generate(model, prompt: dict, *, rng: jax.Array, sampling: Sampling,
                   prompt.get('uncond'))
   mask = transformer.cache_mask(key_valid, 0, p)
   h, cache = model.backbone(x, prompt['positions'], mask, cache, 0)
+  # The loop's weight copies, made after the prefill: its attention scores
+  # over every slot (a few hundred MB at 3B) are gone by then.
+  dv = _decode_view(model, sampling, after=h)
   cache = dv.loop_cache(cache)
   rope_pos = jnp.sum(prompt['valid'], axis=1).astype(jnp.int32)
 
@@ -443,10 +453,13 @@ def _generate_stream(model, prompt, *, rng, sampling, num_cond, melody,
   b, p = prompt['text'].shape
   k, v = model.num_codebooks, model.codebook_size
   nf = sampling.max_frames
-  pat = patterns.make_pattern(model.pattern, k, nf + 1)
+  # One frame more for END; without an END class (MusicGen) every song runs
+  # to max_frames, and the pattern's slots past it hold the empty id.
+  end = layout.end_id(v) if model.end_token else None
+  pat = patterns.make_pattern(model.pattern, k, nf + (end is not None))
   steps = pat.num_steps
   total = p + steps
-  end, special = layout.end_id(v), layout.special_id(v)
+  special = model.empty_id
   # Frames complete after steps 0..s (a static table indexed on device).
   complete = jnp.asarray([patterns.frames_for_steps(model.pattern, k, s + 1)
                           for s in range(steps)], jnp.int32)
@@ -459,21 +472,28 @@ def _generate_stream(model, prompt, *, rng, sampling, num_cond, melody,
                          jnp.int32)
   ref = model.reference_embedding(ref_codes) if ref_codes is not None else None
   dv = _decode_view(model, sampling)
+  ctx = None
+  if 'context_tokens' in prompt:
+    ctx = model.context(prompt['context_tokens'], prompt['context_valid'])
+    ctx = model.backbone.cross_context(ctx)   # once, not every step
 
   cache, key_valid = _prefill_cache(model, dv, b, total, prompt['valid'])
   x = model.embed(prompt['text'], prompt['audio'],
                   _with_first_melody(prompt['melody'], melody), ref, ref_valid)
   h, cache = model.backbone(x, prompt['positions'],
-                            transformer.cache_mask(key_valid, 0, p), cache, 0)
+                            transformer.cache_mask(key_valid, 0, p), cache, 0,
+                            ctx)
+  dv = _decode_view(model, sampling, after=h)   # as in generate()
   cache = dv.loop_cache(cache)
   rows = jnp.arange(b)
   state = dict(cache=cache, key_valid=key_valid, h=h[:, -1],
                rope=jnp.sum(prompt['valid'], axis=1).astype(jnp.int32),
-               grid=jnp.zeros((b, nf + 1, k), jnp.int32),
+               grid=jnp.zeros((b, pat.num_frames, k), jnp.int32),
                end_frame=jnp.full((b,), nf, jnp.int32),
                done=jnp.zeros((b,), bool), step=jnp.int32(0))
   if record_logits:
-    state['lg'] = jnp.zeros((num_cond, steps, k, v + 1), jnp.float32)
+    state['lg'] = jnp.zeros((num_cond, steps, k, model.heads.shape[-1]),
+                            jnp.float32)
 
   def cond_fn(st):
     return (st['step'] < steps) & ~jnp.all(st['done'])
@@ -481,7 +501,7 @@ def _generate_stream(model, prompt, *, rng, sampling, num_cond, melody,
   def body(st):
     s = st['step']
     logits = _guide(dv.stream_logits(st['h']), num_cond, sampling.cfg_scale)
-    if sampling.min_frames:
+    if sampling.min_frames and end is not None:
       early = patterns.step_slots(pat, s)[0][0] < sampling.min_frames
       logits = logits.at[:, 0, end].set(jnp.where(early, -jnp.inf,
                                                   logits[:, 0, end]))
@@ -493,8 +513,10 @@ def _generate_stream(model, prompt, *, rng, sampling, num_cond, melody,
     toks = toks.at[:, 1:].set(jnp.minimum(toks[:, 1:], v - 1))
     toks = jnp.where(valid[None], toks, special)
     f0 = fidx[0]
-    new_end = valid[0] & (toks[:, 0] == end) & (f0 < st['end_frame'])
-    end_frame = jnp.where(new_end, f0, st['end_frame'])
+    end_frame = st['end_frame']
+    if end is not None:
+      new_end = valid[0] & (toks[:, 0] == end) & (f0 < end_frame)
+      end_frame = jnp.where(new_end, f0, end_frame)
     grid = patterns.write_step(pat, st['grid'], s, toks)
     done = st['done'] | (complete[s] >= end_frame)
     slot_valid = ~st['done']
@@ -506,7 +528,7 @@ def _generate_stream(model, prompt, *, rng, sampling, num_cond, melody,
                    mel[:, None])
     hh, cache = dv.backbone_step(xin, st['rope'][:, None],
                                  transformer.cache_mask(key_valid, index, 1),
-                                 st['cache'], index)
+                                 st['cache'], index, ctx)
     if callback is not None and sampling.stream_every:
       # Only on the step that completes a new frame (flatten completes one
       # frame every K steps).

@@ -68,10 +68,11 @@ def audio_table_size(codebook_size: int) -> int:
 
 def audio_steps(config: ml_collections.ConfigDict) -> int:
   """Audio slots of a window: frames, or pattern steps for single_stream
-  (+1 frame for END)."""
+  (+1 frame for END, where the model has one)."""
   m, d = config.model, config.data
-  if m.variant == 'single_stream':
-    return patterns.num_steps(m.pattern, m.num_codebooks, d.max_frames + 1)
+  if m.variant == 'single_stream':   # no END frame without an END class
+    return patterns.num_steps(m.pattern, m.num_codebooks,
+                              d.max_frames + bool(m.get('end_token', True)))
   return d.max_frames + 1
 
 

@@ -21,7 +21,12 @@ hidden state and the next frame's codebooks 0..k-1, predicts codebook k.
 
 single_stream (seed 002 §2.2): one transformer over pattern steps whose K
 output heads predict every codebook of the next step in parallel; empty
-pattern slots use a learned special embedding and give no loss.
+pattern slots use a learned special embedding and give no loss. The released
+MusicGen is this variant with its own layout (configs/lm/musicgen_small.py):
+no text slots (text_vocab_size 0) but cross-attention to a T5 encoder's
+states (`text_encoder`, projected by a biased linear), tables of codes plus
+one pad row that is also the empty slot and the start, and heads over the
+codes only (`end_token` False: a song runs to its requested length).
 """
 from __future__ import annotations
 
@@ -37,16 +42,32 @@ from musicjax.config import ConfigError
 from musicjax.kernels import decode_attention as kernel_lib
 from musicjax.kernels import dispatch
 from musicjax.lm import layout
+from musicjax.nn import t5
 from musicjax.nn import transformer
 from musicjax.parallel import rules
 
 VARIANTS = ('global_local', 'single_stream')
-REFERENCES = ('pooled', 'linear')
+REFERENCES = ('pooled', 'linear', 'none')
+TEXT_ENCODERS = ('', 't5')
 
 
 def audio_rows(c: ml_collections.ConfigDict) -> int:
   """Rows of each codebook's embedding table."""
+  if not c.get('end_token', True):   # codes + the empty / start row
+    return int(c.codebook_size) + 1
   return int(c.audio_vocab_size) or layout.audio_table_size(int(c.codebook_size))
+
+
+def stream_classes(c: ml_collections.ConfigDict) -> int:
+  """single_stream: classes of each head (codes, + END with end_token)."""
+  return int(c.codebook_size) + bool(c.get('end_token', True))
+
+
+def empty_id(c: ml_collections.ConfigDict) -> int:
+  """single_stream: the audio id of an empty pattern slot (and, without
+  end_token, of the start slot: MusicGen's pad / BOS row)."""
+  v = int(c.codebook_size)
+  return layout.special_id(v) if c.get('end_token', True) else v
 
 
 def head_widths(c: ml_collections.ConfigDict) -> tuple[int, int]:
@@ -94,10 +115,42 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   if c.reference == 'linear' and c.reference_dim < 1:
     raise ConfigError("config.model.reference_dim must be >= 1 with reference="
                       f"'linear', got {c.reference_dim}")
-  for key in ('text_extra_tokens', 'uncond_embedding', 'melody'):
+  for key in ('text_extra_tokens', 'uncond_embedding', 'melody', 'end_token',
+              'context_proj', 'text_encoder_trainable'):
     if not isinstance(c[key], bool):
       raise ConfigError(f'config.model.{key} must be True or False, got '
                         f'{c[key]!r}')
+  if not c.end_token and c.variant != 'single_stream':
+    raise ConfigError('config.model.end_token=False (heads without END) is '
+                      "for variant='single_stream' only: the global_local "
+                      'model ends a song with its END class')
+  if c.text_encoder not in TEXT_ENCODERS:
+    raise ConfigError(f'config.model.text_encoder must be one of '
+                      f'{TEXT_ENCODERS}, got {c.text_encoder!r}')
+  cross = bool(c.backbone.get('cross_attention', False))
+  if bool(c.text_encoder) != cross:
+    raise ConfigError(
+        f'config.model.text_encoder={c.text_encoder!r} needs '
+        f'config.model.backbone.cross_attention={not cross}: the encoder\'s '
+        'states are what cross-attention reads')
+  if c.text_encoder and c.variant != 'single_stream':
+    raise ConfigError("config.model.text_encoder is for variant="
+                      "'single_stream' (MusicGen) only")
+  if c.text_encoder:
+    t5.check_config(c.t5, 'model.t5')
+    if not c.context_proj and int(c.t5.dim) != int(c.backbone.dim):
+      raise ConfigError(
+          f'config.model.context_proj=False needs config.model.t5.dim '
+          f'({c.t5.dim}) == config.model.backbone.dim ({c.backbone.dim})')
+
+
+def trainable(c: ml_collections.ConfigDict):
+  """The nnx filter of the parameters training updates: every Param, less
+  the text encoder's unless `text_encoder_trainable` (MusicGen trains with
+  T5 frozen, and so does its fine-tuning here by default)."""
+  if c.text_encoder and not c.text_encoder_trainable:
+    return nnx.All(nnx.Param, nnx.Not(nnx.PathContains('text_encoder')))
+  return nnx.Param
 
 
 def _normal(rngs: nnx.Rngs, shape, std: float, names) -> nnx.Param:
@@ -118,16 +171,27 @@ class AudioLM(nnx.Module):
     self.variant = c.variant
     self.pattern = c.pattern
     self.num_codebooks = k = int(c.num_codebooks)
-    self.codebook_size = v = int(c.codebook_size)
+    self.codebook_size = int(c.codebook_size)
     self.text_vocab_size = int(c.text_vocab_size)
     self.ref_id = ref_slot_id(c)
     self.reference = c.reference
     self.melody = bool(c.melody)
+    self.empty_id = empty_id(c) if self.variant == 'single_stream' else -1
+    self.end_token = bool(c.end_token)
     e = int(c.backbone.dim)
     std = float(c.embed_init_std)
     self.audio_embed = _normal(rngs, (k, audio_rows(c), e), std,
                                ('codebook', 'vocab', 'embed'))
-    self.text_embed = _normal(rngs, (text_rows(c), e), std, ('vocab', 'embed'))
+    # No text table when text enters only by cross-attention (MusicGen).
+    self.text_embed = (_normal(rngs, (text_rows(c), e), std, ('vocab', 'embed'))
+                       if text_rows(c) else None)
+    if c.text_encoder:
+      self.text_encoder = t5.T5Encoder(c.t5, rngs=rngs)
+      if c.context_proj:
+        te = int(c.t5.dim)
+        self.context_proj = _normal(rngs, (te, e), te ** -0.5, (None, 'embed'))
+        self.context_bias = nnx.Param(jnp.zeros((e,), jnp.float32),
+                                      out_sharding=('embed',))
     if self.melody:
       self.melody_embed = _normal(rngs, (layout.MELODY_VOCAB, e), std,
                                   (None, 'embed'))
@@ -136,7 +200,7 @@ class AudioLM(nnx.Module):
                          if c.uncond_embedding else None)
     if self.reference == 'pooled':
       self.ref_proj = _normal(rngs, (e, e), e ** -0.5, ('embed', 'mlp'))
-    else:  # a given embedding (HeartMuLa: MuQ-MuLan, 512 wide)
+    elif self.reference == 'linear':  # a given embedding (HeartMuLa: MuQ-MuLan)
       r = int(c.reference_dim)
       self.ref_proj = _normal(rngs, (r, e), r ** -0.5, (None, 'embed'))
       self.ref_bias = nnx.Param(jnp.zeros((e,), jnp.float32),
@@ -155,7 +219,7 @@ class AudioLM(nnx.Module):
                                  float(c.local.init_std),
                                  ('codebook', 'embed', 'vocab'))
     else:
-      self.heads = _normal(rngs, (k, e, v + 1), head_std,
+      self.heads = _normal(rngs, (k, e, stream_classes(c)), head_std,
                            ('codebook', 'embed', 'vocab'))
 
   # ------------------------------------------------------------- embeddings
@@ -187,6 +251,8 @@ class AudioLM(nnx.Module):
     (unused without a melody table); `uncond` [B] marks the unconditional
     rows of guidance (with `uncond_embedding`)."""
     x = self.frame_embedding(audio)
+    if self.text_embed is None:
+      return rules.shard_activation(x, ('batch', 'time', 'embed'))
     t = _lookup(self.text_embed[...], text)
     if self.uncond_embed is not None and uncond is not None:
       # Every slot with a text column (the reference slot too) reads the
@@ -206,6 +272,21 @@ class AudioLM(nnx.Module):
       else:
         x = x + jnp.where(use[..., None], ref[:, None, :], 0.0)
     return rules.shard_activation(x, ('batch', 'time', 'embed'))
+
+  def context(self, tokens: jax.Array, valid: jax.Array
+              ) -> transformer.Context | None:
+    """What the backbone's cross-attention reads: the text encoder's states of
+    `tokens` [B, T] (valid [B, T]), projected to the backbone width and zero
+    on invalid slots. Guidance's unconditional rows are rows with no valid
+    slot: their cross-attention then adds nothing (MusicGen's null text)."""
+    if not hasattr(self, 'text_encoder'):
+      return None
+    h = self.text_encoder(tokens, valid)
+    if hasattr(self, 'context_proj'):
+      w = rules.shard_activation(self.context_proj[...], (None, None))
+      h = h @ w + self.context_bias[...]
+    h = h * valid[..., None].astype(h.dtype)
+    return transformer.Context(h, valid.astype(bool))
 
   # ---------------------------------------------------------------- global
   def global_logits(self, h: jax.Array) -> jax.Array:
@@ -264,9 +345,11 @@ class AudioLM(nnx.Module):
     frame row; -1 if unused).
 
     Optional keys: 'ref_codes' [B, R, K] ('pooled' reference) or 'ref_embed'
-    [B, reference_dim] ('linear'), each with 'ref_valid' [B]; 'uncond' [B]
+    [B, reference_dim] ('linear'), each with 'ref_valid' [B] (no reference
+    with 'none'); 'uncond' [B]
     (rows that read the unconditional embedding); 'melody' is unused
-    without a melody table.
+    without a melody table; with a text encoder, 'context_tokens' [B, T]
+    and 'context_valid' [B, T] (a row without valid slots: no text).
     """
     ref = ref_valid = None
     ref_key = 'ref_codes' if self.reference == 'pooled' else 'ref_embed'
@@ -276,7 +359,10 @@ class AudioLM(nnx.Module):
     x = self.embed(batch['text'], batch['audio'], batch.get('melody'), ref,
                    ref_valid, batch.get('uncond'))
     valid = batch['valid']
-    h, _ = self.backbone(x, batch['positions'], transformer.causal_mask(valid))
+    ctx = (self.context(batch['context_tokens'], batch['context_valid'])
+           if hasattr(self, 'text_encoder') else None)
+    h, _ = self.backbone(x, batch['positions'], transformer.causal_mask(valid),
+                         context=ctx)
     if self.variant == 'single_stream':
       return {'stream': self.stream_logits(h)}
     nxt = next_slots(batch['audio'], valid)
@@ -308,13 +394,14 @@ def frame_slots(nxt: jax.Array, codebook_size: int, count: int) -> jax.Array:
 
 
 class DecodeView:
-  """An AudioLM's arrays laid out for a decode loop: per-layer blocks,
-  per-codebook embedding tables and heads, each sliced once before the loop
-  (slices taken inside the loop body are copies, repeated every step)."""
+  """An AudioLM's arrays laid out for a decode loop: per-layer blocks and
+  per-codebook heads, each sliced once before the loop (slices taken inside
+  the loop body are copies, repeated every step); the audio embedding table
+  is read in place."""
 
   def __init__(self, model: AudioLM, head_dtype=jnp.float32,
                attention: str = 'xla', params=None,
-               backbone_weights: str = 'fused'):
+               backbone_weights: str = 'fused', after=None):
     """`attention`: a `kernels.dispatch.resolve` result ('xla', or a Pallas
     kernel) for the global transformer's one-token steps; the local
     transformer attends over at most K tokens and stays in XLA.
@@ -323,7 +410,14 @@ class DecodeView:
     joined: the fewest matmuls per step, at the cost of a second copy of the
     backbone's weights while the loop runs) or 'stacked' (the stacked arrays
     read in place by a scan over layers, with a stacked cache: no copy,
-    for models whose weights are most of the memory; XLA attention)."""
+    for models whose weights are most of the memory; XLA attention).
+
+    `after`: arrays (the prefill's output) that the view's copies are made
+    after, so that they never live beside the prefill's temporaries."""
+    if after is not None:
+      gdef, state = nnx.split(model)
+      state, _ = jax.lax.optimization_barrier((state, after))
+      model = nnx.merge(gdef, state)
     self.model = model
     self.stacked = backbone_weights == 'stacked'
     if self.stacked and attention != 'xla':
@@ -334,8 +428,12 @@ class DecodeView:
     self.params = params or kernel_lib.KernelParams()
     k = model.num_codebooks
     audio = model.audio_embed[...]
-    self.tables = [audio[i] for i in range(k)]
-    self.text_table = model.text_embed[...]
+    # One [K * rows, E] table (a free reshape), codebook i's rows from
+    # i * rows: per-codebook slices would be copies held through the loop.
+    self.audio_rows = audio.shape[1]
+    self.audio_table = audio.reshape(k * self.audio_rows, audio.shape[2])
+    self.text_table = (None if model.text_embed is None else
+                       model.text_embed[...])
     self.melody_table = model.melody_embed[...] if model.melody else None
     decode_attn = None
     if attention != 'xla':
@@ -356,18 +454,25 @@ class DecodeView:
       self.heads = [heads[i] for i in range(k)]
 
   def embed(self, text, audio, melody) -> jax.Array:
-    x = _lookup(self.text_table, text)
+    x = 0.0 if self.text_table is None else _lookup(self.text_table, text)
     if self.melody_table is not None:
       x = x + _lookup(self.melody_table, melody)
-    for i, table in enumerate(self.tables):
-      x = x + _lookup(table, audio[..., i])
+    for i in range(audio.shape[-1]):
+      x = x + self._code_embed(i, audio[..., i])
     return x
 
-  def backbone_step(self, x, positions, mask, cache, index):
+  def _code_embed(self, i: int, code) -> jax.Array:
+    """Codebook i's embedding of `code` (EMPTY: zeros), clamped into its own
+    rows as a lookup in its own table would be."""
+    rows = self.audio_rows
+    flat = jnp.where(code >= 0, i * rows + jnp.minimum(code, rows - 1), code)
+    return _lookup(self.audio_table, flat)
+
+  def backbone_step(self, x, positions, mask, cache, index, context=None):
     if self.stacked:
-      return self.model.backbone(x, positions, mask, cache, index)
+      return self.model.backbone(x, positions, mask, cache, index, context)
     return transformer.run_fused(self.backbone, self.model.backbone.norm, x,
-                                    positions, mask, cache, index)
+                                    positions, mask, cache, index, context)
 
   def loop_cache(self, cache):
     """The prefilled stacked cache in the layout backbone_step takes."""
@@ -394,7 +499,7 @@ class DecodeView:
     return h @ self.proj.astype(h.dtype)
 
   def local_in_code(self, i: int, code):
-    e = _lookup(self.tables[i], code)
+    e = self._code_embed(i, code)
     return e @ self.proj.astype(e.dtype)
 
 
@@ -427,11 +532,9 @@ def token_log_probs(model: AudioLM, batch: dict, logits: dict):
   """Per-slot log p of the teacher tokens, split (global [B,S], local [B,S]) and
   per-codebook (ce [B,S,K], mask [B,S,K]). Used by the loss and by DPO."""
   audio, valid = batch['audio'], batch['valid']
-  v = model.codebook_size
   if model.variant == 'single_stream':
     nxt = next_slots(audio, valid)
-    special = layout.special_id(v)
-    ignore = (nxt < 0) | (nxt == special)
+    ignore = (nxt < 0) | (nxt == model.empty_id)
     ce, mask = _ce(logits['stream'], nxt, ignore)           # [B,S,K]
     glob = ce[..., 0]
     loc = jnp.sum(ce[..., 1:], axis=-1)
@@ -454,6 +557,9 @@ def token_log_probs(model: AudioLM, batch: dict, logits: dict):
   return -ce0, -jnp.sum(cek, axis=-1), ce, mask
 
 
+WEIGHTINGS = ('uniform', 'sft', 'mean')
+
+
 def local_weights(num_codebooks: int, weighting: str) -> jnp.ndarray:
   """λ_k for k = 1..K-1 (seed 001 §3.3.2): uniform 1.0 (warm-up/pretraining) or
   the SFT decay (K - k) / 10."""
@@ -465,18 +571,28 @@ def local_weights(num_codebooks: int, weighting: str) -> jnp.ndarray:
   raise ValueError(f"local weighting must be 'uniform' or 'sft', got {weighting!r}")
 
 
+def total_loss(per_k: jax.Array, global_weight: float, weighting: str
+               ) -> jax.Array:
+  """The loss from per-codebook mean cross-entropies [K]: λ0 L0 + 1/(K-1)
+  Σ_k λk Lk (HeartMuLa's eq. 8), or with 'mean' every codebook alike,
+  1/K Σ_k Lk (MusicGen's objective; global_weight unused)."""
+  k = per_k.shape[0]
+  if weighting == 'mean':
+    return jnp.mean(per_k)
+  if k == 1:
+    return global_weight * per_k[0]
+  lam = local_weights(k, weighting)
+  return global_weight * per_k[0] + jnp.sum(lam * per_k[1:]) / (k - 1)
+
+
 def loss_and_metrics(model: AudioLM, batch: dict, global_weight: float,
                      weighting: str, local_slots: int | None = None):
-  """L = λ0 L0 + 1/(K-1) Σ_k λk Lk (eq. 8), plus per-codebook CE/perplexity."""
+  """`total_loss` of the batch, plus per-codebook CE/perplexity."""
   logits = model(batch, local_slots)
   _, _, ce, mask = token_log_probs(model, batch, logits)
   k = model.num_codebooks
   per_k = _mean(ce, mask, axes=(0, 1))                      # [K]
-  if k > 1:
-    lam = local_weights(k, weighting)
-    total = global_weight * per_k[0] + jnp.sum(lam * per_k[1:]) / (k - 1)
-  else:
-    total = global_weight * per_k[0]
+  total = total_loss(per_k, global_weight, weighting)
   metrics = {'loss': total, 'ce/mean': _mean(ce, mask)}
   for i in range(k):
     metrics[f'ce/{i}'] = per_k[i]

@@ -36,6 +36,8 @@ from musicjax.lm import sequence
 from musicjax.lm import token_data
 
 SLOT_KEYS = ('text', 'audio', 'melody', 'positions', 'valid')
+# `self.text` of a model whose text is a text encoder's context (MusicGen).
+ENCODER_TEXT = 'context'
 
 
 def example_parts(config: ml_collections.ConfigDict,
@@ -48,7 +50,8 @@ def example_parts(config: ml_collections.ConfigDict,
   has_audio = valid & np.any(audio >= 0, axis=-1)
   if not has_audio.any():
     raise ValueError('the first eval example has no audio slots')
-  a0 = int(np.argmax(has_audio))
+  # Without END (MusicGen) the first audio slot is the start slot: the prompt.
+  a0 = int(np.argmax(has_audio)) + (0 if m.end_token else 1)
   prompt = {k: ex[k][0][:a0] for k in SLOT_KEYS}
   v, k = m.codebook_size, m.num_codebooks
   if m.variant == 'single_stream':
@@ -102,8 +105,10 @@ class LMSummaries:
       info = token_data.check_dataset(c)
       self.frames = max(1, int(round(c.summary.seconds * info['frame_rate'])))
       self.codec = common.DatasetCodec(info, c.data.path)
-      self.text = conditions.ConditionText(token_data.load_tokenizer(c),
-                                           c.model.text_vocab_size)
+      # A text encoder's tokens come with the batch ('context_*').
+      self.text = (ENCODER_TEXT if c.model.text_encoder else
+                   conditions.ConditionText(token_data.load_tokenizer(c),
+                                            c.model.text_vocab_size))
     self.prompt_len = int(c.data.max_text_tokens)
     fit = self._frames_that_fit(self.frames)
     if fit < self.frames:
@@ -149,9 +154,16 @@ class LMSummaries:
     parts = example_parts(c, ex)
     rows = [parts['prompt']]
     if self.cfg:
-      rows.append(null_prompt(c, self.text))
+      rows.append(rows[0] if c.model.text_encoder else
+                  null_prompt(c, self.text))
     padded = [sequence.left_pad(r, self.prompt_len) for r in rows]
     prompt = {k: np.stack([p[k] for p in padded]) for k in SLOT_KEYS}
+    if c.model.text_encoder:   # the null row: no valid text
+      tokens, valid = ex['context_tokens'][:1], ex['context_valid'][:1]
+      if self.cfg:
+        tokens = np.concatenate([tokens, tokens])
+        valid = np.concatenate([valid, np.zeros_like(valid)])
+      prompt.update(context_tokens=tokens, context_valid=valid)
     mel = np.full((self.frames,), layout.MELODY_NULL, np.int32)
     n = min(self.frames, len(parts['melody']))
     mel[:n] = parts['melody'][:n]

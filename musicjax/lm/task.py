@@ -27,7 +27,9 @@ from musicjax.lm import model as model_lib
 from musicjax.lm import patterns
 from musicjax.lm import summaries as summaries_lib
 from musicjax.lm import token_data
+from musicjax.nn import t5
 from musicjax.nn import transformer
+from musicjax.train import accumulate
 from musicjax.train.task import ArraySpec, Task
 
 ConfigDict = ml_collections.ConfigDict
@@ -60,6 +62,14 @@ def default_config() -> ConfigDict:
                                   # (a given embedding, replaces the ref slot)
   m.reference_dim = 0             # linear: width of the given embedding
   m.melody = True                 # melody-class table
+  # MusicGen's layout (configs/lm/musicgen_*.py): text enters by cross-
+  # attention to a text encoder's states (text_vocab_size 0: no text slots),
+  # and the heads predict codes only, so a song runs to its length.
+  m.end_token = True              # codebook 0 has an END class (False: single_stream)
+  m.text_encoder = ''             # '' | t5 (needs backbone.cross_attention)
+  m.t5 = t5.default_config()      # text_encoder 't5'
+  m.text_encoder_trainable = False  # False: frozen in training (MusicGen's way)
+  m.context_proj = True           # biased linear encoder width -> backbone.dim
   m.backbone = transformer.default_config()
   m.local = transformer.default_config()
   m.local.num_layers = 2
@@ -71,6 +81,7 @@ def default_config() -> ConfigDict:
   d.max_text_tokens = 64          # condition text slots (tags, lyrics, markers)
   d.max_sections = 4              # interleaved: sections per window (each adds an END slot)
   d.reference_frames = 0          # reference segment length (0 = no reference condition)
+  d.max_context_tokens = 64       # text-encoder tokens of a description (MusicGen)
   d.tokenizer = ''                # '' = DATA_DIR/tokenizer.json
   d.markov_branching = 2          # synthetic: successors per codebook-0 state
   d.markov_noise = (2, 2, 2, 2, 2, 2, 2)  # synthetic: noise values per codebook 1..K-1
@@ -161,7 +172,7 @@ class LMState(nnx.Module):
     self.model = model_lib.AudioLM(config.model, rngs)
     self.opt = nnx.Optimizer(self.model, make_optimizer(config.optim,
                                                         config.train.steps),
-                             wrt=nnx.Param)
+                             wrt=model_lib.trainable(config.model))
     self.step = StepCounter(jnp.zeros((), jnp.int32))
 
 
@@ -190,9 +201,10 @@ def check_config(config: ConfigDict) -> None:
   if layout.seq_len(config) > m.max_seq_len:
     raise ConfigError(f'config.data: a training sequence has {layout.seq_len(config)} '
                       f'slots, more than config.model.max_seq_len={m.max_seq_len}')
-  if config.loss.local_weighting not in ('uniform', 'sft'):
-    raise ConfigError("config.loss.local_weighting must be 'uniform' or 'sft', "
-                      f'got {config.loss.local_weighting!r}')
+  if config.loss.local_weighting not in model_lib.WEIGHTINGS:
+    raise ConfigError(f'config.loss.local_weighting must be one of '
+                      f'{model_lib.WEIGHTINGS}, got '
+                      f'{config.loss.local_weighting!r}')
   if config.summary.seconds < 0:
     raise ConfigError('config.summary.seconds must be >= 0 (0 = no '
                       f'summaries), got {config.summary.seconds}')
@@ -213,9 +225,21 @@ def check_config(config: ConfigDict) -> None:
 
 
 
+# Model keys a warm start may change (musicjax/train/warm_start.py): neither
+# the weights' shapes nor the function they compute (scanned and unrolled
+# layers share one stacked layout).
+FREE_MODEL_KEYS = ('embed_init_std', 'max_seq_len', 'backbone.init_std',
+                   'backbone.dtype', 'backbone.remat', 'backbone.scan_layers',
+                   'backbone.attention_chunk', 'local.init_std', 'local.dtype',
+                   'local.remat', 'local.scan_layers', 'local.attention_chunk')
+
+
 class LMTask(Task):
   name = 'lm'
   progress_metrics = ('loss', 'ce/0', 'ce/1')
+  warm_start_tasks = ('lm', 'lm_dpo')     # both hold an AudioLM under `model`
+  free_model_keys = FREE_MODEL_KEYS
+  supports_grad_accum = True
 
   @classmethod
   def default_config(cls) -> ConfigDict:
@@ -245,6 +269,11 @@ class LMTask(Task):
       spec['ref_codes'] = ArraySpec((batch_size, r, k), np.int32,
                                     ('batch', None, None))
       spec['ref_valid'] = ArraySpec((batch_size,), bool, ('batch',))
+    if self.config.model.text_encoder:
+      n = int(self.config.data.max_context_tokens)
+      spec['context_tokens'] = ArraySpec((batch_size, n), np.int32,
+                                         ('batch', None))
+      spec['context_valid'] = ArraySpec((batch_size, n), bool, ('batch', None))
     return spec
 
   def _loss(self, model, batch):
@@ -255,14 +284,50 @@ class LMTask(Task):
                                       lo.local_weighting,
                                       self.config.data.max_frames)
 
+  def _loss_sums(self, model, batch) -> dict[str, jax.Array]:
+    """Per-codebook sums over the batch: cross entropy and token count."""
+    logits = model(batch, self.config.data.max_frames)
+    _, _, ce, mask = model_lib.token_log_probs(model, batch, logits)
+    return {'ce': jnp.sum(ce, axis=(0, 1)),
+            'tokens': jnp.sum(mask.astype(jnp.float32), axis=(0, 1))}
+
+  def _loss_from_sums(self, sums):
+    """`_loss` from the batch's `_loss_sums` (gradient accumulation): the
+    same per-codebook means, so the same loss and metrics."""
+    lo, k = self.config.loss, self.config.model.num_codebooks
+    per_k = sums['ce'] / jnp.maximum(sums['tokens'], 1.0)
+    total = model_lib.total_loss(per_k, lo.global_weight, lo.local_weighting)
+    metrics = {'loss': total, 'ce/mean': jnp.sum(sums['ce']) / jnp.maximum(
+        jnp.sum(sums['tokens']), 1.0)}
+    for i in range(k):
+      metrics[f'ce/{i}'] = per_k[i]
+      metrics[f'ppl/{i}'] = jnp.exp(per_k[i])
+    metrics['tokens'] = jnp.sum(sums['tokens'])
+    return total, metrics
+
+  def _value_and_grad(self, model, batch):
+    """(metrics, grads w.r.t. the model's Params) of one step's batch, in
+    config.train.grad_accum micro-batches when that is > 1."""
+    gdef, params, rest = nnx.split(model, model_lib.trainable(
+        self.config.model), ...)
+    n = int(self.config.train.grad_accum)
+    if n == 1:
+      def loss_fn(p):
+        return self._loss(nnx.merge(gdef, p, rest), batch)
+
+      (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      return metrics, grads
+    axes = {k: v.logical_axes for k, v in
+            self.batch_spec(self.config.data.batch_size).items()}
+    _, metrics, grads = accumulate.value_and_grad(
+        lambda p, mb: self._loss_sums(nnx.merge(gdef, p, rest), mb),
+        self._loss_from_sums, params, batch, n, counts=('tokens',),
+        logical_axes=axes)
+    return metrics, grads
+
   def train_step(self, state: LMState, batch, rng):
     del rng  # condition dropout happens in the data pipeline (seeded, resumable)
-    gdef, params, rest = nnx.split(state.model, nnx.Param, ...)
-
-    def loss_fn(p):
-      return self._loss(nnx.merge(gdef, p, rest), batch)
-
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    metrics, grads = self._value_and_grad(state.model, batch)
     state.opt.update(state.model, grads)
     state.step[...] = state.step[...] + 1
     metrics['optim/grad_norm'] = optax.tree.norm(grads)

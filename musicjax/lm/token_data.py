@@ -18,7 +18,11 @@ An example is a window of at most `data.max_frames` frames of one song:
   * melody: the chroma class of every frame (from the vocal stem when the
     source had one);
   * reference: a `data.reference_frames` segment of the same song that does
-    not overlap the window (absent when the song is too short).
+    not overlap the window (absent when the song is too short);
+  * with a text encoder (MusicGen): the tags as a description, in the text
+    encoder's tokens (`data.tokenizer`: T5's tokenizer.json), as the
+    cross-attention context; dropped like the tags (no valid token); the
+    sequence is the start slot and the pattern steps, no END.
 Songs longer than the window are not packed with others: every window starts
 a fresh sequence; the tail of the sequence is padding.
 """
@@ -37,7 +41,9 @@ from musicjax.data import song_text
 from musicjax.data import text as text_lib
 from musicjax.data import token_records
 from musicjax.lm import conditions
+from musicjax.lm import data as lm_data
 from musicjax.lm import layout
+from musicjax.lm import musicgen_song
 from musicjax.lm import sequence
 from musicjax.lm.data import audio_slots, local_batch
 
@@ -81,8 +87,12 @@ class Example:
     self.config = config
     self.frame_rate = frame_rate
     self.train = train
-    self.text = conditions.ConditionText(load_tokenizer(config),
-                                         config.model.text_vocab_size)
+    if config.model.text_encoder:
+      self.encoder_tokenizer = musicgen_song.load_tokenizer(
+          tokenizer_path(config))
+    else:
+      self.text = conditions.ConditionText(load_tokenizer(config),
+                                           config.model.text_vocab_size)
     self.tag_probs = dict(config.cond.tag_probs)
 
   def unusable(self, record: dict) -> str | None:
@@ -106,14 +116,16 @@ class Example:
     stop = start + w
     reaches_end = stop == total
     drop_all = self.train and bool(rng.random() < cd.drop_all)
-    # Tags.
+    # Tags (a text encoder reads them as a plain description).
     tags_text = None
     if not self._drop(rng, cd.drop_tags, drop_all):
       tags = song_text.derive_tags(record['meta'])
       if self.train:
         tags = song_text.sample_tags(tags, self.tag_probs, rng,
                                      extra_prob=cd.extra_tag_prob)
-      tags_text = song_text.format_tags(tags) or None
+      fmt = (song_text.describe_tags if c.model.text_encoder else
+             song_text.format_tags)
+      tags_text = fmt(tags) or None
     # Melody.
     drop_melody = (not cd.melody) or self._drop(rng, cd.drop_melody, drop_all)
     mel = sequence.melody_ids(record.get('melody'), total, drop_melody)
@@ -128,6 +140,13 @@ class Example:
         a = int(choices[int(rng.integers(len(choices)))]) if self.train else int(choices[0])
         ref = codes[a:a + r]
         has_ref = True
+    if c.model.text_encoder:
+      ex = sequence.assemble([audio_slots(c, codes[start:stop], mel[start:stop],
+                                          False)], layout.seq_len(c), k,
+                             c.model.codebook_size)
+      ids = self.encoder_tokenizer.encode(tags_text or '').ids
+      ex.update(lm_data.context(c, ids, keep=tags_text is not None))
+      return ex
     drop_lyrics = self._drop(rng, cd.drop_lyrics, drop_all)
     secs = [s for s in song_text.sections(record['meta'], self.frame_rate, total)
             if s.end_frame > start and s.start_frame < stop]

@@ -21,9 +21,10 @@ condition) get the same rotary phases as in training.
 
 Switches for models that are not Llama-shaped (MusicGen's decoder): LayerNorm
 with a bias instead of RMSNorm (`norm`), a plain GELU MLP instead of SwiGLU
-(`mlp`), no rotary phases when positions are added to the inputs
+(`mlp`), sinusoidal positions added to the inputs instead of rotary phases
 (`positions`), and cross-attention to a context such as text-encoder states
-after each self-attention (`cross_attention`).
+after each self-attention (`cross_attention`), whose keys and values a
+decode loop computes once (`Transformer.cross_context`).
 """
 from __future__ import annotations
 
@@ -80,7 +81,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.attention_chunk = 0
   c.norm = 'rms'            # rms | layer (LayerNorm with bias: MusicGen)
   c.mlp = 'swiglu'          # swiglu | gelu (fc1 -> exact GELU -> fc2: MusicGen)
-  c.positions = 'rope'      # rope | none (positions added to the inputs)
+  # rope | sinusoidal (added to the stack's inputs: MusicGen) | none (the
+  # caller adds its own)
+  c.positions = 'rope'
   # Attend to a context (e.g. text-encoder states projected to `dim`) after
   # each self-attention, with its own pre-norm (MusicGen).
   c.cross_attention = False
@@ -89,7 +92,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 NORMS = ('rms', 'layer')
 MLPS = ('swiglu', 'gelu')
-POSITIONS = ('rope', 'none')
+POSITIONS = ('rope', 'sinusoidal', 'none')
 
 
 def head_dim(c: ml_collections.ConfigDict) -> int:
@@ -399,26 +402,39 @@ class CrossAttention(nnx.Module):
     _add_projections(self, c, rngs)
     self.dtype = _DTYPES[c.dtype]
 
-  def __call__(self, x: jax.Array, context: 'Context') -> jax.Array:
+  def keys_values(self, states: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Context states [B, S, dim] -> k, v [B, KV, S, D]."""
+    dt = self.dtype
+    states = states.astype(dt)
+    return (jnp.einsum('bse,ehd->bhsd', states, self.wk[...].astype(dt)),
+            jnp.einsum('bse,ehd->bhsd', states, self.wv[...].astype(dt)))
+
+  def __call__(self, x: jax.Array, context: 'Context', layer=None) -> jax.Array:
     dt = self.dtype
     w = lambda p: p[...].astype(dt)
     q = jnp.einsum('bte,ehd->bthd', x.astype(dt), w(self.wq))
-    states = context.states.astype(dt)
-    k = jnp.einsum('bse,ehd->bhsd', states, w(self.wk))
-    v = jnp.einsum('bse,ehd->bhsd', states, w(self.wv))
-    o = attend(q, k, v, context.valid[:, None, :])
+    if context.k is None:
+      k, v = self.keys_values(context.states)
+    else:   # computed once for a decode loop (Transformer.cross_context)
+      k = jax.lax.dynamic_index_in_dim(context.k, layer, 0, keepdims=False)
+      v = jax.lax.dynamic_index_in_dim(context.v, layer, 0, keepdims=False)
+    o = attend(q, k.astype(dt), v.astype(dt), context.valid[:, None, :])
     return jnp.einsum('bthd,hde->bte', o, w(self.wo))
 
 
 @dataclasses.dataclass(frozen=True)
 class Context:
-  """What cross-attention reads: states [B, S, dim] and valid slots [B, S]."""
+  """What cross-attention reads: states [B, S, dim] and valid slots [B, S];
+  optionally every layer's keys and values of them [layers, B, KV, S, D]
+  (`Transformer.cross_context`), so a decode step does not recompute them."""
   states: jax.Array
   valid: jax.Array
+  k: jax.Array | None = None
+  v: jax.Array | None = None
 
 
-jax.tree_util.register_dataclass(Context, data_fields=['states', 'valid'],
-                                 meta_fields=[])
+jax.tree_util.register_dataclass(Context, data_fields=['states', 'valid', 'k',
+                                                       'v'], meta_fields=[])
 
 
 class GeluMLP(nnx.Module):
@@ -455,7 +471,8 @@ class Block(nnx.Module):
     a, cache = self.attn(self.attn_norm(x), positions, mask, cache, layer, index)
     x = x + a.astype(x.dtype)
     if hasattr(self, 'cross'):
-      x = x + self.cross(self.cross_norm(x), _needs(context)).astype(x.dtype)
+      x = x + self.cross(self.cross_norm(x), _needs(context),
+                         layer).astype(x.dtype)
     x = x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
     return x, cache
 
@@ -484,6 +501,7 @@ class Transformer(nnx.Module):
     self.head_dim = head_dim(c)
     self.remat = c.remat
     self.scan_layers = bool(c.scan_layers)
+    self.positions = c.get('positions', 'rope')
 
     @nnx.split_rngs(splits=self.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0,
@@ -516,6 +534,7 @@ class Transformer(nnx.Module):
     Returns (normed output [B,T,E], updated cache or None).
     """
     gdef, params = nnx.split(self.layers)
+    x = add_positions(self.positions, x, positions)
     x = rules.shard_activation(x, ('batch', 'time', 'embed'))
 
     def body(carry, layer_params):
@@ -534,6 +553,23 @@ class Transformer(nnx.Module):
         carry, _ = body(carry, jax.tree.map(lambda a, i=i: a[i], params))
       h, cache, _ = carry
     return self.norm(h), cache
+
+
+  def cross_context(self, context: Context) -> Context:
+    """`context` with every layer's cross-attention keys and values, for a
+    decode loop (each step would otherwise recompute them from the states)."""
+    gdef, params = nnx.split(self.layers)
+    kv = jax.vmap(lambda p: nnx.merge(gdef, p).cross.keys_values(
+        context.states))(params)
+    return dataclasses.replace(context, k=kv[0], v=kv[1])
+
+
+def add_positions(kind: str, x: jax.Array, positions: jax.Array) -> jax.Array:
+  """The stack's input x [B, T, E] with sinusoidal position vectors added
+  when `kind` is 'sinusoidal' (rotary phases act inside attention)."""
+  if kind != 'sinusoidal':
+    return x
+  return x + sinusoidal(positions, x.shape[-1]).astype(x.dtype)
 
 
 def split_cache(cache: Cache) -> dict[str, list[jax.Array]]:
@@ -575,9 +611,11 @@ class FusedBlock:
     self.wd = m.down[...].astype(m.dtype)
     self.cross = getattr(block, 'cross', None)
     self.cross_norm = getattr(block, 'cross_norm', None)
+    self.input_positions = 'rope'   # fuse() sets the first block's
 
   def __call__(self, x, positions, mask, cache, layer, index,
                context: Context | None = None):
+    x = add_positions(self.input_positions, x, positions)
     b, t, _ = x.shape
     h, kv, d = self.h, self.kv, self.d
     y = self.attn_norm(x).astype(self.dtype)
@@ -606,7 +644,8 @@ class FusedBlock:
                  mask).reshape(b, t, h * d)
     x = x + (o @ self.wo).astype(x.dtype)
     if self.cross is not None:
-      x = x + self.cross(self.cross_norm(x), _needs(context)).astype(x.dtype)
+      x = x + self.cross(self.cross_norm(x), _needs(context),
+                         layer).astype(x.dtype)
     y = self.mlp_norm(x).astype(self.wgu.dtype)
     gu = y @ self.wgu
     if self.gated:
@@ -625,9 +664,11 @@ def _replaced(items: list, i: int, value) -> list:
 def fuse(stack: Transformer, decode_attention=None) -> list[FusedBlock]:
   """The stack's blocks as `FusedBlock`s (call before a decode loop)."""
   gdef, params = nnx.split(stack.layers)
-  return [FusedBlock(nnx.merge(gdef, jax.tree.map(lambda a, i=i: a[i], params)),
-                     decode_attention)
-          for i in range(stack.num_layers)]
+  blocks = [FusedBlock(nnx.merge(gdef, jax.tree.map(lambda a, i=i: a[i],
+                                                    params)), decode_attention)
+            for i in range(stack.num_layers)]
+  blocks[0].input_positions = stack.positions
+  return blocks
 
 
 def run_fused(blocks: list[FusedBlock], norm: nnx.Module, x, positions, mask,

@@ -107,15 +107,25 @@ def restore_subtree(workdir: str, keep: int, key: str, abstract: nnx.State,
   fine-tuning run takes a finished run's model weights without ever loading
   its optimizer moments.
   """
+  restored, step = restore_partial(
+      workdir, keep, {key: abstract_target(abstract, shardings)})
+  return restored[key], step
+
+
+def restore_partial(workdir: str, keep: int, target: dict) -> tuple[dict, int]:
+  """(the leaves of `target` read from the latest step of `workdir`, that step).
+
+  `target` is a pure-dict tree of ShapeDtypeStructs (with shardings) naming
+  any subset of the checkpoint's state, at any depth; nothing else is read.
+  """
   manager = make_manager(workdir, keep, False)
   try:
     step = latest_step_or_raise(manager, workdir)
-    target = abstract_target(abstract, shardings)
     args = ocp.args.PyTreeRestore(
-        item={key: target},
-        restore_args=ocp.checkpoint_utils.construct_restore_args({key: target}),
+        item=target,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True)
     restored = manager.restore(step, args=ocp.args.Composite(state=args))
   finally:
     manager.close()
-  return restored['state'][key], int(step)
+  return restored['state'], int(step)

@@ -140,7 +140,9 @@ def load_run(workdir: str, step: int | None = None, *,
 
 def check_same_model(config: ml_collections.ConfigDict, workdir: str, *,
                      expect: str | Iterable[str], flag: str,
-                     free_keys: Iterable[str] = ()) -> ml_collections.ConfigDict:
+                     free_keys: Iterable[str] = (),
+                     sections: Iterable[str] = ('model',),
+                     hint: str = '') -> ml_collections.ConfigDict:
   """The config of the run in `workdir`, after checking that `config.model`
   describes the network it trained, so that a new run can start from its
   weights.
@@ -152,6 +154,10 @@ def check_same_model(config: ml_collections.ConfigDict, workdir: str, *,
     flag: the config key naming `workdir` ('config.init.workdir').
     free_keys: config.model keys that may differ: they change neither the
       weights' shapes nor the function the network computes (dtype, remat).
+    sections: the config sections that describe the network ('model'; the
+      codec's 'disc' too); keys of other sections than 'model' are named
+      with their section in `free_keys` ('disc.periods').
+    hint: appended to the error (e.g. how to allow a difference on purpose).
 
   Raises:
     ConfigError: as `saved_config`, or naming the first config.model key that
@@ -159,14 +165,17 @@ def check_same_model(config: ml_collections.ConfigDict, workdir: str, *,
   """
   theirs_config = saved_config(workdir, expect, flag=flag)
   free = set(free_keys)
-  ours = config_lib.flatten(config.model)
-  theirs = config_lib.flatten(theirs_config.model)
-  for key in sorted(set(ours) | set(theirs)):
-    if key in free or ours.get(key) == theirs.get(key):
-      continue
-    raise ConfigError(
-        f'config.model.{key} = {ours.get(key)!r}, but the run in {workdir} '
-        f'({flag}) was trained with {theirs.get(key)!r}; this run starts from '
-        f'its weights, so the network must match: set '
-        f'--config.model.{key}={theirs.get(key)!r}')
+  for section in sections:
+    ours = config_lib.flatten(config.get(section, ml_collections.ConfigDict()))
+    theirs = config_lib.flatten(
+        theirs_config.get(section, ml_collections.ConfigDict()))
+    prefix = '' if section == 'model' else f'{section}.'
+    for key in sorted(set(ours) | set(theirs)):
+      if prefix + key in free or ours.get(key) == theirs.get(key):
+        continue
+      raise ConfigError(
+          f'config.{section}.{key} = {ours.get(key)!r}, but the run in '
+          f'{workdir} ({flag}) was trained with {theirs.get(key)!r}; this run '
+          f'starts from its weights, so the network must match: set '
+          f'--config.{section}.{key}={theirs.get(key)!r}{hint}')
   return theirs_config

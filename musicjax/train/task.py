@@ -18,8 +18,14 @@ preemption and the non-finite guard. A task owns everything model-specific:
   * `batch_spec(batch_size)`: name -> (shape, dtype, logical axes) of a global
     batch, so the trainer can shard it before any data arrives.
   * `summaries(state, batch, rng) -> dict`: optional host-side audio/images.
-  * `warm_start(state, shardings)`: optional; a fresh run starts from what it
-    returns (pretrained weights for fine-tuning); resumed runs skip it.
+  * `warm_start(state, shardings)`: a fresh run starts from what it returns;
+    resumed runs skip it. The default (musicjax/train/warm_start.py, the same
+    for every task) restores `warm_start_subtrees` from `config.init.workdir`
+    after checking the network is the same; a task declares the data
+    (`warm_start_subtrees`, `warm_start_tasks`, `arch_sections`,
+    `free_model_keys`) and may finish the state (DPO copies its reference).
+  * `supports_grad_accum`: whether `train_step` splits the batch into
+    `config.train.grad_accum` micro-batches (musicjax/train/accumulate.py).
   * `dataset(split, shard_index, shard_count)`: a Grain IterDataset of this
     process's share of each global batch, as numpy dicts matching
     `batch_spec`. The default reads audio with `musicjax.data.pipeline`.
@@ -54,6 +60,16 @@ class Task(abc.ABC):
   name: str = ''
   # Metrics shown on the progress line (all of them go to metrics.jsonl).
   progress_metrics: tuple[str, ...] = ('loss',)
+  # Warm start (musicjax/train/warm_start.py): the state subtrees a fresh run
+  # takes from `config.init.workdir`; the tasks whose runs hold them (() = this
+  # one); the config sections describing that network; the config.model keys
+  # that change neither the weights' shapes nor the function they compute.
+  warm_start_subtrees: tuple[str, ...] = ('model',)
+  warm_start_tasks: tuple[str, ...] = ()
+  arch_sections: tuple[str, ...] = ('model',)
+  free_model_keys: tuple[str, ...] = ()
+  # Whether train_step implements config.train.grad_accum > 1 exactly.
+  supports_grad_accum: bool = False
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
@@ -101,12 +117,17 @@ class Task(abc.ABC):
     that are not means (e.g. perplexity = exp(mean cross-entropy))."""
     return averaged
 
+  def init_source(self) -> tuple[str, str]:
+    """(the run a fresh run starts from, or '', the config key naming it)."""
+    return self.config.init.workdir, 'config.init.workdir'
+
   def warm_start(self, state: nnx.State, shardings: Any) -> nnx.State:
     """Called once on a fresh run (no checkpoint yet) with the initialised,
-    sharded state; returns the state to train from. Default: unchanged.
-    Fine-tuning tasks (e.g. DPO) load pretrained weights here."""
-    del shardings
-    return state
+    sharded state; returns the state to train from: `warm_start_subtrees`
+    from `init_source()`'s run (musicjax/train/warm_start.py), or `state`
+    unchanged without one."""
+    from musicjax.train import warm_start as warm_start_lib  # imports trainer
+    return warm_start_lib.apply(self, state, shardings)
 
   def inference_model(self, state: nnx.Module) -> nnx.Module:
     """The module that encode/decode/generate commands run (e.g. the generator)."""

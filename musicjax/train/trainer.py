@@ -85,6 +85,12 @@ def validate_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     if b % pc:
       raise ConfigError(f'config.data.{key}={b} is not divisible by the '
                         f'{pc} processes')
+  n, b = int(config.train.grad_accum), int(config.data.batch_size)
+  if b % (n * dp):
+    raise ConfigError(
+        f'config.data.batch_size={b} is not divisible by config.train.'
+        f'grad_accum={n} x the data-parallel size {dp}: each of the {n} '
+        'micro-batches must split evenly over the devices')
 
 
 def _create_state_fn(task, seed: int):
@@ -102,6 +108,11 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
   """
   task = tasks.get(config.task)(config)
   rules = rules_lib.normalize_rules(config.sharding.rules)
+  if config.train.grad_accum > 1 and not task.supports_grad_accum:
+    raise ConfigError(
+        f'config.train.grad_accum={config.train.grad_accum}: task '
+        f'{config.task!r} does not accumulate gradients (the lm, lm_dpo and '
+        'accomp tasks do); set --config.train.grad_accum=1')
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   validate_batch(config, mesh)
   with nnx.use_eager_sharding(False):
@@ -311,6 +322,14 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     config_lib.save(config, workdir)
   manager = ckpt_lib.make_manager(workdir, config.checkpoint.keep,
                                   config.checkpoint.async_save)
+  if manager.latest_step() is None:
+    # A warm start's config errors come before anything is compiled.
+    from musicjax.train import warm_start as warm_start_lib  # imports trainer
+    try:
+      warm_start_lib.plan(s.task, s.abstract_state)
+    except BaseException:
+      manager.close()
+      raise
   spec = s.task.batch_spec(config.data.batch_size)
   data_iter = iter(s.task.dataset('train', jax.process_index(),
                                   jax.process_count()))

@@ -109,6 +109,12 @@ class HeartCodecState(nnx.Module):
 class HeartCodecTask(Task):
   name = 'heartcodec'
   progress_metrics = ('loss/total', 'loss/mel', 'loss/flow')
+  # Warm start (musicjax/train/warm_start.py): init and the quantizer's
+  # training-time behaviour, not its weights, may differ.
+  free_model_keys = ('encoder.init_std', 'quantizer.init_std',
+                     'quantizer.kmeans_init', 'quantizer.kmeans_iters',
+                     'quantizer.ema_decay', 'quantizer.dead_code_threshold',
+                     'quantizer.quantizer_dropout')
 
   def __init__(self, config: ConfigDict):
     super().__init__(config)

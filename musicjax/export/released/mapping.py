@@ -34,11 +34,14 @@ FLOAT_DTYPES = ('F16', 'BF16', 'F32', 'F64')
 class Rule:
   to_ours: Callable[[np.ndarray], np.ndarray]
   theirs_shape: Callable[[tuple[int, ...]], tuple[int, ...]]  # from our shape
+  # The inverse, for exporting back to their layout (None: not exportable).
+  to_theirs: Callable[[np.ndarray], np.ndarray] | None = None
 
 
-SAME = Rule(lambda w: w, lambda s: s)
-LINEAR = Rule(lambda w: w.T, lambda s: (s[1], s[0]))    # [out, in] -> [in, out]
-ROW = Rule(lambda w: w[0], lambda s: (1,) + s)          # [1, E] -> [E]
+SAME = Rule(lambda w: w, lambda s: s, lambda w: w)
+# [out, in] -> [in, out]
+LINEAR = Rule(lambda w: w.T, lambda s: (s[1], s[0]), lambda w: w.T)
+ROW = Rule(lambda w: w[0], lambda s: (1,) + s, lambda w: w[None])  # [1, E] -> [E]
 # nn.Conv1d.weight [out, in, k] -> [k, in, out].
 CONV = Rule(lambda w: w.transpose(2, 1, 0), lambda s: (s[2], s[1], s[0]))
 # A weight-normalised conv's g [out, 1, 1] -> [out].
@@ -62,14 +65,17 @@ def heads_in(heads: int, d: int, rotary: bool = False) -> Rule:
   """[heads * d, E] -> [E, heads, d]; rotary: rows reordered for our rotary
   (q and k of adjacent-pair checkpoints)."""
   order = rotary_order(d) if rotary else np.arange(d)
+  back = np.argsort(order)
   return Rule(lambda w: w.T.reshape(w.shape[1], heads, d)[..., order],
-              lambda s: (s[1] * s[2], s[0]))
+              lambda s: (s[1] * s[2], s[0]),
+              lambda w: w[..., back].reshape(w.shape[0], heads * d).T)
 
 
 def heads_out(heads: int, d: int) -> Rule:
   """[E, heads * d] -> [heads, d, E]."""
   return Rule(lambda w: w.T.reshape(heads, d, w.shape[0]),
-              lambda s: (s[2], s[0] * s[1]))
+              lambda s: (s[2], s[0] * s[1]),
+              lambda w: w.reshape(heads * d, w.shape[2]).T)
 
 
 def block_rules(heads: int, kv_heads: int, d: int, rotary: bool
@@ -247,6 +253,22 @@ def load_arrays(mapping: Mapping, state, reader: reader_lib.Reader,
     return place(key, value)
 
   return jax.tree_util.tree_map_with_path(fill, nnx.to_pure_dict(state))
+
+
+def export_tensors(mapping: Mapping, arrays: dict[str, np.ndarray]
+                   ) -> dict[str, np.ndarray]:
+  """Their tensors by name from our arrays by path (the inverse of
+  load_arrays): every source's rule turned back, stacked ones per index."""
+  out = {}
+  for key, src in mapping.sources.items():
+    if src.rule.to_theirs is None:
+      raise AssertionError(f'the rule of {key} has no inverse')  # our bug
+    value = np.asarray(arrays[key])
+    parts = ([value[i] for i in range(len(src.names))] if src.stacked
+             else [value])
+    for name, part in zip(src.names, parts):
+      out[name] = np.ascontiguousarray(src.rule.to_theirs(part))
+  return out
 
 
 def load(mapping: Mapping, make: Callable[[], nnx.Module],

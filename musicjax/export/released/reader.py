@@ -109,3 +109,29 @@ class Reader:
     except Exception as err:  # a file cut short fails here
       raise self.error(f'{self.path(name)}: tensor {name!r} unreadable '
                        f'({err})') from None
+
+
+class Prefixed:
+  """The tensors of `reader` under `prefix`, by their names without it (one
+  part of a composite checkpoint: MusicGen's 'audio_encoder.' EnCodec);
+  reader's interface, paths and errors as the reader's."""
+
+  def __init__(self, reader, prefix: str):
+    self.reader, self.prefix, self.error = reader, prefix, reader.error
+    self.names = sorted(n[len(prefix):] for n in reader.names
+                        if n.startswith(prefix))
+
+  def path(self, name: str) -> str:
+    return self.reader.path(self.prefix + name)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return self.reader.shape(self.prefix + name)
+
+  def dtype(self, name: str) -> str:
+    return self.reader.dtype(self.prefix + name)
+
+  def shapes(self) -> dict[str, tuple[int, ...]]:
+    return {name: self.shape(name) for name in self.names}
+
+  def get(self, name: str) -> np.ndarray:
+    return self.reader.get(self.prefix + name)
