@@ -3,6 +3,7 @@
 checkpoints of other projects <-> musicjax runs."""
 from __future__ import annotations
 
+import importlib
 import json
 
 
@@ -88,68 +89,51 @@ def _export_parser(sub, verb: str, arch: str, cls: str, importer: str) -> None:
                  help='checkpoint step (default: the latest)')
 
 
-def export_musicgen(args, overrides: list[str]) -> int:
+def _run(module: str, fn: str, *args, **kwargs) -> int:
+  """Joins the processes of a multi-host job, then imports `module` (lazily,
+  so `musicjax --help` stays fast, and only after the join: jax must not
+  start its backends first), calls its `fn` and prints the JSON result."""
   from musicjax.parallel import distributed
   distributed.maybe_initialize()
-  from musicjax.export.released import musicgen_export
+  result = getattr(importlib.import_module(module), fn)(*args, **kwargs)
+  print(json.dumps(result))
+  return 0
+
+
+def export_musicgen(args, overrides: list[str]) -> int:
   if overrides:
     from musicjax.errors import UserError
     raise UserError('export-musicgen takes no --config overrides: the run '
                     'and its released config.json fix the folder')
-  print(json.dumps(musicgen_export.export_workdir(
-      args.workdir, args.out, args.step, args.codec_workdir)))
-  return 0
+  return _run('musicjax.export.released.musicgen_export', 'export_workdir',
+              args.workdir, args.out, args.step, args.codec_workdir)
 
 
 def import_heartmula(args, overrides: list[str]) -> int:
-  from musicjax.parallel import distributed
-  distributed.maybe_initialize()
-  from musicjax.export import import_heartmula as import_lib
-  print(json.dumps(import_lib.import_folder(args.from_dir, args.workdir,
-                                            args.config, overrides)))
-  return 0
+  return _run('musicjax.export.import_heartmula', 'import_folder',
+              args.from_dir, args.workdir, args.config, overrides)
 
 
 def import_musicgen(args, overrides: list[str]) -> int:
-  from musicjax.parallel import distributed
-  distributed.maybe_initialize()
-  from musicjax.export import import_musicgen as import_lib
-  print(json.dumps(import_lib.import_folder(args.from_dir, args.workdir,
-                                            overrides)))
-  return 0
+  return _run('musicjax.export.import_musicgen', 'import_folder',
+              args.from_dir, args.workdir, overrides)
 
 
 def import_dac(args, overrides: list[str]) -> int:
-  from musicjax.parallel import distributed
-  distributed.maybe_initialize()
-  from musicjax.export import import_codec
-  print(json.dumps(import_codec.import_folder(args.from_dir, args.workdir,
-                                              args.config, overrides)))
-  return 0
+  return _run('musicjax.export.import_codec', 'import_folder',
+              args.from_dir, args.workdir, args.config, overrides)
 
 
 def export_dac(args, overrides: list[str]) -> int:
-  from musicjax.parallel import distributed
-  distributed.maybe_initialize()
-  from musicjax.export.released import dac_export
-  print(json.dumps(dac_export.export_workdir(args.workdir, args.out,
-                                             args.step, overrides)))
-  return 0
+  return _run('musicjax.export.released.dac_export', 'export_workdir',
+              args.workdir, args.out, args.step, overrides)
 
 
 def import_encodec(args, overrides: list[str]) -> int:
-  from musicjax.parallel import distributed
-  distributed.maybe_initialize()
-  from musicjax.export import import_codec
-  print(json.dumps(import_codec.import_folder(
-      args.from_dir, args.workdir, args.config, overrides, family='encodec')))
-  return 0
+  return _run('musicjax.export.import_codec', 'import_folder', args.from_dir,
+              args.workdir, args.config, overrides, family='encodec')
 
 
 def export_encodec(args, overrides: list[str]) -> int:
-  from musicjax.parallel import distributed
-  distributed.maybe_initialize()
-  from musicjax.export.released import encodec_export
-  print(json.dumps(encodec_export.export_workdir(args.workdir, args.out,
-                                                 args.step, overrides)))
-  return 0
+  return _run('musicjax.export.released.encodec_export', 'export_workdir',
+              args.workdir, args.out, args.step, overrides)

@@ -46,15 +46,21 @@ KEPT = (musicgen.M.CONFIG, musicgen.GENERATION, TOKENIZER,
 def run_config(folder: str, overrides: Iterable[str] = ()
                ) -> ml_collections.ConfigDict:
   """The folder's config with `overrides`, which must keep the network."""
-  model = musicgen.read_config(folder)[0].model.to_dict()
-  changed = config_lib.apply_overrides(musicgen.read_config(folder)[0],
-                                       list(overrides))
-  config_lib.validate(changed, config_lib.schema_for(changed))
-  if changed.model.to_dict() != model:
+  return _configs(folder, overrides)[0]
+
+
+def _configs(folder: str, overrides: Iterable[str]
+             ) -> tuple[ml_collections.ConfigDict, dict]:
+  """(run_config, the folder's config.json), the file read once."""
+  c, d = musicgen.read_config(folder)
+  model = c.model.to_dict()
+  c = config_lib.apply_overrides(c, list(overrides))
+  config_lib.validate(c, config_lib.schema_for(c))
+  if c.model.to_dict() != model:
     raise musicgen.MusicGenWeightsError(
         'an override changes config.model, which the folder\'s config.json '
         'fixes; override sampling, data or training keys only')
-  return changed
+  return c, d
 
 
 def import_folder(from_dir: str, workdir: str,
@@ -70,12 +76,13 @@ def import_folder(from_dir: str, workdir: str,
     raise musicgen.MusicGenWeightsError(f'--from {from_dir}: no such '
                                         'directory')
   from_dir = os.path.abspath(from_dir)
-  c = run_config(from_dir, overrides)
+  c, d = _configs(from_dir, overrides)
   if not c.data.tokenizer and os.path.isfile(os.path.join(from_dir, TOKENIZER)):
     # Fine-tuning reads descriptions in T5's tokens: the copy kept in the run.
     c.data.tokenizer = os.path.join(os.path.abspath(workdir), RELEASED,
                                     TOKENIZER)
-  codec_c, theirs = codec_config(from_dir, c)
+  codec_c, theirs = codec_config(d, os.path.join(from_dir, musicgen.M.CONFIG),
+                                 c)
   reader = musicgen.reader(from_dir)
   codec_reader = encodec.Renamed(reader_lib.Prefixed(reader,
                                                      musicgen.CODEC_PREFIX))
@@ -106,12 +113,10 @@ def import_folder(from_dir: str, workdir: str,
           'sample_rate': int(codec_c.data.sample_rate)}
 
 
-def codec_config(folder: str, lm: ml_collections.ConfigDict
+def codec_config(d: dict, path: str, lm: ml_collections.ConfigDict
                  ) -> tuple[ml_collections.ConfigDict, dict]:
-  """(our codec config, EnCodec's sub-config) of the folder's audio_encoder;
-  its codes must be the LM's."""
-  d, path = musicgen.M.read_config_json(folder, musicgen.MusicGenWeightsError,
-                                        'MusicGen', musicgen.MODEL_TYPE)
+  """(our codec config, EnCodec's sub-config) of MusicGen's config.json `d`
+  (read from `path`)'s audio_encoder; its codes must be the LM's."""
   theirs = d.get('audio_encoder')
   if not isinstance(theirs, dict):
     raise musicgen.MusicGenWeightsError(f'{path}: no "audio_encoder" config')
