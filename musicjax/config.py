@@ -111,6 +111,17 @@ def base_config() -> ConfigDict:
   c.init.model_changes = ()         # config.model keys that may differ from that run
   c.init.new_params = ()            # path patterns ('model/uncond*') of weights it lacks
 
+  # LoRA / QLoRA (musicjax/nn/lora.py, docs/finetune.md): adapters on the
+  # weights `targets` names train; everything else stays as `init.workdir`
+  # has it, and checkpoints hold only the adapters and their optimizer.
+  c.lora = ConfigDict()
+  c.lora.rank = 0                   # 0: no adapters (full fine-tuning)
+  c.lora.alpha = 16.0               # the update is alpha / rank * A @ B
+  # fnmatch patterns over weight paths (`musicjax lora-targets` lists them).
+  c.lora.targets = ('*/attn/wq', '*/attn/wk', '*/attn/wv', '*/attn/wo')
+  c.lora.base = 'float'             # float | int8 | int4: the frozen base (QLoRA)
+  c.lora.int4_group = 128           # int4: contracted values sharing one scale
+
   c.checkpoint = ConfigDict()
   c.checkpoint.keep = 3
   c.checkpoint.async_save = True

@@ -46,3 +46,17 @@ def fails(capsys, verb: str, src: str, run: str, *needles: str) -> str:
   assert not os.path.exists(run)
   assert not os.path.exists(new_run.staging_dir(run))
   return err
+
+
+def t5_tokenizer(path: str, words) -> None:
+  """A T5-like tokenizer.json at `path`: '<pad>' 0, '</s>' 1, '<unk>' 2, then
+  `words`, with '</s>' appended (MusicGen's processor adds T5's
+  end-of-sequence token)."""
+  from tokenizers import Tokenizer, models, pre_tokenizers, processors
+  vocab = {'<pad>': 0, '</s>': 1, '<unk>': 2}
+  vocab.update({w: i + 3 for i, w in enumerate(words)})
+  tok = Tokenizer(models.WordLevel(vocab, unk_token='<unk>'))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok.post_processor = processors.TemplateProcessing(
+      single='$A </s>', special_tokens=[('</s>', 1)])
+  tok.save(path)

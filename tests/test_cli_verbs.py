@@ -9,7 +9,7 @@ from musicjax.cli import app
 
 VERBS = {'train', 'eval', 'encode', 'decode', 'codec-quality', 'prepare',
          'tokenizer', 'generate', 'accompany', 'prefs', 'export',
-         'import-torch', 'import-heartmula', 'import-dac', 'export-dac',
+         'import-torch', 'merge-lora', 'import-heartmula', 'import-dac', 'export-dac',
          'import-encodec', 'export-encodec', 'import-musicgen', 'export-musicgen',
          'bench'}
 

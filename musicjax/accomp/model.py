@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from musicjax.nn import lora
 from musicjax.nn import transformer
 from musicjax.parallel import rules
 
@@ -71,6 +72,7 @@ def _lookup(table, ids):
 
 
 class AccompModel(nnx.Module):
+  ADAPTABLE = {'heads': (1, 1)}   # one head per codebook (nn/lora.py)
 
   def __init__(self, c: ml_collections.ConfigDict, rngs: nnx.Rngs):
     k, v, d = int(c.num_codebooks), int(c.codebook_size), int(c.backbone.dim)
@@ -154,7 +156,8 @@ class AccompModel(nnx.Module):
 
   def logits(self, h: jax.Array) -> jax.Array:
     """[B, T, D] -> accompaniment logits [B, T, K, V]."""
-    return jnp.einsum('btd,kdv->btkv', h, self.heads[...]).astype(jnp.float32)
+    w = lora.read(self, 'heads')
+    return jnp.einsum('btd,kdv->btkv', h, w).astype(jnp.float32)
 
   def rtd_logits(self, h: jax.Array) -> jax.Array:
     """[B, T, D] -> replaced-token-detection logits [B, T, K]."""

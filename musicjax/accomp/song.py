@@ -60,8 +60,8 @@ class AccompContext(lm_song.TokenSetAccess):
 
   def __init__(self, config, workdir: str, codec_workdir: str | None = None,
                step: int | None = None):
-    self.run = runs.load_run(workdir, step, config=config, expect='accomp',
-                             verb='accompany')
+    self.run = runs.serving(runs.load_run(
+        workdir, step, config=config, expect='accomp', verb='accompany'))
     config = self.config = self.run.config   # None given: the run's own
     self.mesh, self.rules = self.run.mesh, self.run.rules
     self.model = self.run.model

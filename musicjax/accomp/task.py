@@ -40,6 +40,7 @@ from musicjax.accomp import summaries as summaries_lib
 from musicjax.accomp import synthetic
 from musicjax.config import ConfigError
 from musicjax.lm import task as lm_task
+from musicjax.nn import lora
 from musicjax.nn import transformer
 from musicjax.train import accumulate
 from musicjax.train.task import ArraySpec, Task
@@ -87,6 +88,9 @@ def default_config() -> ConfigDict:
 
   s = c.sample = ConfigDict()
   s.steps = 60
+  # Weight-only quantized inference (`accompany`): the backbone's attention
+  # and MLP weights as int8 / int4 (qwix; nn/lora.py), dequantized where read.
+  s.weights = 'float'                  # float | int8 | int4
   s.temperature = 1.0
   s.top_k = 100
   s.top_p = 0.9
@@ -121,6 +125,9 @@ def check_config(config: ConfigDict) -> None:
     raise ConfigError(f'config.model.backbone.dim={m.backbone.dim} must be '
                       'even: the vocal and accompaniment tracks get dim/2 each')
   transformer.check_config(m.backbone, 'model.backbone')
+  if config.sample.weights not in lora.BASES:
+    raise ConfigError(f'config.sample.weights must be one of {lora.BASES}, '
+                      f'got {config.sample.weights!r}')
   lo = config.loss
   if lo.weighting not in diffusion.LOSS_KINDS:
     raise ConfigError(f'config.loss.weighting must be one of '
@@ -153,12 +160,19 @@ def check_config(config: ConfigDict) -> None:
 
 
 
+def trainable(config: ConfigDict):
+  """The adapters of a LoRA run (config.lora), else every weight."""
+  return nnx.LoRAParam if lora.enabled(config) else nnx.Param
+
+
 class AccompState(nnx.Module):
 
   def __init__(self, config: ConfigDict, rngs: nnx.Rngs):
     self.model = model_lib.AccompModel(config.model, rngs)
+    if lora.enabled(config):
+      lora.apply(self.model, config, rngs)
     self.opt = nnx.Optimizer(self.model, lm_task.make_optimizer(
-        config.optim, config.train.steps), wrt=nnx.Param)
+        config.optim, config.train.steps), wrt=trainable(config))
     self.step = lm_task.StepCounter(jnp.zeros((), jnp.int32))
 
 
@@ -341,6 +355,7 @@ class AccompTask(Task):
   progress_metrics = ('loss', 'ce_masked', 'ce/0', 'rtd')
   free_model_keys = _FREE_MODEL_KEYS   # stage 2 warm-starts from stage 1
   supports_grad_accum = True
+  supports_lora = True
 
   @classmethod
   def default_config(cls) -> ConfigDict:
@@ -384,7 +399,7 @@ class AccompTask(Task):
     use_text = jax.random.uniform(r_text, (b,)) >= cd.drop_text
     use_ref = jax.random.uniform(r_ref, (b,)) >= cd.drop_reference
     step = state.step[...]
-    gdef, params, rest = nnx.split(state.model, nnx.Param, ...)
+    gdef, params, rest = nnx.split(state.model, trainable(self.config), ...)
     n = int(self.config.train.grad_accum)
     if n == 1:
       def loss_fn(p):

@@ -26,6 +26,7 @@ from musicjax.lm import model as model_lib
 from musicjax.lm import musicgen_song
 from musicjax.lm import sequence
 from musicjax.lm import task as task_lib
+from musicjax.nn import lora
 from musicjax.nn import transformer
 from musicjax.parallel import rules
 from musicjax.train import trainer
@@ -254,9 +255,14 @@ def train(config, repeats: int = 5) -> dict:
   }
 
 
-def memory(config, devices: int) -> dict:
+def memory(config, devices: int, param_dtype: str | None = None) -> dict:
   """Per-device memory of the train state (parameters + AdamW moments, by the
-  sharding rules) and of the gradients, for `config.mesh` on `devices`."""
+  sharding rules) and of the gradients, for `config.mesh` on `devices`.
+
+  A LoRA run (config.lora.rank > 0) trains its adapters only: its gradients
+  and moments are theirs, and its base may be int8/int4 (musicjax/nn/lora.py).
+  `param_dtype` bfloat16: float32 weights and moments stored in bfloat16.
+  """
   if devices < 1:
     raise UserError('lm-memory needs --devices N (devices of the target topology)')
   mc = config.mesh
@@ -286,39 +292,80 @@ def memory(config, devices: int) -> dict:
       for a in (entry if isinstance(entry, tuple) else (entry,)):
         if a:
           split *= _Mesh.shape[a]
-    per_device += val.size * val.dtype.itemsize / split
-    if 'opt' not in str(path[0]) and isinstance(var, nnx.Param):
+    # Bits, not itemsize: an int4 base packs two values in a byte.
+    dtype = (jnp.dtype(param_dtype) if param_dtype and val.dtype == jnp.float32
+             else val.dtype)
+    per_device += val.size * jax.dtypes.itemsize_bits(dtype) / 8 / split
+    # The model's weights: float, or a quantized base's integers (not its
+    # scales), adapters included.
+    name = str(getattr(path[-1], 'key', path[-1]))
+    weight = isinstance(var, nnx.Param) or (
+        isinstance(var, lora.Quantized) and not name.endswith('_scale'))
+    if 'opt' not in str(path[0]) and weight:
       total_params += val.size
-  grads = sum(var.get_value().size * 4 for var in jax.tree.leaves(
-      nnx.state(abstract.model, nnx.Param), is_leaf=lambda x: isinstance(
-          x, nnx.Variable))) / (fsdp * tensor)
+  trained = [v.get_value().size for v in jax.tree.leaves(
+      nnx.state(abstract.model, task_lib.trainable(config)),
+      is_leaf=lambda x: isinstance(x, nnx.Variable))]
+  grads = sum(trained) * (2 if param_dtype == 'bfloat16' else 4) / (fsdp * tensor)
   gib = 2 ** 30
   # Activations depend on XLA's fusion and remat decisions: the compiled
   # figure ('aot', when the devices are present) is the one to trust.
   return {
       'benchmark': 'lm training memory per device',
       'devices': devices, 'mesh': {'data': data, 'fsdp': fsdp, 'tensor': tensor},
-      'params': int(total_params),
+      'params': int(total_params), 'trained_params': int(sum(trained)),
+      'lora': _lora_summary(config),
       'state_gib': per_device / gib, 'grads_gib': grads / gib,
   }
 
 
-def compile_train_step(config) -> dict:
+def _lora_summary(config) -> dict | str:
+  if not lora.enabled(config):
+    return 'off (full fine-tuning)'
+  lo = config.lora
+  return {'rank': int(lo.rank), 'targets': list(lo.targets), 'base': lo.base,
+          **({'int4_group': int(lo.int4_group)} if lo.base == 'int4' else {})}
+
+
+# init.workdir of a LoRA config compiled by the bench: setup() requires a base
+# run, and a compile-only bench reads nothing from it.
+_NO_BASE = '(bench lm-memory: compile only, no base loaded)'
+
+
+def _abstract_state(s, param_dtype: str | None):
+  """The train state as shape structs with their shardings; `param_dtype`
+  bfloat16 stores every float32 leaf (weights and AdamW moments) in bfloat16,
+  as a pure-bfloat16 run would."""
+  cast = jnp.dtype(param_dtype) if param_dtype else None
+
+  def one(v, sh):
+    x = v.get_value()
+    dtype = cast if cast is not None and x.dtype == jnp.float32 else x.dtype
+    return v.replace(jax.ShapeDtypeStruct(
+        x.shape, dtype, sharding=sh.get_value() if isinstance(sh, nnx.Variable)
+        else sh))
+  return jax.tree.map(one, s.abstract_state, s.state_shardings,
+                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def compile_train_step(config, param_dtype: str | None = None) -> dict:
   """Lowers and compiles the train step for `config.mesh` on the devices
   present (no arrays are allocated: abstract inputs with their shardings).
   On CPU, `jax_num_cpu_devices` makes a topology of any size, so a TPU pod or
   GPU node layout is checked here: the sharding rules compose, the SPMD
-  partitioner accepts the program, and XLA reports the memory per device."""
+  partitioner accepts the program, and XLA reports the memory per device:
+  arguments (the state: weights + optimizer moments, and the batch),
+  temporaries (activations, gradients, gathered weights) and outputs (the new
+  state, donated: aliased to the arguments)."""
   t0 = time.perf_counter()
+  if lora.enabled(config) and not config.init.workdir:
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.init.workdir = _NO_BASE
   s = trainer.setup(config)
   step = trainer.make_train_step(s)
   spec = s.task.batch_spec(config.data.batch_size)
-  state = jax.tree.map(
-      lambda v, sh: v.replace(jax.ShapeDtypeStruct(
-          v.get_value().shape, v.get_value().dtype, sharding=sh.get_value()
-          if isinstance(sh, nnx.Variable) else sh)),
-      s.abstract_state, s.state_shardings,
-      is_leaf=lambda x: isinstance(x, nnx.Variable))
+  state = _abstract_state(s, param_dtype)
   batch = {k: jax.ShapeDtypeStruct(sp.shape, sp.dtype, sharding=s.batch_shardings[k])
            for k, sp in spec.items()}
   with jax.set_mesh(s.mesh), rules.use_rules(s.rules):
@@ -328,25 +375,36 @@ def compile_train_step(config) -> dict:
   mem = compiled.memory_analysis()
   gib = 2 ** 30
   out = {'lower_seconds': t_lower, 'compile_seconds': time.perf_counter() - t0,
-         'devices': jax.device_count(), 'mesh': dict(s.mesh.shape)}
+         'devices': jax.device_count(), 'mesh': dict(s.mesh.shape),
+         'param_dtype': param_dtype or 'float32',
+         'batch': f'{config.data.batch_size} x {layout.seq_len(config)} slots '
+                  f'({config.data.max_frames} frames)'}
   if mem is not None:
-    out.update(compiled_argument_gib=mem.argument_size_in_bytes / gib,
-               compiled_temp_gib=mem.temp_size_in_bytes / gib)
+    sizes = {'argument': mem.argument_size_in_bytes,
+             'output': mem.output_size_in_bytes,
+             'alias': mem.alias_size_in_bytes,
+             'temp': mem.temp_size_in_bytes}
+    out.update({f'compiled_{k}_bytes': int(v) for k, v in sizes.items()})
+    out.update(compiled_argument_gib=sizes['argument'] / gib,
+               compiled_temp_gib=sizes['temp'] / gib)
+    # The donated state's outputs reuse its arguments' buffers.
+    out['compiled_total_bytes'] = int(sizes['argument'] + sizes['temp'] +
+                                      sizes['output'] - sizes['alias'])
   return out
 
 
 def run(what: str, config, repeats: int = 3, devices: int = 0,
-        frames=None) -> dict:
+        frames=None, param_dtype: str | None = None) -> dict:
   if what == 'lm-decode':
     return decode(config, repeats=repeats, frames=frames or DECODE_FRAMES)
   if what == 'lm-train':
     return train(config, repeats=repeats)
   if what == 'lm-memory':
-    out = memory(config, devices)
+    out = memory(config, devices, param_dtype)
     if jax.device_count() == devices:
-      out['aot'] = compile_train_step(config)
-      out['aot']['total_gib'] = (out['aot'].get('compiled_argument_gib', 0) +
-                                 out['aot'].get('compiled_temp_gib', 0))
+      out['aot'] = compile_train_step(config, param_dtype)
+      if 'compiled_total_bytes' in out['aot']:
+        out['aot']['total_gib'] = out['aot']['compiled_total_bytes'] / 2 ** 30
     else:
       out['aot'] = (f'skipped: {jax.device_count()} devices present, the '
                     f'layout needs {devices}')

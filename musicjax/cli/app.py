@@ -22,7 +22,7 @@ from musicjax.cli import tokenizer
 from musicjax.cli import train
 from musicjax.errors import UserError
 
-_EPILOG = """examples:
+_EPILOG = r"""examples:
   musicjax train --config configs/codec/tiny.py --workdir runs/tiny
   musicjax train --config configs/codec/tiny.py --workdir runs/tiny --config.train.steps=2000
   musicjax eval --workdir runs/tiny
@@ -48,6 +48,9 @@ _EPILOG = """examples:
       --frames 750,3000 --steps 12,36
   musicjax export --workdir runs/lm --out exports/lm [--dtype bfloat16]
   musicjax import-torch --from exports/lm_finetuned --workdir runs/lm_ft
+  musicjax train --config configs/lm/tiny.py --workdir runs/lora \
+      --config.init.workdir=runs/lm --config.lora.rank=16 --config.lora.base=int8
+  musicjax merge-lora --workdir runs/lora --out runs/lm_lora_merged
   musicjax import-heartmula --from heartlib_ckpt --workdir runs/heartmula
 
 --config takes a file path or the name of a shipped config (lm/tiny, codec/tiny,

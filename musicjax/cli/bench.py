@@ -16,7 +16,10 @@ RELEASED = {'heartmula-memory': 'lm/heartmula_oss_3b',
             'heartcodec-decode': 'codec/heartcodec_bench'}
 # Small training runs on synthetic data: no --config.
 EXPERIMENTS = ('accomp-weighting', 'accomp-context')
-BENCHES = WITH_CONFIG + tuple(RELEASED) + EXPERIMENTS + ('decode-attention',)
+# Benchmarks of a trained run: --workdir.
+WITH_RUN = ('lm-quant',)
+BENCHES = (WITH_CONFIG + tuple(RELEASED) + EXPERIMENTS + WITH_RUN
+           + ('decode-attention',))
 # heartmula-memory's codec when --codec-config is not given.
 DEFAULT_CODEC_CONFIG = 'codec/heartcodec_oss'
 # Train steps per run of the accomp experiments when --steps is not given.
@@ -31,7 +34,11 @@ def register(sub) -> dict:
                  'the released LM + HeartCodec (nothing allocated); '
                  'heartcodec-decode: HeartCodec detokenize speed; '
                  f'{", ".join(EXPERIMENTS)}: small training runs on '
-                 'synthetic data; decode-attention: the decode kernel')
+                 'synthetic data; lm-quant: int8/int4 inference of a '
+                 'trained --workdir beside its float weights; '
+                 'decode-attention: the decode kernel')
+  b.add_argument('--workdir', default=None,
+                 help='lm-quant: a trained LM run')
   b.add_argument('--config', metavar='PATH',
                  help='config file (configs/...) or shipped config name '
                  '(lm/tiny), needed by ' + ', '.join(WITH_CONFIG) + '; '
@@ -63,7 +70,8 @@ def register(sub) -> dict:
                  f'{DEFAULT_CODEC_CONFIG}); its estimator runs in bfloat16')
   b.add_argument('--param-dtype', choices=['bfloat16', 'float32'], default=None,
                  help='heartmula-memory: dtype of both models\' parameters '
-                 '(default bfloat16)')
+                 '(default bfloat16); lm-memory: dtype of the train state\'s '
+                 'float weights and AdamW moments (default float32)')
   # Defaults live in bench.kernels.Options: flags not given stay unset.
   da = b.add_argument_group('decode-attention (no --config)',
                             argument_default=argparse.SUPPRESS)
@@ -109,6 +117,12 @@ def run(args, overrides: list[str]) -> int:
     result = _released(args, overrides)
   elif args.what == 'decode-attention':
     result = _decode_attention(args)
+  elif args.what in WITH_RUN:
+    if not args.workdir:
+      raise UserError(f'bench {args.what} needs --workdir (a trained LM run)')
+    from musicjax.bench import quant
+    result = quant.run(args.workdir, repeats=args.repeats,
+                       **({'frames': args.frames[0]} if args.frames else {}))
   else:
     result = _with_config(args, overrides)
   print(json.dumps(result))
@@ -118,10 +132,11 @@ def run(args, overrides: list[str]) -> int:
 def _check_flags(args) -> None:
   """Flags that mean something to some benches only."""
   for flag, value, takers in (
-      ('--frames', args.frames, ('accomp', 'lm-decode')),
+      ('--frames', args.frames, ('accomp', 'lm-decode', 'lm-quant')),
+      ('--workdir', args.workdir, WITH_RUN),
       ('--steps', args.steps, ('accomp',) + EXPERIMENTS),
       ('--codec-config', args.codec_config, ('heartmula-memory',)),
-      ('--param-dtype', args.param_dtype, ('heartmula-memory',))):
+      ('--param-dtype', args.param_dtype, ('heartmula-memory', 'lm-memory'))):
     if value is not None and args.what not in takers:
       raise UserError(f'bench {args.what} takes no {flag} (it applies to '
                       f'bench {"/".join(takers)}); leave it out')
@@ -181,4 +196,4 @@ def _with_config(args, overrides: list[str]) -> dict:
                       steps=args.steps)
   from musicjax.bench import lm
   return lm.run(args.what, config, repeats=args.repeats, devices=args.devices,
-                frames=args.frames)
+                frames=args.frames, param_dtype=args.param_dtype)

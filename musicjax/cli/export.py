@@ -1,4 +1,5 @@
-"""`musicjax export` / `import-torch`: a run <-> safetensors for PyTorch."""
+"""`musicjax export` / `import-torch`: a run <-> safetensors for PyTorch;
+`merge-lora`: a LoRA run -> a plain run."""
 from __future__ import annotations
 
 import json
@@ -27,7 +28,16 @@ def register(sub) -> dict:
                   'musicjax_torch.save_pretrained')
   it.add_argument('--workdir', required=True, help='new run directory')
   flags.add_config(it, required=False)
-  return {'export': export, 'import-torch': import_torch}
+  me = sub.add_parser('merge-lora', help='a LoRA run\'s adapters folded into '
+                      'its base -> a plain run in a new OUT (for export, '
+                      'DPO, a next stage)')
+  me.add_argument('--workdir', required=True, help='a LoRA run '
+                  '(config.lora.rank > 0)')
+  me.add_argument('--out', required=True, metavar='RUN', help='new run directory')
+  me.add_argument('--step', type=int, default=None,
+                  help='checkpoint step (default: the latest)')
+  return {'export': export, 'import-torch': import_torch,
+          'merge-lora': merge_lora}
 
 
 def export(args, overrides: list[str]) -> int:
@@ -48,4 +58,13 @@ def import_torch(args, overrides: list[str]) -> int:
   config = configs.load_config(args, overrides) if args.config else None
   print(json.dumps(import_lib.import_export(args.from_dir, args.workdir,
                                             config)))
+  return 0
+
+
+def merge_lora(args, overrides: list[str]) -> int:
+  del overrides
+  from musicjax.parallel import distributed
+  distributed.maybe_initialize()
+  from musicjax.train import merge_adapters
+  print(json.dumps(merge_adapters.merge_run(args.workdir, args.out, args.step)))
   return 0

@@ -27,6 +27,7 @@ from musicjax.export import files
 from musicjax.export import mapping
 from musicjax.lm import layout
 from musicjax.lm import model as lm_model
+from musicjax.nn import lora
 from musicjax.train import runs
 
 FORMAT = 'musicjax-export'
@@ -212,7 +213,15 @@ def export_workdir(config: ml_collections.ConfigDict, workdir: str, out_dir: str
   """Exports the latest (or `step`) checkpoint of a run."""
   check_out_dir(out_dir)
   family(config)  # fail before restoring anything
-  run = runs.load_run(workdir, step, config=config)
+  if lora.enabled(config):
+    # A LoRA run exports as its merged weights (musicjax merge-lora).
+    from musicjax.train import merge_adapters
+    config, s, state, step = merge_adapters.merged(workdir, step,
+                                                   verb='export')
+    run = runs.Run(workdir, config, s.task, s.mesh, s.rules,
+                   nnx.merge(s.graphdef, state), step)
+  else:
+    run = runs.load_run(workdir, step, config=config)
   with run.activate():
     return export_model(run.model, config, out_dir, dtype=dtype, step=run.step,
                         max_shard_bytes=max_shard_bytes)

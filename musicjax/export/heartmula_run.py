@@ -63,7 +63,7 @@ def open_song(workdir: str, config: ml_collections.ConfigDict | None = None,
              f'--codec-workdir {codec_folder}: no such directory')
     raise UserError(f'{where}: pass --codec-workdir with the released '
                     'HeartCodec-oss folder')
-  run = runs.load_run(workdir, step, config=config, expect=('lm', 'lm_dpo'),
-                      verb='generate')
+  run = runs.serving(runs.load_run(workdir, step, config=config,
+                                   expect=('lm', 'lm_dpo'), verb='generate'))
   return heartmula_song.ReleasedSong(run, tokenizer, gen_config,
                                      heartcodec.load(folder), folder)

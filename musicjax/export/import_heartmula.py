@@ -119,6 +119,10 @@ def import_folder(from_dir: str, workdir: str, config: str | None = None,
   """
   folders = find(from_dir)
   c = run_config(folders.model, config, overrides)
+  if not c.data.tokenizer and 'tokenizer.json' in folders.extras:
+    # Fine-tuning on token data builds the released prompt with this copy.
+    c.data.tokenizer = os.path.join(os.path.abspath(workdir), RELEASED,
+                                    'tokenizer.json')
   with new_run.atomic_workdir(workdir) as tmp:
     streamed.write_run(tmp, c, lambda state, place: heartmula.read_arrays(
         folders.model, c, state, place))

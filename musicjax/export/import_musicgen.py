@@ -1,5 +1,6 @@
 """`musicjax import-musicgen`: a released MusicGen folder (transformers'
-`MusicgenForConditionalGeneration`, e.g. a download of facebook/musicgen-small)
+`MusicgenForConditionalGeneration`, e.g. a download of facebook/musicgen-small,
+or `MusicgenMelodyForConditionalGeneration`, facebook/musicgen-melody)
 -> a musicjax LM run (config.json + an Orbax checkpoint at step 0) that
 `generate`, `train` (fine-tuning), `eval` and `export` use.
 
@@ -12,7 +13,10 @@ codec run of its own at RUN/codec (released/encodec.py), which `generate`
 decodes with and `encode` / `decode` / `train` take like any codec run.
 config.json, generation_config.json and the tokenizer files are kept in
 RUN/released/ (for `generate --text` and `export-musicgen`), beside
-musicgen.json, which records the folder. All of it is written atomically.
+musicgen.json, which records the folder. A MusicGen-Melody folder's
+preprocessor_config.json (its chroma settings, which `generate --melody`
+reads) is checked against config.json's num_chroma. All of it is written
+atomically.
 """
 from __future__ import annotations
 
@@ -25,11 +29,13 @@ import jax
 import ml_collections
 
 from musicjax import config as config_lib
+from musicjax.errors import UserError
 from musicjax.export import import_codec
 from musicjax.export import streamed
 from musicjax.export.released import encodec
 from musicjax.export.released import musicgen
 from musicjax.export.released import reader as reader_lib
+from musicjax.lm import musicgen_chroma
 from musicjax.train import new_run
 
 RELEASED = 'released'           # the run's folder of released files
@@ -83,6 +89,7 @@ def import_folder(from_dir: str, workdir: str,
                                     TOKENIZER)
   codec_c, theirs = codec_config(d, os.path.join(from_dir, musicgen.M.CONFIG),
                                  c)
+  check_chroma(from_dir, c)
   reader = musicgen.reader(from_dir)
   codec_reader = encodec.Renamed(reader_lib.Prefixed(reader,
                                                      musicgen.CODEC_PREFIX))
@@ -111,6 +118,22 @@ def import_folder(from_dir: str, workdir: str,
   return {'workdir': workdir, 'from': from_dir, 'step': 0,
           'codec': os.path.join(workdir, CODEC), 'kept': kept,
           'sample_rate': int(codec_c.data.sample_rate)}
+
+
+def check_chroma(folder: str, c: ml_collections.ConfigDict) -> None:
+  """A MusicGen-Melody folder's preprocessor_config.json (if any) gives the
+  chroma classes its config.json's num_chroma says."""
+  if c.model.get('conditioning', 'cross') != 'prefix':
+    return
+  path = os.path.join(folder, musicgen_chroma.PREPROCESSOR)
+  try:
+    s = musicgen_chroma.ChromaSettings.from_file(path)
+  except UserError as err:   # naming the file and the key
+    raise musicgen.MusicGenWeightsError(str(err)) from None
+  if s.num_chroma != int(c.model.chroma_bins):
+    raise musicgen.MusicGenWeightsError(
+        f'{path}: num_chroma is {s.num_chroma}, but config.json\'s '
+        f'num_chroma is {c.model.chroma_bins}')
 
 
 def codec_config(d: dict, path: str, lm: ml_collections.ConfigDict

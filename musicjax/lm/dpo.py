@@ -39,6 +39,7 @@ from musicjax.config import ConfigError
 from musicjax.lm import dpo_pairs as pairs_lib
 from musicjax.lm import model as model_lib
 from musicjax.lm import task as task_lib
+from musicjax.nn import lora
 from musicjax.train import accumulate
 from musicjax.train.task import ArraySpec
 
@@ -101,15 +102,19 @@ def freeze(module: nnx.Module) -> nnx.Module:
 
 
 class DPOState(nnx.Module):
-  """Policy (trained), frozen reference, optimizer and step counter."""
+  """Policy (trained), frozen reference, optimizer and step counter. With
+  LoRA (config.lora) there is no reference copy: the reference is the
+  policy with its adapters at zero, i.e. the base it starts from."""
 
   def __init__(self, config: ConfigDict, rngs: nnx.Rngs):
     self.model = model_lib.AudioLM(config.model, rngs)
-    # Overwritten by warm_start; a separate init keeps every buffer distinct.
-    self.ref = freeze(model_lib.AudioLM(config.model, rngs))
+    if lora.enabled(config):
+      lora.apply(self.model, config, rngs)
+    else:
+      # Overwritten by warm_start; a separate init keeps every buffer distinct.
+      self.ref = freeze(model_lib.AudioLM(config.model, rngs))
     self.opt = nnx.Optimizer(self.model, task_lib.make_optimizer(
-        config.optim, config.train.steps),
-        wrt=model_lib.trainable(config.model))
+        config.optim, config.train.steps), wrt=task_lib.trainable(config))
     self.step = task_lib.StepCounter(jnp.zeros((), jnp.int32))
 
 
@@ -223,13 +228,20 @@ class DPOTask(task_lib.LMTask):
     # Candidates are cut to max_frames frames (dpo_pairs.PairExample).
     return pair_log_probs(model, batch, self.config.data.max_frames)
 
+  def _reference_model(self, state: DPOState) -> model_lib.AudioLM:
+    if not lora.enabled(self.config):
+      return state.ref
+    gdef, adapters, rest = nnx.split(state.model, nnx.LoRAParam, ...)
+    return nnx.merge(gdef, jax.tree.map(jnp.zeros_like, adapters), rest)
+
   def _reference(self, state: DPOState, batch) -> PairLogps:
-    return jax.lax.stop_gradient(self._log_probs(state.ref, batch))
+    return jax.lax.stop_gradient(
+        self._log_probs(self._reference_model(state), batch))
 
   def train_step(self, state: DPOState, batch, rng):
     del rng  # pairs carry no randomness
     gdef, params, rest = nnx.split(
-        state.model, model_lib.trainable(self.config.model), ...)
+        state.model, task_lib.trainable(self.config), ...)
     beta = self.config.dpo.beta
     n = int(self.config.train.grad_accum)
     if n == 1:
@@ -241,7 +253,7 @@ class DPOTask(task_lib.LMTask):
 
       (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     else:
-      rdef, rstate = nnx.split(state.ref)
+      rdef, rstate = nnx.split(self._reference_model(state))
 
       def sums(p, mb):   # the reference runs per micro-batch too
         pol = self._log_probs(nnx.merge(gdef, p, rest), mb)
@@ -279,7 +291,8 @@ class DPOTask(task_lib.LMTask):
   def warm_start(self, state: nnx.State, shardings: Any) -> nnx.State:
     """Policy and reference <- the LM weights of `init.workdir`."""
     state = super().warm_start(state, shardings)
-    copy_policy_to_reference(state)
+    if not lora.enabled(self.config):
+      copy_policy_to_reference(state)
     return jax.device_put(state, shardings)
 
   def pair_source(self):
@@ -303,9 +316,12 @@ def init_source(config: ConfigDict) -> tuple[str, str]:
   new, old = config.init.workdir, config.dpo.init_workdir
   if new and old and os.path.abspath(os.path.expanduser(new)) != os.path.abspath(
       os.path.expanduser(old)):
+    # The older name is often set by the config file (configs/lm/dpo_tiny.py)
+    # and the new one on the command line: say how to clear the file's.
     raise ConfigError(f'config.init.workdir={new!r} and its older name '
                       f'config.dpo.init_workdir={old!r} differ: set only '
-                      'config.init.workdir')
+                      "config.init.workdir (add --config.dpo.init_workdir='' "
+                      'if the config file sets the older name)')
   if new:
     return new, 'config.init.workdir'
   if old:

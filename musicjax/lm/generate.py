@@ -270,7 +270,9 @@ def generate(model, prompt: dict, *, rng: jax.Array, sampling: Sampling,
       Optional 'uncond' [B]: the rows that read the model's unconditional
       embedding (config.model.uncond_embedding; HeartMuLa's CFG rows).
       With a text encoder (single_stream, MusicGen): 'context_tokens' [B, T]
-      and 'context_valid' [B, T], guidance's unconditional rows all invalid.
+      and 'context_valid' [B, T], guidance's unconditional rows all invalid;
+      with model conditioning 'prefix' (MusicGen-Melody), optionally 'chroma'
+      [B, F, chroma_bins] (guidance's unconditional rows: the null melody).
     rng: PRNG key.
     sampling: static sampling settings.
     num_cond: rows that are returned (B, or B/2 with CFG).
@@ -458,7 +460,6 @@ def _generate_stream(model, prompt, *, rng, sampling, num_cond, melody,
   end = layout.end_id(v) if model.end_token else None
   pat = patterns.make_pattern(model.pattern, k, nf + (end is not None))
   steps = pat.num_steps
-  total = p + steps
   special = model.empty_id
   # Frames complete after steps 0..s (a static table indexed on device).
   complete = jnp.asarray([patterns.frames_for_steps(model.pattern, k, s + 1)
@@ -472,22 +473,31 @@ def _generate_stream(model, prompt, *, rng, sampling, num_cond, melody,
                          jnp.int32)
   ref = model.reference_embedding(ref_codes) if ref_codes is not None else None
   dv = _decode_view(model, sampling)
-  ctx = None
-  if 'context_tokens' in prompt:
-    ctx = model.context(prompt['context_tokens'], prompt['context_valid'])
-    ctx = model.backbone.cross_context(ctx)   # once, not every step
-
-  cache, key_valid = _prefill_cache(model, dv, b, total, prompt['valid'])
   x = model.embed(prompt['text'], prompt['audio'],
                   _with_first_melody(prompt['melody'], melody), ref, ref_valid)
-  h, cache = model.backbone(x, prompt['positions'],
+  positions, valid = prompt['positions'], prompt['valid']
+  ctx = None
+  if 'context_tokens' in prompt:
+    if model.conditioning == 'prefix':
+      # MusicGen-Melody: chroma and text states first; the cache holds them.
+      pre = model.prefix(prompt['context_tokens'], prompt['context_valid'],
+                         prompt.get('chroma'))
+      x, positions, valid = model_lib.join_prefix(pre, x, positions, valid)
+      p = x.shape[1]
+    else:
+      ctx = model.context(prompt['context_tokens'], prompt['context_valid'])
+      ctx = model.backbone.cross_context(ctx)   # once, not every step
+  total = p + steps
+
+  cache, key_valid = _prefill_cache(model, dv, b, total, valid)
+  h, cache = model.backbone(x, positions,
                             transformer.cache_mask(key_valid, 0, p), cache, 0,
                             ctx)
   dv = _decode_view(model, sampling, after=h)   # as in generate()
   cache = dv.loop_cache(cache)
   rows = jnp.arange(b)
   state = dict(cache=cache, key_valid=key_valid, h=h[:, -1],
-               rope=jnp.sum(prompt['valid'], axis=1).astype(jnp.int32),
+               rope=jnp.sum(valid, axis=1).astype(jnp.int32),
                grid=jnp.zeros((b, pat.num_frames, k), jnp.int32),
                end_frame=jnp.full((b,), nf, jnp.int32),
                done=jnp.zeros((b,), bool), step=jnp.int32(0))

@@ -119,6 +119,47 @@ def text_ids(tokenizer, text: str, gen: GenConfig, tags: bool) -> list[int]:
   return ids
 
 
+def _cut(ids: list[int], n: int, eos: int) -> list[int]:
+  """At most `n` ids, the last (EOS) kept."""
+  return ids if len(ids) <= n else ids[:max(n - 1, 0)] + [eos][:n]
+
+
+class ReleasedText:
+  """Training windows' condition text in the released prompt format (`build`):
+  tags, the reference slot, lyrics; the interface of
+  conditions.ConditionText.prefix, for an LM with the released text layout
+  (config.model.text_extra_tokens False: no null or marker tokens). A
+  dropped field is its empty text ('<tag></tag>', or no lyrics) between BOS
+  and EOS, as heartlib's pipeline makes it from empty tags or lyrics."""
+
+  def __init__(self, tokenizer_path: str, m: ml_collections.ConfigDict):
+    self.gen_path = os.path.join(os.path.dirname(tokenizer_path),
+                                 'gen_config.json')
+    self.gen = read_gen_config(self.gen_path)
+    check(m, self.gen, self.gen_path)
+    self.tok = load_tokenizer(tokenizer_path)
+    size = self.tok.get_vocab_size(with_added_tokens=True)
+    if size > m.text_vocab_size:
+      raise HeartMuLaFolderError(
+          f'{tokenizer_path} has {size} ids, more than '
+          f'config.model.text_vocab_size={m.text_vocab_size}: a tokenizer of '
+          'another model?')
+    self.ref = model_lib.ref_slot_id(m)
+
+  def prefix(self, tags_text: str | None, lyrics_text: str | None,
+             has_ref: bool, budget: int) -> list[int]:
+    """tags, the reference slot (always there, as released; it carries a
+    reference only where the batch gives one), lyrics: `budget` ids at most,
+    each field's EOS kept."""
+    del has_ref
+    eos = self.gen.text_eos_id
+    tags = text_ids(self.tok, tags_text or '', self.gen, True)
+    lyrics = text_ids(self.tok, lyrics_text or '', self.gen, False)
+    # Over budget, the tags keep at least half of it, the lyrics the rest.
+    tags = _cut(tags, max(budget - 1 - len(lyrics), budget // 2), eos)
+    return tags + [self.ref] + _cut(lyrics, budget - len(tags) - 1, eos)
+
+
 def build(m: ml_collections.ConfigDict, tag_ids: list[int],
           lyric_ids: list[int], cfg: bool,
           ref_embed: np.ndarray | None = None) -> dict[str, np.ndarray]:

@@ -27,6 +27,10 @@ no text slots (text_vocab_size 0) but cross-attention to a T5 encoder's
 states (`text_encoder`, projected by a biased linear), tables of codes plus
 one pad row that is also the empty slot and the start, and heads over the
 codes only (`end_token` False: a song runs to its requested length).
+MusicGen-Melody is the same model with `conditioning` 'prefix': no
+cross-attention; the chroma of a melody (a biased linear of its one-hot
+classes, tiled to `chroma_length` frames) and the projected T5 states come
+before the audio slots as one prefix of the decoder's input (`prefix`).
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ from musicjax.config import ConfigError
 from musicjax.kernels import decode_attention as kernel_lib
 from musicjax.kernels import dispatch
 from musicjax.lm import layout
+from musicjax.nn import lora
 from musicjax.nn import t5
 from musicjax.nn import transformer
 from musicjax.parallel import rules
@@ -49,6 +54,7 @@ from musicjax.parallel import rules
 VARIANTS = ('global_local', 'single_stream')
 REFERENCES = ('pooled', 'linear', 'none')
 TEXT_ENCODERS = ('', 't5')
+CONDITIONINGS = ('cross', 'prefix')
 
 
 def audio_rows(c: ml_collections.ConfigDict) -> int:
@@ -127,8 +133,30 @@ def check_config(c: ml_collections.ConfigDict) -> None:
   if c.text_encoder not in TEXT_ENCODERS:
     raise ConfigError(f'config.model.text_encoder must be one of '
                       f'{TEXT_ENCODERS}, got {c.text_encoder!r}')
+  conditioning = c.get('conditioning', 'cross')
+  if conditioning not in CONDITIONINGS:
+    raise ConfigError(f'config.model.conditioning must be one of '
+                      f'{CONDITIONINGS}, got {conditioning!r}')
   cross = bool(c.backbone.get('cross_attention', False))
-  if bool(c.text_encoder) != cross:
+  if conditioning == 'prefix':
+    if not c.text_encoder or cross:
+      raise ConfigError(
+          "config.model.conditioning='prefix' (MusicGen-Melody) needs "
+          "config.model.text_encoder='t5' and "
+          'config.model.backbone.cross_attention=False: the text states '
+          'enter as a prefix of the sequence')
+    for key in ('chroma_bins', 'chroma_length'):
+      if int(c[key]) < 1:
+        raise ConfigError(f"config.model.{key} must be >= 1 with conditioning="
+                          f"'prefix', got {c[key]}")
+    if not isinstance(c.chroma_proj, bool):
+      raise ConfigError(f'config.model.chroma_proj must be True or False, got '
+                        f'{c.chroma_proj!r}')
+    if not c.chroma_proj and int(c.chroma_bins) != int(c.backbone.dim):
+      raise ConfigError(
+          f'config.model.chroma_proj=False needs config.model.chroma_bins '
+          f'({c.chroma_bins}) == config.model.backbone.dim ({c.backbone.dim})')
+  elif bool(c.text_encoder) != cross:
     raise ConfigError(
         f'config.model.text_encoder={c.text_encoder!r} needs '
         f'config.model.backbone.cross_attention={not cross}: the encoder\'s '
@@ -166,6 +194,10 @@ def _lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
 
 class AudioLM(nnx.Module):
   """Both variants; `config.variant` picks the heads and the local transformer."""
+  # Weights that take LoRA adapters besides the stacks' (nn/lora.py): the
+  # output heads (one per codebook: a batch dim) and the local projection.
+  ADAPTABLE = {'head0': (0, 1), 'heads': (1, 1), 'local_heads': (1, 1),
+               'local_proj': (0, 1)}
 
   def __init__(self, c: ml_collections.ConfigDict, rngs: nnx.Rngs):
     self.variant = c.variant
@@ -178,6 +210,7 @@ class AudioLM(nnx.Module):
     self.melody = bool(c.melody)
     self.empty_id = empty_id(c) if self.variant == 'single_stream' else -1
     self.end_token = bool(c.end_token)
+    self.conditioning = c.get('conditioning', 'cross')
     e = int(c.backbone.dim)
     std = float(c.embed_init_std)
     self.audio_embed = _normal(rngs, (k, audio_rows(c), e), std,
@@ -192,6 +225,13 @@ class AudioLM(nnx.Module):
         self.context_proj = _normal(rngs, (te, e), te ** -0.5, (None, 'embed'))
         self.context_bias = nnx.Param(jnp.zeros((e,), jnp.float32),
                                       out_sharding=('embed',))
+    if self.conditioning == 'prefix':
+      self.chroma_bins = cb = int(c.chroma_bins)
+      self.chroma_length = int(c.chroma_length)
+      if c.chroma_proj:
+        self.chroma_proj = _normal(rngs, (cb, e), cb ** -0.5, (None, 'embed'))
+        self.chroma_bias = nnx.Param(jnp.zeros((e,), jnp.float32),
+                                     out_sharding=('embed',))
     if self.melody:
       self.melody_embed = _normal(rngs, (layout.MELODY_VOCAB, e), std,
                                   (None, 'embed'))
@@ -273,30 +313,61 @@ class AudioLM(nnx.Module):
         x = x + jnp.where(use[..., None], ref[:, None, :], 0.0)
     return rules.shard_activation(x, ('batch', 'time', 'embed'))
 
-  def context(self, tokens: jax.Array, valid: jax.Array
-              ) -> transformer.Context | None:
-    """What the backbone's cross-attention reads: the text encoder's states of
-    `tokens` [B, T] (valid [B, T]), projected to the backbone width and zero
-    on invalid slots. Guidance's unconditional rows are rows with no valid
-    slot: their cross-attention then adds nothing (MusicGen's null text)."""
-    if not hasattr(self, 'text_encoder'):
-      return None
+  def text_states(self, tokens: jax.Array, valid: jax.Array) -> jax.Array:
+    """The text encoder's states of `tokens` [B, T] (valid [B, T]),
+    projected to the backbone width and zero on invalid slots [B, T, E]."""
     h = self.text_encoder(tokens, valid)
     if hasattr(self, 'context_proj'):
       w = rules.shard_activation(self.context_proj[...], (None, None))
       h = h @ w + self.context_bias[...]
-    h = h * valid[..., None].astype(h.dtype)
-    return transformer.Context(h, valid.astype(bool))
+    return h * valid[..., None].astype(h.dtype)
+
+  def context(self, tokens: jax.Array, valid: jax.Array
+              ) -> transformer.Context | None:
+    """What the backbone's cross-attention reads: `text_states`, with the
+    valid slots as keys (None without cross-attention). Guidance's
+    unconditional rows are rows with no valid slot: their cross-attention
+    then adds nothing (MusicGen's null text)."""
+    if not hasattr(self, 'text_encoder') or self.conditioning != 'cross':
+      return None
+    return transformer.Context(self.text_states(tokens, valid),
+                               valid.astype(bool))
+
+  def null_chroma(self, batch: int, frames: int = 1) -> jax.Array:
+    """MusicGen-Melody's 'no melody' [B, frames, chroma_bins]: chroma class
+    0 in every frame (what transformers feeds without a melody, and in
+    guidance's unconditional rows)."""
+    return jnp.broadcast_to(jax.nn.one_hot(0, self.chroma_bins, dtype=jnp.float32),
+                            (batch, frames, self.chroma_bins))
+
+  def prefix(self, tokens: jax.Array, valid: jax.Array,
+             chroma: jax.Array | None = None) -> jax.Array:
+    """conditioning 'prefix': the slots before the audio [B, P, E], P =
+    chroma_length + T: the chroma states of `chroma` [B, F, chroma_bins]
+    (None: the null melody), projected, then repeated and cut to
+    chroma_length frames, followed by `text_states`. Every prefix slot is a
+    key (text slots that are not valid are zero vectors, as in
+    transformers' MusicgenMelody)."""
+    if chroma is None:
+      chroma = self.null_chroma(tokens.shape[0])
+    x = chroma.astype(jnp.float32)
+    if hasattr(self, 'chroma_proj'):
+      w = rules.shard_activation(self.chroma_proj[...], (None, None))
+      x = x @ w + self.chroma_bias[...]
+    reps = -(-self.chroma_length // x.shape[1])
+    x = jnp.tile(x, (1, reps, 1))[:, :self.chroma_length]
+    text = self.text_states(tokens, valid)
+    return jnp.concatenate([x, text.astype(x.dtype)], axis=1)
 
   # ---------------------------------------------------------------- global
   def global_logits(self, h: jax.Array) -> jax.Array:
     """Global hidden [..., E] -> codebook-0 (+END) logits [..., V+1]."""
-    w = rules.shard_activation(self.head0[...], (None, 'vocab'))
+    w = rules.shard_activation(lora.read(self, 'head0'), (None, 'vocab'))
     return (h @ w.astype(h.dtype)).astype(jnp.float32)
 
   def stream_logits(self, h: jax.Array) -> jax.Array:
     """single_stream: hidden [..., E] -> logits of every codebook [..., K, V+1]."""
-    w = rules.shard_activation(self.heads[...], (None, None, 'vocab'))
+    w = rules.shard_activation(lora.read(self, 'heads'), (None, None, 'vocab'))
     return jnp.einsum('...e,kev->...kv', h, w.astype(h.dtype)).astype(jnp.float32)
 
   # ----------------------------------------------------------------- local
@@ -307,28 +378,28 @@ class AudioLM(nnx.Module):
     for i in range(self.num_codebooks - 1):
       parts.append(_lookup(table[i], next_codes[..., i])[..., None, :])
     x = jnp.concatenate(parts, axis=-2)
-    w = rules.shard_activation(self.local_proj[...], (None, None))
+    w = rules.shard_activation(lora.read(self, 'local_proj'), (None, None))
     return x @ w.astype(x.dtype)
 
   def local_in_hidden(self, h: jax.Array) -> jax.Array:
     """Local position 0: the global hidden state, at the local width."""
-    return h @ self.local_proj[...].astype(h.dtype)
+    return h @ lora.read(self, 'local_proj').astype(h.dtype)
 
   def local_in_code(self, i: int, code: jax.Array) -> jax.Array:
     """Local position i + 1: codebook i's embedding, at the local width."""
     e = _lookup(self.audio_embed[...][i], code)
-    return e @ self.local_proj[...].astype(e.dtype)
+    return e @ lora.read(self, 'local_proj').astype(e.dtype)
 
   def local_logits_kmajor(self, out: jax.Array) -> jax.Array:
     """out [B, F, K-1, El] (local positions 1..K-1) -> logits [K-1, B, F, V]."""
-    w = self.local_heads[...].astype(out.dtype)
+    w = lora.read(self, 'local_heads').astype(out.dtype)
     o = jnp.moveaxis(out, 2, 0)
     return jnp.einsum('kbfe,kev->kbfv', o, w).astype(jnp.float32)
 
   def local_logits(self, out: jax.Array, k: int | None = None) -> jax.Array:
     """Local outputs -> logits. out [..., K-1, El] (positions 1..K-1) ->
     [..., K-1, V]; or, with k, out [..., El] at position k -> [..., V]."""
-    w = self.local_heads[...].astype(out.dtype)
+    w = lora.read(self, 'local_heads').astype(out.dtype)
     if k is None:
       return jnp.einsum('...ke,kev->...kv', out, w).astype(jnp.float32)
     return (out @ w[k - 1]).astype(jnp.float32)
@@ -349,7 +420,9 @@ class AudioLM(nnx.Module):
     with 'none'); 'uncond' [B]
     (rows that read the unconditional embedding); 'melody' is unused
     without a melody table; with a text encoder, 'context_tokens' [B, T]
-    and 'context_valid' [B, T] (a row without valid slots: no text).
+    and 'context_valid' [B, T] (a row without valid slots: no text); with
+    conditioning 'prefix', 'chroma' [B, F, chroma_bins] (absent: the null
+    melody). Logits are the audio slots' only.
     """
     ref = ref_valid = None
     ref_key = 'ref_codes' if self.reference == 'pooled' else 'ref_embed'
@@ -358,11 +431,19 @@ class AudioLM(nnx.Module):
       ref_valid = batch['ref_valid']
     x = self.embed(batch['text'], batch['audio'], batch.get('melody'), ref,
                    ref_valid, batch.get('uncond'))
-    valid = batch['valid']
-    ctx = (self.context(batch['context_tokens'], batch['context_valid'])
-           if hasattr(self, 'text_encoder') else None)
-    h, _ = self.backbone(x, batch['positions'], transformer.causal_mask(valid),
+    valid, positions = batch['valid'], batch['positions']
+    ctx, n = None, 0
+    if hasattr(self, 'text_encoder'):
+      if self.conditioning == 'prefix':
+        pre = self.prefix(batch['context_tokens'], batch['context_valid'],
+                          batch.get('chroma'))
+        n = pre.shape[1]
+        x, positions, valid = join_prefix(pre, x, positions, valid)
+      else:
+        ctx = self.context(batch['context_tokens'], batch['context_valid'])
+    h, _ = self.backbone(x, positions, transformer.causal_mask(valid),
                          context=ctx)
+    h = h[:, n:]     # the prefix predicts nothing
     if self.variant == 'single_stream':
       return {'stream': self.stream_logits(h)}
     nxt = next_slots(batch['audio'], valid)
@@ -381,6 +462,18 @@ class AudioLM(nnx.Module):
     return {'global': self.global_logits(h),
             'local': self.local_logits_kmajor(out[:, :, 1:]),
             'local_index': index}
+
+
+def join_prefix(prefix: jax.Array, x: jax.Array, positions: jax.Array,
+                valid: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The prefix [B, P, E] before slots x [B, S, E]: (inputs [B, P+S, E],
+  positions (the prefix's 0..P-1, the slots' shifted by P), valid (the
+  prefix's all true))."""
+  b, n = prefix.shape[:2]
+  pos = jnp.broadcast_to(jnp.arange(n, dtype=positions.dtype), (b, n))
+  return (jnp.concatenate([prefix.astype(x.dtype), x], axis=1),
+          jnp.concatenate([pos, positions + n], axis=1),
+          jnp.concatenate([jnp.ones((b, n), bool), valid.astype(bool)], axis=1))
 
 
 def frame_slots(nxt: jax.Array, codebook_size: int, count: int) -> jax.Array:
@@ -445,12 +538,12 @@ class DecodeView:
       self.local = transformer.fuse(model.local)
       # Output heads are most of a decode step's weight reads (K x width x
       # vocab); `head_dtype` bfloat16 halves them (accumulation stays float32).
-      self.head0 = model.head0[...].astype(head_dtype)
-      self.proj = model.local_proj[...]
-      heads = model.local_heads[...].astype(head_dtype)
+      self.head0 = lora.read(model, 'head0').astype(head_dtype)
+      self.proj = lora.read(model, 'local_proj')
+      heads = lora.read(model, 'local_heads').astype(head_dtype)
       self.local_heads = [heads[i] for i in range(k - 1)]
     else:
-      heads = model.heads[...].astype(head_dtype)
+      heads = lora.read(model, 'heads').astype(head_dtype)
       self.heads = [heads[i] for i in range(k)]
 
   def embed(self, text, audio, melody) -> jax.Array:

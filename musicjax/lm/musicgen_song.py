@@ -8,6 +8,13 @@ starts from one slot of pad codes, guidance's unconditional rows have no
 valid text (so cross-attention adds nothing), guidance is on the logits,
 then top-k (ties kept) and temperature; a song runs to its requested length
 (MusicGen has no end token).
+
+A MusicGen-Melody run (config.model.conditioning 'prefix') also takes
+--melody: the recording's chroma (musicgen_chroma.py, with the release's
+preprocessor_config.json) and the T5 states are the decoder's prefix; as in
+transformers, no melody is the null chroma (class 0), guidance's
+unconditional rows have the null chroma and zero text states, and no text is
+one zero text state.
 """
 from __future__ import annotations
 
@@ -38,13 +45,23 @@ def _say(msg: str) -> None:
   print(f'[generate] {msg}', file=sys.stderr, flush=True)
 
 
-def prompt(m: ml_collections.ConfigDict, tokens: np.ndarray,
-           cfg: bool) -> dict[str, np.ndarray]:
+def prompt(m: ml_collections.ConfigDict, tokens: np.ndarray, cfg: bool,
+           chroma: np.ndarray | None = None) -> dict[str, np.ndarray]:
   """generate()'s prompt for text tokens [n, T] (padded with -1): one start
   slot per row (every codebook at the pad id) and the text as context; with
-  `cfg`, n more rows with no valid text after the conditional ones."""
+  `cfg`, n more rows with no valid text after the conditional ones. A
+  MusicGen-Melody run's `chroma` [n, F, chroma_bins] (None: no melody) goes
+  with it, guidance's rows holding the null chroma (class 0)."""
   tokens = np.asarray(tokens, np.int64)
   k = int(m.num_codebooks)
+  extra = {}
+  if chroma is not None:
+    chroma = np.asarray(chroma, np.float32)
+    if cfg:
+      null = np.zeros_like(chroma)
+      null[..., 0] = 1.0
+      chroma = np.concatenate([chroma, null])
+    extra['chroma'] = chroma
   valid = tokens >= 0
   ids = np.where(valid, tokens, 0).astype(np.int32)
   if cfg:
@@ -56,7 +73,7 @@ def prompt(m: ml_collections.ConfigDict, tokens: np.ndarray,
           'melody': np.full((b, 1), layout.EMPTY, np.int32),
           'positions': np.zeros((b, 1), np.int32),
           'valid': np.ones((b, 1), bool),
-          'context_tokens': ids, 'context_valid': valid}
+          'context_tokens': ids, 'context_valid': valid, **extra}
 
 
 def load_tokenizer(path: str):
@@ -76,6 +93,28 @@ def text_tokens(tokenizer_path: str, text: str) -> np.ndarray:
   end-of-sequence id last)."""
   return np.asarray([load_tokenizer(tokenizer_path).encode(text).ids],
                     np.int64)
+
+
+def melody_chroma(workdir: str, m: ml_collections.ConfigDict,
+                  path: str) -> np.ndarray:
+  """One-hot chroma [1, F, chroma_bins] of the recording `path` (mono, at the
+  rate of the run's preprocessor_config.json; other rates resampled)."""
+  from musicjax.data import audio
+  from musicjax.export import import_musicgen as imp
+  from musicjax.lm import musicgen_chroma
+  settings = musicgen_chroma.ChromaSettings.from_file(
+      os.path.join(workdir, imp.RELEASED, musicgen_chroma.PREPROCESSOR))
+  if settings.num_chroma != int(m.chroma_bins):
+    raise UserError(f'{workdir}: its {musicgen_chroma.PREPROCESSOR} gives '
+                    f'{settings.num_chroma} chroma classes, the model reads '
+                    f'{m.chroma_bins}')
+  if not os.path.isfile(path):
+    raise UserError(f'--melody {path}: no such file')
+  try:
+    wave = audio.load_audio(path, settings.sampling_rate, 1)[:, 0]
+  except audio.BadAudio as err:   # names the file and the reason
+    raise UserError(f'--melody {err}') from None
+  return musicgen_chroma.chroma(wave, settings)[None]
 
 
 @dataclasses.dataclass
@@ -110,12 +149,19 @@ class MusicGenSong:
     return int(self.codec.sample_rate)
 
 
-def check_request(req: song.SongRequest) -> None:
-  """Inputs MusicGen does not take, named by their flags."""
+def check_request(req: song.SongRequest,
+                  config: ml_collections.ConfigDict | None = None) -> None:
+  """Inputs MusicGen does not take, named by their flags; --melody once the
+  run's `config` says whether it is a MusicGen-Melody."""
+  melody = config is not None and config.model.get('conditioning',
+                                                    'cross') != 'prefix'
   for given, flag, why in (
       (req.lyrics, '--lyrics', 'MusicGen takes a description, not lyrics: '
        'put it in --text'),
-      (req.melody_path, '--melody', 'this MusicGen has no melody input'),
+      (req.melody_path and melody, '--melody',
+       'this MusicGen has no melody input (import a MusicGen-Melody folder, '
+       'model_type "musicgen_melody", e.g. facebook/musicgen-melody, with '
+       'musicjax import-musicgen)'),
       (req.reference_path, '--reference', 'MusicGen has no reference audio')):
     if given:
       raise UserError(f'{flag}: {why}')
@@ -124,21 +170,32 @@ def check_request(req: song.SongRequest) -> None:
 def sample_codes(ctx: MusicGenSong, req: song.SongRequest, text: str,
                  progress: bool = True) -> np.ndarray:
   """Codes [frames, K] of one song (one compiled loop)."""
-  check_request(req)
   c = ctx.config
+  check_request(req, c)
   k = int(c.model.num_codebooks)
   frames = int(round(req.seconds * ctx.frame_rate))
   if frames < 1:
     raise UserError(f'--seconds {req.seconds} gives no frames at '
                     f'{ctx.frame_rate:g} Hz')
-  if frames + k > c.model.max_seq_len:
-    limit = (c.model.max_seq_len - k) / ctx.frame_rate
-    raise UserError(f'{req.seconds:g} s needs {frames + k} positions, more '
+  prefix_mode = c.model.get('conditioning', 'cross') == 'prefix'
+  chroma = None
+  if req.melody_path:
+    chroma = melody_chroma(ctx.run.workdir, c.model, req.melody_path)
+  if prefix_mode and not text:
+    # transformers' melody-only input: one masked text slot (a zero state).
+    tokens = np.full((1, 1), -1, np.int64)
+  else:
+    tokens = text_tokens(ctx.tokenizer_path, text)
+  prefix = (int(c.model.chroma_length) + tokens.shape[1]) if prefix_mode else 0
+  if prefix + frames + k > c.model.max_seq_len:
+    limit = (c.model.max_seq_len - k - prefix) / ctx.frame_rate
+    with_prefix = ' (the chroma and text prefix included)' if prefix else ''
+    raise UserError(f'{req.seconds:g} s needs {prefix + frames + k} positions'
+                    f'{with_prefix}, more '
                     f'than config.model.max_seq_len={c.model.max_seq_len} '
                     f'(MusicGen\'s max_position_embeddings): at most '
                     f'{limit:.1f} s')
   scale = c.sample.cfg_scale if req.cfg_scale is None else req.cfg_scale
-  tokens = text_tokens(ctx.tokenizer_path, text)
   overrides = {name: getattr(req, name) for name in ('temperature', 'top_k',
                                                      'top_p')
                if getattr(req, name) is not None}
@@ -148,7 +205,7 @@ def sample_codes(ctx: MusicGenSong, req: song.SongRequest, text: str,
       **overrides)
   cb = song.FrameProgress(frames, ctx.frame_rate) if progress else None
   fn = gen.make_generate_fn(ctx.run.model, sampling, num_cond=1, callback=cb)
-  p = prompt(c.model, tokens, cfg=scale != 1.0)
+  p = prompt(c.model, tokens, cfg=scale != 1.0, chroma=chroma)
   with ctx.run.activate():
     out = fn({key: jnp.asarray(v) for key, v in p.items()},
              jax.random.key(req.seed))
@@ -227,6 +284,6 @@ def open_song(workdir: str, config: ml_collections.ConfigDict | None = None,
                     'released beside this MusicGen')
   codec = runs.load_run(codec_dir, expect='codec',
                         flag='--codec-workdir').model
-  run = runs.load_run(workdir, step, config=config, expect=('lm', 'lm_dpo'),
-                      verb='generate')
+  run = runs.serving(runs.load_run(workdir, step, config=config,
+                                   expect=('lm', 'lm_dpo'), verb='generate'))
   return MusicGenSong(run, tok, codec, codec_dir)

@@ -45,8 +45,10 @@ def melody_ids(chroma: np.ndarray | None, frames: int, dropped: bool) -> np.ndar
 
 
 def assemble(parts: Sequence[TextPart | AudioPart], seq_len: int,
-             num_codebooks: int, codebook_size: int) -> dict[str, np.ndarray]:
+             num_codebooks: int, codebook_size: int,
+             end_id: int | None = None) -> dict[str, np.ndarray]:
   """Fixed-size slot arrays; content beyond `seq_len` is cut off at the end.
+  END is `end_id` (the model's, model.end_id), by default ours (codebook_size).
 
   Returns text [S], audio [S, K], melody [S], positions [S], valid [S].
   """
@@ -70,7 +72,7 @@ def assemble(parts: Sequence[TextPart | AudioPart], seq_len: int,
     p += t
     if part.end and p < seq_len and t == len(part.codes):
       melody[p - 1] = part.next_melody
-      audio[p, 0] = layout.end_id(codebook_size)
+      audio[p, 0] = layout.end_id(codebook_size) if end_id is None else end_id
       p += 1
   valid = np.zeros((seq_len,), bool)
   valid[:p] = True

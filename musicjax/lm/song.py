@@ -28,7 +28,6 @@ from musicjax.data import song_text
 from musicjax.data import token_records
 from musicjax.errors import UserError
 from musicjax.eval import plots
-from musicjax.lm import conditions
 from musicjax.lm import generate as gen
 from musicjax.lm import layout
 from musicjax.lm import sequence
@@ -131,16 +130,15 @@ class SongContext(TokenSetAccess):
 
   def __init__(self, config, workdir: str, codec_workdir: str | None = None,
                step: int | None = None):
-    self.run = runs.load_run(workdir, step, config=config, expect=LM_TASKS,
-                             verb='generate')
+    self.run = runs.serving(runs.load_run(
+        workdir, step, config=config, expect=LM_TASKS, verb='generate'))
     config = self.config = self.run.config   # None given: the run's own
     self.mesh, self.rules = self.run.mesh, self.run.rules
     self.model = self.run.model
     self.tokens = TokenSet(config.data.path, token_data.check_dataset(config),
                            codec_workdir)
     self.info, self.codec_workdir = self.tokens.info, self.tokens.codec_workdir
-    self.text = conditions.ConditionText(token_data.load_tokenizer(config),
-                                         config.model.text_vocab_size)
+    self.text = token_data.condition_text(config)
 
 
 

@@ -28,7 +28,6 @@ import numpy as np
 from flax import nnx
 
 from musicjax.codec import dataset_codec as common
-from musicjax.lm import conditions
 from musicjax.lm import generate as gen
 from musicjax.lm import layout
 from musicjax.lm import patterns
@@ -107,8 +106,7 @@ class LMSummaries:
       self.codec = common.DatasetCodec(info, c.data.path)
       # A text encoder's tokens come with the batch ('context_*').
       self.text = (ENCODER_TEXT if c.model.text_encoder else
-                   conditions.ConditionText(token_data.load_tokenizer(c),
-                                            c.model.text_vocab_size))
+                   token_data.condition_text(c))
     self.prompt_len = int(c.data.max_text_tokens)
     fit = self._frames_that_fit(self.frames)
     if fit < self.frames:

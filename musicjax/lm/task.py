@@ -27,6 +27,7 @@ from musicjax.lm import model as model_lib
 from musicjax.lm import patterns
 from musicjax.lm import summaries as summaries_lib
 from musicjax.lm import token_data
+from musicjax.nn import lora
 from musicjax.nn import t5
 from musicjax.nn import transformer
 from musicjax.train import accumulate
@@ -66,10 +67,16 @@ def default_config() -> ConfigDict:
   # attention to a text encoder's states (text_vocab_size 0: no text slots),
   # and the heads predict codes only, so a song runs to its length.
   m.end_token = True              # codebook 0 has an END class (False: single_stream)
-  m.text_encoder = ''             # '' | t5 (needs backbone.cross_attention)
+  m.text_encoder = ''             # '' | t5 (cross: needs backbone.cross_attention)
   m.t5 = t5.default_config()      # text_encoder 't5'
   m.text_encoder_trainable = False  # False: frozen in training (MusicGen's way)
   m.context_proj = True           # biased linear encoder width -> backbone.dim
+  # MusicGen-Melody: the chroma and text states as a prefix of the sequence
+  # instead of cross-attention (model.py, docs/musicgen.md).
+  m.conditioning = 'cross'        # cross | prefix (no backbone.cross_attention)
+  m.chroma_bins = 0               # prefix: chroma classes of a melody (12)
+  m.chroma_length = 0             # prefix: chroma frames before the text states
+  m.chroma_proj = True            # prefix: biased linear chroma_bins -> backbone.dim
   m.backbone = transformer.default_config()
   m.local = transformer.default_config()
   m.local.num_layers = 2
@@ -133,6 +140,11 @@ def default_config() -> ConfigDict:
   # place by a scan: no second copy of the weights while generating, for
   # models whose weights are most of the memory; XLA attention only).
   s.backbone_weights = 'fused'
+  # Weight-only quantized inference (`generate`): the stacks' attention and
+  # MLP weights held as int8 / int4 (qwix; nn/lora.py), dequantized where
+  # read. The fused decode path dequantizes once per song; `stacked` reads
+  # them in place at every step.
+  s.weights = 'float'             # float | int8 | int4
   # Global-transformer decode attention (kernels/dispatch.py): auto = the
   # Pallas kernel on GPU/TPU, XLA on CPU; xla | pallas force one (pallas runs
   # in the interpreter on CPU). The kernel's cache is rounded up to
@@ -166,13 +178,23 @@ def make_optimizer(o: ConfigDict, steps: int) -> optax.GradientTransformation:
                                  weight_decay=o.weight_decay))
 
 
+def trainable(config: ConfigDict):
+  """What the optimizer trains: the adapters of a LoRA run, else the LM's
+  trainable weights."""
+  if lora.enabled(config):
+    return nnx.LoRAParam
+  return model_lib.trainable(config.model)
+
+
 class LMState(nnx.Module):
 
   def __init__(self, config: ConfigDict, rngs: nnx.Rngs):
     self.model = model_lib.AudioLM(config.model, rngs)
+    if lora.enabled(config):
+      lora.apply(self.model, config, rngs)
     self.opt = nnx.Optimizer(self.model, make_optimizer(config.optim,
                                                         config.train.steps),
-                             wrt=model_lib.trainable(config.model))
+                             wrt=trainable(config))
     self.step = StepCounter(jnp.zeros((), jnp.int32))
 
 
@@ -209,6 +231,9 @@ def check_config(config: ConfigDict) -> None:
     raise ConfigError('config.summary.seconds must be >= 0 (0 = no '
                       f'summaries), got {config.summary.seconds}')
   s = config.sample
+  if s.weights not in lora.BASES:
+    raise ConfigError(f'config.sample.weights must be one of {lora.BASES}, '
+                      f'got {s.weights!r}')
   if s.attention not in dispatch.IMPLS:
     raise ConfigError(f'config.sample.attention must be one of {dispatch.IMPLS}, '
                       f'got {s.attention!r}')
@@ -240,6 +265,7 @@ class LMTask(Task):
   warm_start_tasks = ('lm', 'lm_dpo')     # both hold an AudioLM under `model`
   free_model_keys = FREE_MODEL_KEYS
   supports_grad_accum = True
+  supports_lora = True
 
   @classmethod
   def default_config(cls) -> ConfigDict:
@@ -308,8 +334,7 @@ class LMTask(Task):
   def _value_and_grad(self, model, batch):
     """(metrics, grads w.r.t. the model's Params) of one step's batch, in
     config.train.grad_accum micro-batches when that is > 1."""
-    gdef, params, rest = nnx.split(model, model_lib.trainable(
-        self.config.model), ...)
+    gdef, params, rest = nnx.split(model, trainable(self.config), ...)
     n = int(self.config.train.grad_accum)
     if n == 1:
       def loss_fn(p):

@@ -42,7 +42,9 @@ from musicjax.data import text as text_lib
 from musicjax.data import token_records
 from musicjax.lm import conditions
 from musicjax.lm import data as lm_data
+from musicjax.lm import heartmula_prompt
 from musicjax.lm import layout
+from musicjax.lm import model as model_lib
 from musicjax.lm import musicgen_song
 from musicjax.lm import sequence
 from musicjax.lm.data import audio_slots, local_batch
@@ -61,6 +63,42 @@ def load_tokenizer(config: ml_collections.ConfigDict) -> text_lib.TextTokenizer:
         f'than config.model.text_vocab_size={config.model.text_vocab_size}; '
         'raise model.text_vocab_size or build a smaller tokenizer')
   return tok
+
+
+def released_tokenizer_path(config: ml_collections.ConfigDict) -> str:
+  """The released tokenizer.json of an LM in the released text layout:
+  `data.tokenizer`, else the one import-heartmula kept in the run it starts
+  from (`init.workdir`). gen_config.json lies beside it."""
+  from musicjax.export import import_heartmula  # pylint: disable=g-import-not-at-top
+  if config.data.tokenizer:
+    return os.path.expanduser(config.data.tokenizer)
+  base = config.init.workdir
+  path = os.path.join(os.path.expanduser(base), import_heartmula.RELEASED,
+                      'tokenizer.json') if base else ''
+  if not path or not os.path.isfile(path):
+    raise ConfigError(
+        'config.model.text_extra_tokens=False (the released HeartMuLa text '
+        'layout) reads the released tokenizer.json and gen_config.json, not '
+        f'{tokenizer_path(config)}: set config.data.tokenizer to the '
+        'tokenizer.json of the HeartMuLa release (RUN/released/tokenizer.json '
+        'of a run made by import-heartmula)' +
+        (f'; {path} does not exist' if path else ''))
+  return path
+
+
+def condition_text(config: ml_collections.ConfigDict):
+  """The condition-text builder of the model's text layout: ours
+  (conditions.ConditionText, the data's tokenizer) or the released
+  HeartMuLa's prompt (heartmula_prompt.ReleasedText)."""
+  if config.model.text_extra_tokens:
+    return conditions.ConditionText(load_tokenizer(config),
+                                    config.model.text_vocab_size)
+  if config.data.layout != 'prefix':
+    raise ConfigError("config.model.text_extra_tokens=False (the released "
+                      "HeartMuLa text layout) needs config.data.layout="
+                      "'prefix'")
+  return heartmula_prompt.ReleasedText(released_tokenizer_path(config),
+                                       config.model)
 
 
 def check_dataset(config: ml_collections.ConfigDict) -> dict:
@@ -91,8 +129,7 @@ class Example:
       self.encoder_tokenizer = musicgen_song.load_tokenizer(
           tokenizer_path(config))
     else:
-      self.text = conditions.ConditionText(load_tokenizer(config),
-                                           config.model.text_vocab_size)
+      self.text = condition_text(config)
     self.tag_probs = dict(config.cond.tag_probs)
 
   def unusable(self, record: dict) -> str | None:
@@ -168,7 +205,8 @@ class Example:
         nxt = int(mel[b]) if b < total else layout.MELODY_NULL
         ends = s.end_frame <= stop
         parts.append(sequence.AudioPart(codes[a:b], mel[a:b], ends, nxt))
-    ex = sequence.assemble(parts, layout.seq_len(c), k, c.model.codebook_size)
+    ex = sequence.assemble(parts, layout.seq_len(c), k, c.model.codebook_size,
+                           end_id=model_lib.end_id(c.model))
     if r:
       ex['ref_codes'] = ref.astype(np.int32)
       ex['ref_valid'] = np.asarray(has_ref)

@@ -29,6 +29,7 @@ decode loop computes once (`Transformer.cross_context`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -37,6 +38,7 @@ import ml_collections
 from flax import nnx
 
 from musicjax.errors import ConfigError
+from musicjax.nn import lora
 from musicjax.parallel import rules
 
 Cache = dict[str, jax.Array]
@@ -294,7 +296,11 @@ def _add_projections(module: nnx.Module, c: ml_collections.ConfigDict,
   module.wo = _param(rngs, (h, d, e), std, ('heads', None, 'embed'))
 
 
+_ATTN_WEIGHTS = {'wq': (0, 1), 'wk': (0, 1), 'wv': (0, 1), 'wo': (0, 2)}
+
+
 class Attention(nnx.Module):
+  ADAPTABLE = _ATTN_WEIGHTS   # lora.py: (batch dims, contracted dims)
 
   def __init__(self, c: ml_collections.ConfigDict, rngs: nnx.Rngs):
     _add_projections(self, c, rngs)
@@ -303,16 +309,17 @@ class Attention(nnx.Module):
     self.dtype = _DTYPES[c.dtype]
     self.chunk = int(c.get('attention_chunk', 0))
 
-  def _w(self, w: nnx.Param, names) -> jax.Array:
+  def _w(self, name: str, names) -> jax.Array:
     # FSDP: the 'embed' dim lives sharded between steps; gather it here.
-    return rules.shard_activation(w[...].astype(self.dtype), names)
+    return rules.shard_activation(lora.read(self, name).astype(self.dtype),
+                                  names)
 
   def __call__(self, x, positions, mask, cache=None, layer=None, index=None):
     dt = self.dtype
     x = x.astype(dt)
-    q = jnp.einsum('bte,ehd->bthd', x, self._w(self.wq, (None, 'heads', None)))
-    k = jnp.einsum('bte,ehd->bhtd', x, self._w(self.wk, (None, 'kv_heads', None)))
-    v = jnp.einsum('bte,ehd->bhtd', x, self._w(self.wv, (None, 'kv_heads', None)))
+    q = jnp.einsum('bte,ehd->bthd', x, self._w('wq', (None, 'heads', None)))
+    k = jnp.einsum('bte,ehd->bhtd', x, self._w('wk', (None, 'kv_heads', None)))
+    v = jnp.einsum('bte,ehd->bhtd', x, self._w('wv', (None, 'kv_heads', None)))
     if self.rotary is not None:
       q = rope(q, positions, self.rotary)
       k = jnp.swapaxes(rope(jnp.swapaxes(k, 1, 2), positions, self.rotary), 1, 2)
@@ -328,7 +335,7 @@ class Attention(nnx.Module):
       k = jax.lax.dynamic_index_in_dim(cache['k'], layer, 0, keepdims=False)
       v = jax.lax.dynamic_index_in_dim(cache['v'], layer, 0, keepdims=False)
     o = attend(q, k.astype(dt), v.astype(dt), mask, self.chunk)
-    out = rules.einsum('bthd,hde->bte', o, self._w(self.wo, ('heads', None, None)),
+    out = rules.einsum('bthd,hde->bte', o, self._w('wo', ('heads', None, None)),
                        ('batch', 'time', 'embed'))
     return out, cache
 
@@ -369,6 +376,7 @@ swiglu_mlp.defvjp(_swiglu_mlp_fwd, _swiglu_mlp_bwd)
 
 class MLP(nnx.Module):
   """SwiGLU: down(silu(gate(x)) * up(x))."""
+  ADAPTABLE = {'gate': (0, 1), 'up': (0, 1), 'down': (0, 1)}
 
   def __init__(self, c: ml_collections.ConfigDict, rngs: nnx.Rngs):
     e, f, std = int(c.dim), int(c.mlp_dim), float(c.init_std)
@@ -379,9 +387,9 @@ class MLP(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dt = self.dtype
-    g = rules.shard_activation(self.gate[...].astype(dt), (None, 'mlp'))
-    u = rules.shard_activation(self.up[...].astype(dt), (None, 'mlp'))
-    d = rules.shard_activation(self.down[...].astype(dt), ('mlp', None))
+    g = rules.shard_activation(lora.read(self, 'gate').astype(dt), (None, 'mlp'))
+    u = rules.shard_activation(lora.read(self, 'up').astype(dt), (None, 'mlp'))
+    d = rules.shard_activation(lora.read(self, 'down').astype(dt), ('mlp', None))
     x = x.astype(dt)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
@@ -397,6 +405,7 @@ class MLP(nnx.Module):
 class CrossAttention(nnx.Module):
   """Queries from the sequence, keys and values from a context [B, S, dim]
   (no positions); every query sees the context's valid slots."""
+  ADAPTABLE = _ATTN_WEIGHTS
 
   def __init__(self, c: ml_collections.ConfigDict, rngs: nnx.Rngs):
     _add_projections(self, c, rngs)
@@ -406,20 +415,22 @@ class CrossAttention(nnx.Module):
     """Context states [B, S, dim] -> k, v [B, KV, S, D]."""
     dt = self.dtype
     states = states.astype(dt)
-    return (jnp.einsum('bse,ehd->bhsd', states, self.wk[...].astype(dt)),
-            jnp.einsum('bse,ehd->bhsd', states, self.wv[...].astype(dt)))
+    return (jnp.einsum('bse,ehd->bhsd', states,
+                       lora.read(self, 'wk').astype(dt)),
+            jnp.einsum('bse,ehd->bhsd', states,
+                       lora.read(self, 'wv').astype(dt)))
 
   def __call__(self, x: jax.Array, context: 'Context', layer=None) -> jax.Array:
     dt = self.dtype
-    w = lambda p: p[...].astype(dt)
-    q = jnp.einsum('bte,ehd->bthd', x.astype(dt), w(self.wq))
+    w = lambda name: lora.read(self, name).astype(dt)
+    q = jnp.einsum('bte,ehd->bthd', x.astype(dt), w('wq'))
     if context.k is None:
       k, v = self.keys_values(context.states)
     else:   # computed once for a decode loop (Transformer.cross_context)
       k = jax.lax.dynamic_index_in_dim(context.k, layer, 0, keepdims=False)
       v = jax.lax.dynamic_index_in_dim(context.v, layer, 0, keepdims=False)
     o = attend(q, k.astype(dt), v.astype(dt), context.valid[:, None, :])
-    return jnp.einsum('bthd,hde->bte', o, w(self.wo))
+    return jnp.einsum('bthd,hde->bte', o, w('wo'))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -439,6 +450,7 @@ jax.tree_util.register_dataclass(Context, data_fields=['states', 'valid', 'k',
 
 class GeluMLP(nnx.Module):
   """down(gelu(up(x))), exact GELU, no biases (MusicGen's fc1/fc2)."""
+  ADAPTABLE = {'up': (0, 1), 'down': (0, 1)}
 
   def __init__(self, c: ml_collections.ConfigDict, rngs: nnx.Rngs):
     e, f, std = int(c.dim), int(c.mlp_dim), float(c.init_std)
@@ -448,8 +460,8 @@ class GeluMLP(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dt = self.dtype
-    u = rules.shard_activation(self.up[...].astype(dt), (None, 'mlp'))
-    d = rules.shard_activation(self.down[...].astype(dt), ('mlp', None))
+    u = rules.shard_activation(lora.read(self, 'up').astype(dt), (None, 'mlp'))
+    d = rules.shard_activation(lora.read(self, 'down').astype(dt), ('mlp', None))
     hid = jax.nn.gelu(x.astype(dt) @ u, approximate=False)
     hid = rules.shard_activation(hid, ('batch', 'time', 'mlp'))
     return rules.matmul(hid, d, ('batch', 'time', 'embed'))
@@ -601,14 +613,16 @@ class FusedBlock:
     self.rotary, self.dtype = a.rotary, a.dtype
     self.attn_norm, self.mlp_norm = block.attn_norm, block.mlp_norm
     dt = a.dtype
-    self.wqkv = jnp.concatenate([a.wq[...].reshape(e, h * d),
-                                 a.wk[...].reshape(e, kv * d),
-                                 a.wv[...].reshape(e, kv * d)], 1).astype(dt)
-    self.wo = a.wo[...].reshape(h * d, e).astype(dt)
+    w = functools.partial(lora.read, a)
+    self.wqkv = jnp.concatenate([w('wq').reshape(e, h * d),
+                                 w('wk').reshape(e, kv * d),
+                                 w('wv').reshape(e, kv * d)], 1).astype(dt)
+    self.wo = w('wo').reshape(h * d, e).astype(dt)
     self.gated = isinstance(m, MLP)
-    self.wgu = (jnp.concatenate([m.gate[...], m.up[...]], 1) if self.gated
-                else m.up[...]).astype(m.dtype)
-    self.wd = m.down[...].astype(m.dtype)
+    w = functools.partial(lora.read, m)
+    self.wgu = (jnp.concatenate([w('gate'), w('up')], 1) if self.gated
+                else w('up')).astype(m.dtype)
+    self.wd = w('down').astype(m.dtype)
     self.cross = getattr(block, 'cross', None)
     self.cross_norm = getattr(block, 'cross_norm', None)
     self.input_positions = 'rope'   # fuse() sets the first block's

@@ -47,11 +47,18 @@ def abstract_target(abstract_state: nnx.State, shardings: Any) -> dict:
   return nnx.to_pure_dict(tree)
 
 
+def _without(pure: dict, leave_out: set[str]) -> dict:
+  from musicjax.train import adapter_runs
+  return adapter_runs.drop(pure, leave_out) if leave_out else pure
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: nnx.State,
          data_iter: Any | None, meta: dict | None = None,
-         force: bool = False) -> bool:
-  """Starts an (async) save of state, iterator state and small JSON `meta`."""
-  items = {'state': ocp.args.StandardSave(nnx.to_pure_dict(state))}
+         force: bool = False, leave_out: set[str] = frozenset()) -> bool:
+  """Starts an (async) save of state (but the `leave_out` paths: a LoRA
+  run's frozen base), iterator state and small JSON `meta`."""
+  items = {'state': ocp.args.StandardSave(
+      _without(nnx.to_pure_dict(state), leave_out))}
   if meta is not None:
     items['meta'] = ocp.args.JsonSave(meta)
   if data_iter is not None:
@@ -60,10 +67,14 @@ def save(manager: ocp.CheckpointManager, step: int, state: nnx.State,
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: nnx.State,
-            shardings: Any, data_iter: Any | None = None) -> nnx.State:
-  """Restores `step` onto `shardings`; also rewinds `data_iter` when given."""
+            shardings: Any, data_iter: Any | None = None,
+            base: nnx.State | None = None,
+            leave_out: set[str] = frozenset()) -> nnx.State:
+  """Restores `step` onto `shardings`; also rewinds `data_iter` when given.
+  With `base` (a LoRA run's state with its frozen weights in place), the
+  checkpoint holds all but the `leave_out` paths, restored into `base`."""
   items = {'state': ocp.args.StandardRestore(
-      abstract_target(abstract_state, shardings))}
+      _without(abstract_target(abstract_state, shardings), leave_out))}
   if data_iter is not None and has_item(manager, step, 'data'):
     items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
   elif data_iter is not None:
@@ -71,7 +82,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: nnx.State
     print(f'[checkpoint] step {step} has no data position: the data starts '
           'from the beginning', file=sys.stderr, flush=True)
   restored = manager.restore(step, args=ocp.args.Composite(**items))
-  state = jax.tree.map(lambda x: x, abstract_state,
+  state = jax.tree.map(lambda x: x, abstract_state if base is None else base,
                        is_leaf=lambda x: isinstance(x, nnx.Variable))
   nnx.replace_by_pure_dict(state, restored['state'])
   return state

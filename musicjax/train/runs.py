@@ -138,6 +138,21 @@ def load_run(workdir: str, step: int | None = None, *,
              nnx.merge(s.graphdef, state), int(step))
 
 
+def serving(run: Run) -> Run:
+  """`run` as `generate` / `accompany` use it: its model's stack weights
+  quantized in place when config.sample.weights is int8 / int4 (weight-only
+  inference; nn/lora.py), unchanged when float."""
+  from musicjax.nn import lora
+  weights = run.config.get('sample', {}).get('weights', 'float')
+  if weights not in lora.BASES:
+    raise ConfigError(f'config.sample.weights must be one of {lora.BASES}, '
+                      f'got {weights!r}')
+  if weights != 'float':
+    with run.activate():
+      lora.quantize_stacks(run.model, weights, int(run.config.lora.int4_group))
+  return run
+
+
 def check_same_model(config: ml_collections.ConfigDict, workdir: str, *,
                      expect: str | Iterable[str], flag: str,
                      free_keys: Iterable[str] = (),

@@ -70,6 +70,9 @@ class Task(abc.ABC):
   free_model_keys: tuple[str, ...] = ()
   # Whether train_step implements config.train.grad_accum > 1 exactly.
   supports_grad_accum: bool = False
+  # Whether create_state adds config.lora's adapters and its optimizer trains
+  # only them (musicjax/nn/lora.py, musicjax/train/adapter_runs.py).
+  supports_lora: bool = False
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config

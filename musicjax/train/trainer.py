@@ -39,6 +39,7 @@ from musicjax.errors import UserError
 from musicjax.parallel import distributed
 from musicjax.parallel import mesh as mesh_lib
 from musicjax.parallel import rules as rules_lib
+from musicjax.train import adapter_runs
 from musicjax.train import checkpoint as ckpt_lib
 from musicjax.train import metrics as metrics_lib
 from musicjax.train import progress
@@ -60,6 +61,8 @@ class Setup:
   state_shardings: Any
   batch_shardings: dict[str, NamedSharding]
   eval_batch_shardings: dict[str, NamedSharding]
+  # What checkpoints leave out: a LoRA run's frozen base (adapter_runs.py).
+  leave_out: frozenset = frozenset()
 
 
 def _log(msg: str) -> None:
@@ -113,6 +116,7 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
         f'config.train.grad_accum={config.train.grad_accum}: task '
         f'{config.task!r} does not accumulate gradients (the lm, lm_dpo and '
         'accomp tasks do); set --config.train.grad_accum=1')
+  adapter_runs.check(task)
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   validate_batch(config, mesh)
   with nnx.use_eager_sharding(False):
@@ -124,12 +128,17 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
       task.batch_spec(config.data.batch_size), mesh, rules)
   eval_sh = rules_lib.batch_shardings(
       task.batch_spec(config.data.eval_batch_size), mesh, rules)
+  leave_out = (frozenset(adapter_runs.frozen_paths(
+      abstract_state, task.warm_start_subtrees))
+               if adapter_runs.enabled(config) else frozenset())
   return Setup(config, task, mesh, rules, graphdef, abstract_state, state_sh,
-               batch_sh, eval_sh)
+               batch_sh, eval_sh, leave_out)
 
 
 def _select_tree(ok: jax.Array, new: Any, old: Any) -> Any:
   def sel(n, o):
+    if n is o:   # untouched by the step (a LoRA run's frozen base)
+      return n
     if jnp.issubdtype(n.dtype, jax.dtypes.prng_key):
       return jax.random.wrap_key_data(
           jnp.where(ok, jax.random.key_data(n), jax.random.key_data(o)),
@@ -270,12 +279,30 @@ def init_state(s: Setup) -> nnx.State:
   return init()
 
 
-def _initial_state(s: Setup, manager, data_iter) -> tuple[Any, int, _Counters]:
+def _restore(s: Setup, manager, step: int, workdir: str, data_iter=None
+             ) -> nnx.State:
+  """Checkpoint `step`; a LoRA run's frozen base comes from its init run."""
+  if not adapter_runs.enabled(s.config):
+    return ckpt_lib.restore(manager, step, s.abstract_state, s.state_shardings,
+                            data_iter)
+  with rules_lib.use_rules(s.rules):
+    base = s.task.warm_start(init_state(s), s.state_shardings)
+  adapter_runs.check_base(workdir, s.config.init.workdir,
+                          s.task.warm_start_step)
+  return ckpt_lib.restore(manager, step, s.abstract_state, s.state_shardings,
+                          data_iter, base=base, leave_out=s.leave_out)
+
+
+def _initial_state(s: Setup, manager, data_iter, workdir: str
+                   ) -> tuple[Any, int, _Counters]:
   latest = manager.latest_step()
   if latest is None:
-    return s.task.warm_start(init_state(s), s.state_shardings), 0, _Counters()
-  state = ckpt_lib.restore(manager, latest, s.abstract_state,
-                           s.state_shardings, data_iter)
+    state = s.task.warm_start(init_state(s), s.state_shardings)
+    if adapter_runs.enabled(s.config):
+      adapter_runs.record_base(workdir, s.config.init.workdir,
+                               s.task.warm_start_step)
+    return state, 0, _Counters()
+  state = _restore(s, manager, latest, workdir, data_iter)
   meta = ckpt_lib.restore_meta(manager, latest)
   _log(f'resumed from checkpoint at step {latest}')
   return state, latest, _Counters(**meta)
@@ -338,7 +365,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   try:
     with jax.set_mesh(s.mesh), rules_lib.use_rules(s.rules), \
         _Preemption() as preempt:
-      state, start, counters = _initial_state(s, manager, data_iter)
+      state, start, counters = _initial_state(s, manager, data_iter, workdir)
       if primary:
         metrics_lib.truncate_jsonl(
             f'{workdir}/{metrics_lib.METRICS_FILE}', start)
@@ -404,7 +431,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
             on_log(step, record)
         if is_ckpt:
           ckpt_lib.save(manager, step, state, data_iter,
-                        meta=dataclasses.asdict(counters), force=True)
+                        meta=dataclasses.asdict(counters), force=True,
+                        leave_out=s.leave_out)
         if is_eval or is_summary or is_ckpt:
           # steps/s measures training only, not eval / summaries / saving.
           t_window += time.perf_counter() - t_extra
@@ -486,8 +514,7 @@ def restore_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   try:
     step = ckpt_lib.latest_step_or_raise(manager, workdir, step)
     with jax.set_mesh(s.mesh):
-      state = ckpt_lib.restore(manager, step, s.abstract_state,
-                               s.state_shardings)
+      state = _restore(s, manager, step, workdir)
   finally:
     manager.close()
   return s, state, step

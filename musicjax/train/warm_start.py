@@ -37,6 +37,7 @@ from musicjax import config as config_lib
 from musicjax import tasks
 from musicjax.config import ConfigError
 from musicjax.parallel import distributed
+from musicjax.train import adapter_runs
 from musicjax.train import checkpoint as ckpt_lib
 from musicjax.train import runs
 
@@ -49,6 +50,7 @@ class Plan:
   source: ml_collections.ConfigDict
   restored: tuple[str, ...]       # weight paths read from the earlier run
   fresh: tuple[str, ...]          # weight paths that start from their init
+  made: tuple[str, ...] = ()      # a LoRA run's adapters and scales (its own)
 
 
 def paths(tree: Any) -> dict[str, Any]:
@@ -58,12 +60,16 @@ def paths(tree: Any) -> dict[str, Any]:
           for kp, v in flat}
 
 
-def _abstract_weights(task, subtrees) -> dict[str, Any]:
-  """Path -> ShapeDtypeStruct of `subtrees` of the task's state (no arrays)."""
+def _abstract_state(task) -> nnx.State:
+  """The task's state of ShapeDtypeStructs (no arrays)."""
   with nnx.use_eager_sharding(False):
-    module = nnx.eval_shape(
-        lambda: task.create_state(nnx.Rngs(task.config.train.seed)))
-  pure = nnx.to_pure_dict(nnx.state(module))
+    return nnx.state(nnx.eval_shape(
+        lambda: task.create_state(nnx.Rngs(task.config.train.seed))))
+
+
+def _weights(state: nnx.State, subtrees) -> dict[str, Any]:
+  """Path -> leaf of `subtrees` of `state`."""
+  pure = nnx.to_pure_dict(state)
   return paths({k: pure[k] for k in subtrees if k in pure})
 
 
@@ -94,14 +100,23 @@ def plan(task, abstract_state: Any | None = None) -> Plan | None:
       raise ConfigError(f'config.init.model_changes names {key!r}, which is no '
                         f'config.model key of task {config.task!r}')
   free = tuple(task.free_model_keys) + tuple(init.model_changes)
+  source_config = runs.saved_config(workdir, flag=flag)
+  if adapter_runs.enabled(source_config):
+    raise ConfigError(
+        f'{flag}={workdir} is a LoRA run: its checkpoints hold only adapters. '
+        f'Fold them into a plain run first: musicjax merge-lora --workdir '
+        f'{workdir} --out MERGED, then start from MERGED')
   source = runs.check_same_model(
       config, workdir, expect=tuple(task.warm_start_tasks) or (task.name,),
       flag=flag, free_keys=free, sections=task.arch_sections,
       hint=(' (or, to change the network on purpose, name the key in '
             "--config.init.model_changes=\"('KEY',)\")"))
-  ours = (paths({k: nnx.to_pure_dict(abstract_state)[k] for k in subtrees})
-          if abstract_state is not None else _abstract_weights(task, subtrees))
-  theirs = _abstract_weights(tasks.get(source.task)(source), subtrees)
+  if abstract_state is None:
+    abstract_state = _abstract_state(task)
+  ours = _weights(abstract_state, subtrees)
+  theirs = _weights(_abstract_state(tasks.get(source.task)(source)), subtrees)
+  # A LoRA run's adapters and quantization scales are its own (fresh).
+  made = adapter_runs.made_paths(abstract_state) - set(theirs)
   for p in sorted(set(ours) & set(theirs)):
     if tuple(ours[p].shape) != tuple(theirs[p].shape):
       raise ConfigError(
@@ -116,7 +131,7 @@ def plan(task, abstract_state: Any | None = None) -> Plan | None:
         f'{_short(dropped)}; they would be dropped. Start from a run of the '
         f'same network (config.init.model_changes='
         f'{tuple(init.model_changes)!r})')
-  new = set(ours) - set(theirs)
+  new = set(ours) - set(theirs) - made
   unmatched = [p for p in new
                if not any(fnmatch.fnmatchcase(p, pat) for pat in init.new_params)]
   if unmatched:
@@ -132,7 +147,7 @@ def plan(task, abstract_state: Any | None = None) -> Plan | None:
           f'this run has and the run in {workdir} lacks '
           f'({_short(new) if new else "there are none"})')
   return Plan(workdir, flag, source, tuple(sorted(set(ours) & set(theirs))),
-              tuple(sorted(new)))
+              tuple(sorted(new)), tuple(sorted(made)))
 
 
 def _drop(tree: dict, path: str) -> None:
@@ -153,14 +168,34 @@ def apply(task, state: nnx.State, shardings: Any,
   subtrees = tuple(task.warm_start_subtrees)
   target = {k: ckpt_lib.abstract_target(state[k], shardings[k])
             for k in subtrees}
-  for path in p.fresh:
+  for path in p.fresh + p.made:
     _drop(target, path)
+  # A QLoRA base is read as the floats it was saved as, then quantized.
+  quantized = sorted(adapter_runs.quantized_paths(state))
+  for path in quantized:
+    *parents, leaf = path.split('/')
+    node = target
+    for q in parents:
+      node = node[q]
+    node[leaf] = jax.ShapeDtypeStruct(node[leaf].shape, jax.numpy.float32,
+                                      sharding=node[leaf].sharding)
   restored, step = ckpt_lib.restore_partial(p.workdir, p.source.checkpoint.keep,
                                             target)
+  flat_state = dict(adapter_runs.flat_variables(state))
+  for path in quantized:
+    *parents, leaf = path.split('/')
+    node = restored
+    for q in parents:
+      node = node[q]
+    node[leaf], node[leaf + '_scale'] = adapter_runs.requantize(
+        node[leaf], flat_state[path], flat_state[path + '_scale'])
+  task.warm_start_step = step    # a LoRA run records its base's step
   for k in subtrees:
     nnx.replace_by_pure_dict(state[k], restored[k])
   if distributed.is_primary():
     fresh = f'; fresh: {_short(p.fresh)}' if p.fresh else ''
+    if p.made:
+      fresh += f'; {len(p.made)} LoRA adapter and scale arrays of its own'
     print(f'[warm start] {", ".join(subtrees)} from {p.workdir} step {step} '
           f'({len(p.restored)} weights){fresh}', file=sys.stderr, flush=True)
   return jax.device_put(state, shardings)

@@ -16,6 +16,12 @@ row is the pad id, which is also the start slot and every empty slot of the
 delay pattern) and K heads over the codes only. Every tensor maps onto one
 of our arrays with its shape checked; errors name the file and the tensor
 (mapping.py).
+
+MusicGen-Melody (`MusicgenMelodyForConditionalGeneration`, model_type
+'musicgen_melody') is the same decoder without cross-attention: its config
+sets our `conditioning` 'prefix' with num_chroma / chroma_length, and
+'audio_enc_to_dec_proj' (the chroma projection) becomes `chroma_proj`
+(model.py).
 """
 from __future__ import annotations
 
@@ -35,6 +41,8 @@ from musicjax.export.released import t5 as t5_lib
 from musicjax.lm import model as model_lib
 
 MODEL_TYPE = 'musicgen'
+MELODY = 'musicgen_melody'
+MODEL_TYPES = (MODEL_TYPE, MELODY)
 SINGLE = reader_lib.SINGLE
 CODEC_PREFIX = 'audio_encoder.'
 _DECODER = 'decoder.model.decoder.'
@@ -56,15 +64,17 @@ def _need(d: dict[str, Any], key: str, path: str, where: str) -> Any:
 
 def config_from(d: dict[str, Any], path: str = 'config.json'
                 ) -> ml_collections.ConfigDict:
-  """Our LM config for a MusicGen config.json (dict)."""
+  """Our LM config for a MusicGen or MusicGen-Melody config.json (dict)."""
+  melody = d.get('model_type') == MELODY
   dec = _need(d, 'decoder', path, 'the config')
   text = _need(d, 'text_encoder', path, 'the config')
   get = lambda key: _need(dec, key, path, '"decoder"')
   v, k = int(get('vocab_size')), int(get('num_codebooks'))
   # What our layout builds in; anything else is another model.
   fixed = {'activation_function': 'gelu', 'scale_embedding': False,
-           'audio_channels': 1, 'pad_token_id': v, 'bos_token_id': v,
-           'cross_attention_hidden_size': None}
+           'audio_channels': 1, 'pad_token_id': v, 'bos_token_id': v}
+  if not melody:
+    fixed['cross_attention_hidden_size'] = None
   for key, want in fixed.items():
     if dec.get(key, want) != want:
       hint = (' (stereo MusicGen is not supported yet)'
@@ -94,12 +104,26 @@ def config_from(d: dict[str, Any], path: str = 'config.json'
   b.head_dim = 0
   b.mlp_dim = int(get('ffn_dim'))
   b.norm, b.mlp, b.positions = 'layer', 'gelu', 'sinusoidal'
-  b.cross_attention = True
+  b.cross_attention = not melody
   b.norm_eps = LAYER_NORM_EPS
   b.dtype = 'float32'
   # The start slot is the only prompt slot; the data windows hold it.
   c.data.max_text_tokens = 1
-  c.data.max_frames = min(int(c.data.max_frames), m.max_seq_len - k)
+  prefix = 0
+  if melody:
+    m.conditioning = 'prefix'
+    for key, default in (('num_chroma', 12), ('chroma_length', 235)):
+      value = d.get(key, default)   # transformers' defaults where absent
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise MusicGenWeightsError(f'{path}: {key} must be a positive '
+                                   f'integer, got {value!r}')
+    m.chroma_bins = int(d.get('num_chroma', 12))
+    m.chroma_length = int(d.get('chroma_length', 235))
+    m.chroma_proj = m.chroma_bins != e
+    # Training windows' prefix: the chroma and the padded description.
+    prefix = m.chroma_length + int(c.data.max_context_tokens)
+  c.data.max_frames = max(1, min(int(c.data.max_frames),
+                                 m.max_seq_len - k - prefix))
   c.cond.melody = False
   c.loss.local_weighting = 'mean'   # MusicGen's objective: codebooks alike
   return c
@@ -133,8 +157,11 @@ def set_sampling(c: ml_collections.ConfigDict, folder: str) -> None:
 def read_config(folder: str) -> tuple[ml_collections.ConfigDict, dict]:
   """(our LM config, config.json as a dict) of a MusicGen folder, sampling
   as its generation_config.json says."""
-  d, path = M.read_config_json(folder, MusicGenWeightsError, 'MusicGen',
-                               MODEL_TYPE)
+  d, path = M.read_config_json(folder, MusicGenWeightsError, 'MusicGen', None)
+  if d.get('model_type') not in MODEL_TYPES:
+    raise MusicGenWeightsError(
+        f'{path}: model_type is {d.get("model_type")!r}, not '
+        f'{MODEL_TYPE!r} or {MELODY!r} (not a MusicGen checkpoint)')
   c = config_from(d, path)
   set_sampling(c, folder)
   return c, d
@@ -166,13 +193,16 @@ def lm_mapping(m: ml_collections.ConfigDict,
   b = m.backbone
   h, k = int(b.num_heads), int(m.num_codebooks)
   d = int(b.dim) // h
-  rules = {path: M.SAME for path in _LAYER if 'norm' in path}
-  for part in ('attn', 'cross'):
+  cross = m.get('conditioning', 'cross') == 'cross'
+  names = {ours: theirs for ours, theirs in _LAYER.items()
+           if cross or not ours.startswith('cross')}
+  rules = {path: M.SAME for path in names if 'norm' in path}
+  for part in ('attn', 'cross') if cross else ('attn',):
     rules.update({f'{part}/wq': M.heads_in(h, d), f'{part}/wk': M.heads_in(h, d),
                   f'{part}/wv': M.heads_in(h, d), f'{part}/wo': M.heads_out(h, d)})
   rules.update({'mlp/up': M.LINEAR, 'mlp/down': M.LINEAR})
   src = M.layers('backbone/layers/', lambda i: f'{_DECODER}layers.{i}.',
-                 int(b.num_layers), _LAYER, rules)
+                 int(b.num_layers), names, rules)
   src['backbone/norm/scale'] = M.one(_DECODER + 'layer_norm.weight', M.SAME)
   src['backbone/norm/bias'] = M.one(_DECODER + 'layer_norm.bias', M.SAME)
   src['audio_embed'] = M.Source(
@@ -183,13 +213,18 @@ def lm_mapping(m: ml_collections.ConfigDict,
   if m.context_proj:
     src['context_proj'] = M.one('enc_to_dec_proj.weight', M.LINEAR)
     src['context_bias'] = M.one('enc_to_dec_proj.bias', M.SAME)
+  if not cross and m.chroma_proj:
+    src['chroma_proj'] = M.one('audio_enc_to_dec_proj.weight', M.LINEAR)
+    src['chroma_bias'] = M.one('audio_enc_to_dec_proj.bias', M.SAME)
   text = t5_lib.mapping(m.t5, shapes or {}, prefix='text_encoder.')
   src.update({f'text_encoder/{path}': s for path, s in text.sources.items()})
   return M.Mapping(
       src, MusicGenWeightsError,
       ignored=text.ignored + (r'audio_encoder\..*',),
       model='MusicGen',
-      extra_hint='a checkpoint of another model, or a stereo / melody one?',
+      extra_hint=('a checkpoint of another model, or a stereo / melody one?'
+                  if cross else 'a checkpoint of another model, or a stereo '
+                  'one?'),
       unmapped='MusicGen tensor (use the config read_config builds)')
 
 

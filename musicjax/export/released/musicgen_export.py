@@ -1,6 +1,7 @@
 """An imported (and perhaps fine-tuned) MusicGen run -> a folder that
-transformers' `MusicgenForConditionalGeneration.from_pretrained` loads: the
-inverse of musicgen.py.
+transformers' `MusicgenForConditionalGeneration.from_pretrained` (or, for a
+MusicGen-Melody run, `MusicgenMelodyForConditionalGeneration`'s, with its
+preprocessor_config.json) loads: the inverse of musicgen.py.
 
 The LM's arrays go back through the import's own mapping turned around
 (mapping.export_tensors); the EnCodec tensors ('audio_encoder.*') come from

@@ -1,0 +1,99 @@
+"""`musicjax bench lm-quant --workdir RUN`: weight-only int8 / int4 inference
+(config.sample.weights, nn/lora.py) of a trained LM beside its float weights,
+all in one run: what it costs in quality (eval loss on the run's eval split;
+greedy decoding's agreement with the float model's codes), what it saves
+(the model's bytes at rest) and its decode speed on this machine, with the
+fused (default) and stacked decode weights.
+
+A trained run, not random weights: how far quantization moves the greedy
+path depends on how peaked the learned distributions are.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from musicjax import runtime
+from musicjax.bench import lm as lm_bench
+from musicjax.bench import machine
+from musicjax.bench import measure
+from musicjax.lm import generate as gen
+from musicjax.nn import lora
+from musicjax.train import runs
+
+WEIGHTS = ('float', 'int8', 'int4')
+# Greedy decode: frames per song and prompts (rows with their null rows).
+FRAMES = 200
+PROMPTS = 4
+
+
+def _bytes(model: nnx.Module) -> tuple[int, int]:
+  """(bytes as this backend holds the model, bytes at the dtypes' bits: int4
+  packed two to a byte, as accelerators store it; XLA:CPU uses a byte)."""
+  leaves = jax.tree.leaves(nnx.state(model))
+  held = sum(x.nbytes for x in leaves)
+  packed = sum(x.size * (4 if x.dtype == jnp.int4 else 8 * x.dtype.itemsize)
+               for x in leaves) // 8
+  return int(held), int(packed)
+
+
+def _eval_loss(run, model, batches: int) -> float:
+  it = iter(run.task.dataset('eval', 0, 1))
+  step = nnx.jit(lambda m, b: run.task._loss(m, b)[0])  # pylint: disable=protected-access
+  return float(np.mean([float(step(model, next(it))) for _ in range(batches)]))
+
+
+def run(workdir: str, repeats: int = 3, frames: int = FRAMES,
+        eval_batches: int = 4) -> dict:
+  load_start = runtime.load_now()
+  base = runs.load_run(workdir, expect=('lm', 'lm_dpo'), verb='bench lm-quant')
+  config, group = base.config, int(base.config.lora.int4_group)
+  rng = np.random.default_rng(0)
+  prompts = [lm_bench._prompt(config, 2, rng) for _ in range(PROMPTS)]  # pylint: disable=protected-access
+  out = {'benchmark': f'weight-only quantized inference of {workdir}: eval '
+                      f'loss over {eval_batches} eval batches, greedy CFG '
+                      f'decoding of {PROMPTS} random prompts x {frames} '
+                      f'frames, decode frames/s median of {repeats}',
+         'compute_dtype': config.model.backbone.dtype, 'cases': {}}
+  want = None
+  with base.activate():
+    for weights in WEIGHTS:
+      model = lora.quantize_stacks(nnx.clone(base.model), weights, group)
+      held, packed = _bytes(model)
+      case = {'model_bytes': held, 'model_bytes_packed': packed,
+              'eval_loss': _eval_loss(base, model, eval_batches)}
+      codes = []
+      for layout in ('fused', 'stacked'):
+        sampling = gen.sampling_from_config(
+            config.sample, temperature=0.0, max_frames=frames,
+            min_frames=frames, backbone_weights=layout,
+            cfg_scale=config.sample.cfg_scale if config.sample.cfg_scale != 1
+            else 1.5, **gen.model_classes(config.model))
+        fn = gen.make_generate_fn(model, sampling, num_cond=1)
+        if layout == 'fused':
+          codes = [np.asarray(fn(p, jax.random.key(0))['codes'])
+                   for p in prompts]
+        t = measure.median_time(
+            lambda: fn(prompts[0], jax.random.key(0))['codes'], repeats)
+        case[f'frames_per_s_{layout}'] = frames / t
+      codes = np.stack(codes)
+      if want is None:
+        want = codes
+      case['greedy_code_agreement'] = float(np.mean(codes == want))
+      same = np.all(codes == want, axis=-1).reshape(PROMPTS, -1)
+      first = [int(np.argmin(r)) if not r.all() else r.size for r in same]
+      case['greedy_frames_before_first_difference'] = first
+      out['cases'][weights] = case
+  f = out['cases']['float']
+  for weights in WEIGHTS[1:]:
+    c = out['cases'][weights]
+    c['bytes_vs_float'] = c['model_bytes'] / f['model_bytes']
+    c['bytes_packed_vs_float'] = c['model_bytes_packed'] / f['model_bytes']
+    c['eval_loss_change'] = c['eval_loss'] - f['eval_loss']
+    for layout in ('fused', 'stacked'):
+      c[f'speed_vs_float_{layout}'] = (c[f'frames_per_s_{layout}']
+                                       / f[f'frames_per_s_{layout}'])
+  out['machine'] = machine.describe(load_start)
+  return out
