@@ -90,7 +90,7 @@ def default_config() -> ConfigDict:
   s.steps = 60
   # Weight-only quantized inference (`accompany`): the backbone's attention
   # and MLP weights as int8 / int4 (qwix; nn/lora.py), dequantized where read.
-  s.weights = 'float'                  # float | int8 | int4
+  s.weights = 'float'                  # float | bfloat16 | int8 | int4
   s.temperature = 1.0
   s.top_k = 100
   s.top_p = 0.9
@@ -125,8 +125,8 @@ def check_config(config: ConfigDict) -> None:
     raise ConfigError(f'config.model.backbone.dim={m.backbone.dim} must be '
                       'even: the vocal and accompaniment tracks get dim/2 each')
   transformer.check_config(m.backbone, 'model.backbone')
-  if config.sample.weights not in lora.BASES:
-    raise ConfigError(f'config.sample.weights must be one of {lora.BASES}, '
+  if config.sample.weights not in lora.SERVING:
+    raise ConfigError(f'config.sample.weights must be one of {lora.SERVING}, '
                       f'got {config.sample.weights!r}')
   lo = config.loss
   if lo.weighting not in diffusion.LOSS_KINDS:

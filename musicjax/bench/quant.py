@@ -23,7 +23,7 @@ from musicjax.lm import generate as gen
 from musicjax.nn import lora
 from musicjax.train import runs
 
-WEIGHTS = ('float', 'int8', 'int4')
+WEIGHTS = ('float', 'bfloat16', 'int8', 'int4')
 # Greedy decode: frames per song and prompts (rows with their null rows).
 FRAMES = 200
 PROMPTS = 4
@@ -45,6 +45,15 @@ def _eval_loss(run, model, batches: int) -> float:
   return float(np.mean([float(step(model, next(it))) for _ in range(batches)]))
 
 
+def _agreement(codes: np.ndarray, want: np.ndarray, name: str) -> dict:
+  """Greedy codes [prompts, ...frames..., K] against `want`'s: the share of
+  equal codes, and per prompt the frames before the first different one."""
+  same = np.all(codes == want, axis=-1).reshape(codes.shape[0], -1)
+  return {f'greedy_code_agreement_vs_{name}': float(np.mean(codes == want)),
+          f'greedy_frames_before_first_difference_vs_{name}': [
+              int(np.argmin(r)) if not r.all() else r.size for r in same]}
+
+
 def run(workdir: str, repeats: int = 3, frames: int = FRAMES,
         eval_batches: int = 4) -> dict:
   load_start = runtime.load_now()
@@ -57,7 +66,7 @@ def run(workdir: str, repeats: int = 3, frames: int = FRAMES,
                       f'decoding of {PROMPTS} random prompts x {frames} '
                       f'frames, decode frames/s median of {repeats}',
          'compute_dtype': config.model.backbone.dtype, 'cases': {}}
-  want = None
+  all_codes = {}
   with base.activate():
     for weights in WEIGHTS:
       model = lora.quantize_stacks(nnx.clone(base.model), weights, group)
@@ -78,13 +87,10 @@ def run(workdir: str, repeats: int = 3, frames: int = FRAMES,
         t = measure.median_time(
             lambda: fn(prompts[0], jax.random.key(0))['codes'], repeats)
         case[f'frames_per_s_{layout}'] = frames / t
-      codes = np.stack(codes)
-      if want is None:
-        want = codes
-      case['greedy_code_agreement'] = float(np.mean(codes == want))
-      same = np.all(codes == want, axis=-1).reshape(PROMPTS, -1)
-      first = [int(np.argmin(r)) if not r.all() else r.size for r in same]
-      case['greedy_frames_before_first_difference'] = first
+      all_codes[weights] = np.stack(codes)
+      for ref in ('float', 'bfloat16'):
+        if ref in all_codes:
+          case.update(_agreement(all_codes[weights], all_codes[ref], ref))
       out['cases'][weights] = case
   f = out['cases']['float']
   for weights in WEIGHTS[1:]:

@@ -144,7 +144,7 @@ def default_config() -> ConfigDict:
   # MLP weights held as int8 / int4 (qwix; nn/lora.py), dequantized where
   # read. The fused decode path dequantizes once per song; `stacked` reads
   # them in place at every step.
-  s.weights = 'float'             # float | int8 | int4
+  s.weights = 'float'             # float | bfloat16 | int8 | int4
   # Global-transformer decode attention (kernels/dispatch.py): auto = the
   # Pallas kernel on GPU/TPU, XLA on CPU; xla | pallas force one (pallas runs
   # in the interpreter on CPU). The kernel's cache is rounded up to
@@ -231,8 +231,8 @@ def check_config(config: ConfigDict) -> None:
     raise ConfigError('config.summary.seconds must be >= 0 (0 = no '
                       f'summaries), got {config.summary.seconds}')
   s = config.sample
-  if s.weights not in lora.BASES:
-    raise ConfigError(f'config.sample.weights must be one of {lora.BASES}, '
+  if s.weights not in lora.SERVING:
+    raise ConfigError(f'config.sample.weights must be one of {lora.SERVING}, '
                       f'got {s.weights!r}')
   if s.attention not in dispatch.IMPLS:
     raise ConfigError(f'config.sample.attention must be one of {dispatch.IMPLS}, '

@@ -39,6 +39,8 @@ from flax import nnx
 from musicjax.errors import ConfigError
 
 BASES = ('float', 'int8', 'int4')
+# Inference (config.sample.weights) may also hold the stacks in bfloat16.
+SERVING = BASES + ('bfloat16',)
 _QTYPES = {'int8': jnp.int8, 'int4': jnp.int4}
 
 
@@ -193,17 +195,23 @@ def targets(model: nnx.Module, patterns, key: str = 'config.lora.targets'
 
 def quantize_stacks(model: nnx.Module, base: str, group: int) -> nnx.Module:
   """Stores every adaptable weight of `model`'s transformer stacks as `base`
-  (int8 / int4; float: unchanged), in place: QLoRA's frozen base, and
-  weight-only quantized inference (config.sample.weights). Heads and
+  (int8 / int4, or bfloat16 for inference; float: unchanged), in place:
+  QLoRA's frozen base, and weight-only quantized inference
+  (config.sample.weights). Heads and
   embeddings stay float, as QLoRA keeps its output layer."""
   if base == 'float':
     return model
-  if base not in BASES:
-    raise ConfigError(f'weights must be one of {BASES}, got {base!r}')
+  if base not in SERVING:
+    raise ConfigError(f'weights must be one of {SERVING}, got {base!r}')
   with nnx.use_eager_sharding(False):   # placed by the caller's shardings
     for path, (m, name) in adaptable(model).items():
-      if 'layers' in path.split('/') and not isinstance(getattr(m, name),
-                                                        Quantized):
+      var = getattr(m, name)
+      if 'layers' not in path.split('/') or isinstance(var, Quantized):
+        continue
+      if base == 'bfloat16':
+        setattr(m, name, nnx.Param(var[...].astype(jnp.bfloat16),
+                                   **var.get_metadata()))
+      else:
         quantize_base(m, name, base, group)
   return model
 

@@ -144,8 +144,8 @@ def serving(run: Run) -> Run:
   inference; nn/lora.py), unchanged when float."""
   from musicjax.nn import lora
   weights = run.config.get('sample', {}).get('weights', 'float')
-  if weights not in lora.BASES:
-    raise ConfigError(f'config.sample.weights must be one of {lora.BASES}, '
+  if weights not in lora.SERVING:
+    raise ConfigError(f'config.sample.weights must be one of {lora.SERVING}, '
                       f'got {weights!r}')
   if weights != 'float':
     with run.activate():
