@@ -41,23 +41,9 @@ TOL = 2e-5
 TOL_GUIDED = 5e-5
 
 
-def _tokenizer(path: str) -> None:
-  """A T5-like tokenizer.json: words, then '</s>' appended (MusicGen's
-  processor adds T5's end-of-sequence token)."""
-  from tokenizers import Tokenizer, models, pre_tokenizers, processors
-  vocab = {'<pad>': 0, '</s>': 1, '<unk>': 2}
-  vocab.update({w: i + 3 for i, w in enumerate(WORDS)})
-  tok = Tokenizer(models.WordLevel(vocab, unk_token='<unk>'))
-  tok.pre_tokenizer = pre_tokenizers.Whitespace()
-  tok.post_processor = processors.TemplateProcessing(
-      single='$A </s>', special_tokens=[('</s>', 1)])
-  tok.save(path)
-
-
-def tiny_musicgen(folder: str, seed: int = 0, **decoder):
-  """A random MusicGen saved to `folder`; norms away from 1 / 0 and heads
-  scaled, so logits are a few units and a mapping mix-up shows."""
-  torch.manual_seed(seed)
+def tiny_parts() -> tuple:
+  """(T5 config, EnCodec config, decoder numbers) of the tiny MusicGens,
+  text and melody alike."""
   t5 = transformers.T5Config(
       vocab_size=T5_VOCAB, d_model=24, d_kv=8, d_ff=32, num_layers=2,
       num_heads=3, relative_attention_num_buckets=8,
@@ -72,26 +58,40 @@ def tiny_musicgen(folder: str, seed: int = 0, **decoder):
   dec = dict(vocab_size=V, max_position_embeddings=64, num_hidden_layers=2,
              ffn_dim=48, num_attention_heads=4, hidden_size=32,
              num_codebooks=K, pad_token_id=V, bos_token_id=V, dropout=0.0)
-  dec.update(decoder)
-  config = transformers.MusicgenConfig(
-      text_encoder=t5.to_dict(), audio_encoder=enc.to_dict(),
-      decoder=transformers.MusicgenDecoderConfig(**dec).to_dict())
-  model = transformers.MusicgenForConditionalGeneration(config).eval()
+  return t5, enc, dec
+
+
+def spread(model, projections=('enc_to_dec_proj',), std: float = 0.3) -> None:
+  """Norms away from 1 / 0, heads scaled and the `projections` drawn wide,
+  so logits are a few units and a mapping mix-up shows; EnCodec's codebooks
+  drawn."""
   with torch.no_grad():
     for name, p in model.named_parameters():
       if 'layer_norm' in name and not name.startswith('text_encoder'):
         p.uniform_(0.5, 1.5) if name.endswith('weight') else p.uniform_(-.5, .5)
       elif 'lm_heads' in name:
         p.mul_(30.0)
-      elif name.startswith('enc_to_dec_proj'):
-        p.normal_(0.0, 0.3)
+      elif name.startswith(tuple(projections)):
+        p.normal_(0.0, std)
     for name, buf in model.audio_encoder.named_buffers():
-      if name.endswith('.embed'):          # EnCodec's codebooks: drawn
+      if name.endswith('.embed'):
         buf.normal_()
       elif name.endswith('.inited'):
         buf.fill_(1.0)
+
+
+def tiny_musicgen(folder: str, seed: int = 0, **decoder):
+  """A random MusicGen saved to `folder` (`spread`) with its tokenizer."""
+  torch.manual_seed(seed)
+  t5, enc, dec = tiny_parts()
+  dec.update(decoder)
+  config = transformers.MusicgenConfig(
+      text_encoder=t5.to_dict(), audio_encoder=enc.to_dict(),
+      decoder=transformers.MusicgenDecoderConfig(**dec).to_dict())
+  model = transformers.MusicgenForConditionalGeneration(config).eval()
+  spread(model)
   model.save_pretrained(folder)
-  _tokenizer(os.path.join(folder, import_musicgen.TOKENIZER))
+  rf.t5_tokenizer(os.path.join(folder, import_musicgen.TOKENIZER), WORDS)
   return model
 
 

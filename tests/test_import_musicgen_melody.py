@@ -37,16 +37,16 @@ from musicjax.lm import musicgen_song
 from musicjax.lm import song
 
 import released_fixtures as rf
+import test_import_musicgen as M
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 pytest.importorskip('tokenizers')
 
-B, K, V, L = 2, 4, 16, 9
-SR, HOP = 8000, 16
+# The tiny MusicGens' numbers (test_import_musicgen.tiny_parts).
+B, K, V, L, SR, HOP, T5_VOCAB, WORDS = (M.B, M.K, M.V, M.L, M.SR, M.HOP,
+                                        M.T5_VOCAB, M.WORDS)
 CHROMA_LENGTH = 8
-T5_VOCAB = 40
-WORDS = ('calm', 'piano', 'loud', 'drums', 'slow', 'jazz', 'bright', 'synth')
 # The tiny extractor: 8 kHz (EnCodec's rate here), 31.25 chroma frames/s.
 TINY = musicgen_chroma.ChromaSettings(sampling_rate=SR, n_fft=1024,
                                       hop_length=256, chunk_length=2)
@@ -105,36 +105,13 @@ def tiny_melody(folder: str, seed: int = 0):
   preprocessor_config.json; norms away from 1 / 0, heads scaled and the
   projections drawn wide, so logits are a few units and mix-ups show."""
   torch.manual_seed(seed)
-  t5 = transformers.T5Config(
-      vocab_size=T5_VOCAB, d_model=24, d_kv=8, d_ff=32, num_layers=2,
-      num_heads=3, relative_attention_num_buckets=8,
-      relative_attention_max_distance=16, feed_forward_proj='relu')
-  enc = transformers.EncodecConfig(
-      sampling_rate=SR, audio_channels=1, num_filters=4,
-      upsampling_ratios=[4, 4], codebook_size=V, codebook_dim=8,
-      hidden_size=8, num_lstm_layers=1, target_bandwidths=[8.0],
-      use_causal_conv=False, norm_type='weight_norm', normalize=False)
-  dec = transformers.MusicgenMelodyDecoderConfig(
-      vocab_size=V, max_position_embeddings=64, num_hidden_layers=2,
-      ffn_dim=48, num_attention_heads=4, hidden_size=32, num_codebooks=K,
-      pad_token_id=V, bos_token_id=V, dropout=0.0)
+  t5, enc, dec = M.tiny_parts()
   config = transformers.MusicgenMelodyConfig(
       text_encoder=t5.to_dict(), audio_encoder=enc.to_dict(),
-      decoder=dec.to_dict(), num_chroma=12, chroma_length=CHROMA_LENGTH)
+      decoder=transformers.MusicgenMelodyDecoderConfig(**dec).to_dict(),
+      num_chroma=12, chroma_length=CHROMA_LENGTH)
   model = transformers.MusicgenMelodyForConditionalGeneration(config).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if 'layer_norm' in name and not name.startswith('text_encoder'):
-        p.uniform_(0.5, 1.5) if name.endswith('weight') else p.uniform_(-.5, .5)
-      elif 'lm_heads' in name:
-        p.mul_(30.0)
-      elif name.startswith(('enc_to_dec_proj', 'audio_enc_to_dec_proj')):
-        p.normal_(0.0, 0.5)
-    for name, buf in model.audio_encoder.named_buffers():
-      if name.endswith('.embed'):
-        buf.normal_()
-      elif name.endswith('.inited'):
-        buf.fill_(1.0)
+  M.spread(model, ('enc_to_dec_proj', 'audio_enc_to_dec_proj'), 0.5)
   model.save_pretrained(folder)
   rf.t5_tokenizer(os.path.join(folder, import_musicgen.TOKENIZER), WORDS)
   _extractor(TINY).to_json_file(

@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 import test_import_heartmula as TI
+from test_lora import _flat, _tree  # pylint: disable=g-bad-import-order
 from musicjax import config as cfg
 from musicjax.data import song_text
 from musicjax.data import token_records
@@ -39,14 +40,6 @@ STEPS = 30
 # 7.044 -> 5.212 (jax 0.12.1), a 26% drop.
 MARGIN = 0.2
 TARGETS = ('*/attn/wq', '*/attn/wk', '*/attn/wv', '*/attn/wo', '*/mlp/*')
-
-
-def _flat(tree, prefix='') -> dict:
-  out = {}
-  for k, v in tree.items():
-    p = f'{prefix}/{k}' if prefix else str(k)
-    out.update(_flat(v, p) if isinstance(v, dict) else {p: v})
-  return out
 
 
 @pytest.fixture(scope='module')
@@ -149,17 +142,11 @@ def test_the_base_is_unchanged_and_only_adapters_are_saved(made):
       ckpt_lib.checkpoint_dir(made['qlora']), str(STEPS),
       'state')).item_metadata
   assert set(saved) == {'model', 'opt', 'step'}
-  assert set(_flat(_meta(saved['model']))) == adapters
+  assert set(_flat(_tree(saved['model']))) == adapters
   # The imported run itself was not touched.
   assert runs.load_run(made['base']).step == 0
   with open(os.path.join(made['qlora'], adapter_runs.BASE_RECORD)) as f:
     assert json.load(f)['step'] == 0
-
-
-def _meta(meta) -> dict:
-  if hasattr(meta, 'keys'):
-    return {k: _meta(meta[k]) for k in meta.keys()}
-  return meta
 
 
 def test_the_merged_run_stands_alone_like_the_import(made, tmp_path):
