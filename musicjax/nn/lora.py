@@ -142,18 +142,6 @@ def quantize_base(m: nnx.Module, name: str, base: str, group: int) -> None:
   setattr(m, name + '_qtype', base)
 
 
-def load_base(m: nnx.Module, name: str, w: jax.Array, group: int) -> None:
-  """Sets the (possibly quantized) base of weight `name` of `m` from float w."""
-  var = getattr(m, name)
-  if not isinstance(var, Quantized):
-    var[...] = w.astype(var.dtype)
-    return
-  batch, n_in = type(m).ADAPTABLE[name]
-  q = _quantize(w, _lead(var, batch), n_in, getattr(m, name + '_qtype'), group)
-  var[...] = q.qvalue
-  getattr(m, name + '_scale')[...] = q.scale
-
-
 def add_adapters(m: nnx.Module, name: str, rank: int, alpha: float,
                  key: jax.Array) -> None:
   """A [lead..., in..., rank] (He-uniform) and B [lead..., rank, out...]

@@ -27,15 +27,11 @@ from musicjax.parallel import distributed
 BASE_RECORD = 'base.json'
 
 
-def enabled(config) -> bool:
-  return lora.enabled(config)
-
-
 def check(task) -> None:
   """Config errors of a LoRA run of `task`, before anything is built."""
   config = task.config
   lora.check_config(config)
-  if not enabled(config):
+  if not lora.enabled(config):
     return
   if not task.supports_lora:
     raise ConfigError(f'config.lora.rank={config.lora.rank}: task '

@@ -36,6 +36,7 @@ from musicjax import tasks
 from musicjax.config import ConfigError
 from musicjax.data import audio
 from musicjax.errors import UserError
+from musicjax.nn import lora
 from musicjax.parallel import distributed
 from musicjax.parallel import mesh as mesh_lib
 from musicjax.parallel import rules as rules_lib
@@ -130,7 +131,7 @@ def setup(config: ml_collections.ConfigDict, devices=None) -> Setup:
       task.batch_spec(config.data.eval_batch_size), mesh, rules)
   leave_out = (frozenset(adapter_runs.frozen_paths(
       abstract_state, task.warm_start_subtrees))
-               if adapter_runs.enabled(config) else frozenset())
+               if lora.enabled(config) else frozenset())
   return Setup(config, task, mesh, rules, graphdef, abstract_state, state_sh,
                batch_sh, eval_sh, leave_out)
 
@@ -282,7 +283,7 @@ def init_state(s: Setup) -> nnx.State:
 def _restore(s: Setup, manager, step: int, workdir: str, data_iter=None
              ) -> nnx.State:
   """Checkpoint `step`; a LoRA run's frozen base comes from its init run."""
-  if not adapter_runs.enabled(s.config):
+  if not lora.enabled(s.config):
     return ckpt_lib.restore(manager, step, s.abstract_state, s.state_shardings,
                             data_iter)
   with rules_lib.use_rules(s.rules):
@@ -298,7 +299,7 @@ def _initial_state(s: Setup, manager, data_iter, workdir: str
   latest = manager.latest_step()
   if latest is None:
     state = s.task.warm_start(init_state(s), s.state_shardings)
-    if adapter_runs.enabled(s.config):
+    if lora.enabled(s.config):
       adapter_runs.record_base(workdir, s.config.init.workdir,
                                s.task.warm_start_step)
     return state, 0, _Counters()

@@ -36,6 +36,7 @@ from flax import nnx
 from musicjax import config as config_lib
 from musicjax import tasks
 from musicjax.config import ConfigError
+from musicjax.nn import lora
 from musicjax.parallel import distributed
 from musicjax.train import adapter_runs
 from musicjax.train import checkpoint as ckpt_lib
@@ -101,7 +102,7 @@ def plan(task, abstract_state: Any | None = None) -> Plan | None:
                         f'config.model key of task {config.task!r}')
   free = tuple(task.free_model_keys) + tuple(init.model_changes)
   source_config = runs.saved_config(workdir, flag=flag)
-  if adapter_runs.enabled(source_config):
+  if lora.enabled(source_config):
     raise ConfigError(
         f'{flag}={workdir} is a LoRA run: its checkpoints hold only adapters. '
         f'Fold them into a plain run first: musicjax merge-lora --workdir '
@@ -150,12 +151,12 @@ def plan(task, abstract_state: Any | None = None) -> Plan | None:
               tuple(sorted(new)), tuple(sorted(made)))
 
 
-def _drop(tree: dict, path: str) -> None:
+def _parent(tree: dict, path: str) -> tuple[dict, str]:
+  """(the dict holding `path`'s leaf in the pure-dict `tree`, its key)."""
   *parents, leaf = path.split('/')
-  node = tree
   for p in parents:
-    node = node[p] if p in node else node[int(p)]
-  node.pop(leaf if leaf in node else int(leaf))
+    tree = tree[p] if p in tree else tree[int(p)]
+  return tree, leaf
 
 
 def apply(task, state: nnx.State, shardings: Any,
@@ -168,25 +169,18 @@ def apply(task, state: nnx.State, shardings: Any,
   subtrees = tuple(task.warm_start_subtrees)
   target = {k: ckpt_lib.abstract_target(state[k], shardings[k])
             for k in subtrees}
-  for path in p.fresh + p.made:
-    _drop(target, path)
+  target = adapter_runs.drop(target, set(p.fresh + p.made))
   # A QLoRA base is read as the floats it was saved as, then quantized.
   quantized = sorted(adapter_runs.quantized_paths(state))
   for path in quantized:
-    *parents, leaf = path.split('/')
-    node = target
-    for q in parents:
-      node = node[q]
+    node, leaf = _parent(target, path)
     node[leaf] = jax.ShapeDtypeStruct(node[leaf].shape, jax.numpy.float32,
                                       sharding=node[leaf].sharding)
   restored, step = ckpt_lib.restore_partial(p.workdir, p.source.checkpoint.keep,
                                             target)
   flat_state = dict(adapter_runs.flat_variables(state))
   for path in quantized:
-    *parents, leaf = path.split('/')
-    node = restored
-    for q in parents:
-      node = node[q]
+    node, leaf = _parent(restored, path)
     node[leaf], node[leaf + '_scale'] = adapter_runs.requantize(
         node[leaf], flat_state[path], flat_state[path + '_scale'])
   task.warm_start_step = step    # a LoRA run records its base's step
