@@ -11,7 +11,6 @@ path depends on how peaked the learned distributions are.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -29,14 +28,9 @@ FRAMES = 200
 PROMPTS = 4
 
 
-def _bytes(model: nnx.Module) -> tuple[int, int]:
-  """(bytes as this backend holds the model, bytes at the dtypes' bits: int4
-  packed two to a byte, as accelerators store it; XLA:CPU uses a byte)."""
-  leaves = jax.tree.leaves(nnx.state(model))
-  held = sum(x.nbytes for x in leaves)
-  packed = sum(x.size * (4 if x.dtype == jnp.int4 else 8 * x.dtype.itemsize)
-               for x in leaves) // 8
-  return int(held), int(packed)
+def _bytes(model: nnx.Module) -> int:
+  """The model's bytes at rest (int4 values are stored two to a byte)."""
+  return int(sum(x.nbytes for x in jax.tree.leaves(nnx.state(model))))
 
 
 def _eval_loss(run, model, batches: int) -> float:
@@ -70,8 +64,7 @@ def run(workdir: str, repeats: int = 3, frames: int = FRAMES,
   with base.activate():
     for weights in WEIGHTS:
       model = lora.quantize_stacks(nnx.clone(base.model), weights, group)
-      held, packed = _bytes(model)
-      case = {'model_bytes': held, 'model_bytes_packed': packed,
+      case = {'model_bytes': _bytes(model),
               'eval_loss': _eval_loss(base, model, eval_batches)}
       codes = []
       for layout in ('fused', 'stacked'):
@@ -96,7 +89,6 @@ def run(workdir: str, repeats: int = 3, frames: int = FRAMES,
   for weights in WEIGHTS[1:]:
     c = out['cases'][weights]
     c['bytes_vs_float'] = c['model_bytes'] / f['model_bytes']
-    c['bytes_packed_vs_float'] = c['model_bytes_packed'] / f['model_bytes']
     c['eval_loss_change'] = c['eval_loss'] - f['eval_loss']
     for layout in ('fused', 'stacked'):
       c[f'speed_vs_float_{layout}'] = (c[f'frames_per_s_{layout}']

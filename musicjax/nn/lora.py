@@ -18,7 +18,10 @@ the weights outside any module call. Here the adapters are attributes of the
 stacked module itself, so the scan slices them with the weights, and every
 read goes through one function. The quantized base is qwix's own arrays
 (`qwix.quantize`, `qwix.dequantize`: per-output-channel int8, or int4 in
-groups along the contracted dims).
+groups along the contracted dims). int4 values are stored two to a byte along
+the last (output) axis and unpacked where read: XLA:CPU holds an int4 array
+in a byte per value and widened each whole stacked int4 array before the layer
+loop, while a packed stack is sliced per layer first, then unpacked.
 
 The adapted weight is materialised per layer (inside the layer scan, so one
 layer at a time; with remat, again in the backward pass), so a LoRA step
@@ -41,7 +44,7 @@ from musicjax.errors import ConfigError
 BASES = ('float', 'int8', 'int4')
 # Inference (config.sample.weights) may also hold the stacks in bfloat16.
 SERVING = BASES + ('bfloat16',)
-_QTYPES = {'int8': jnp.int8, 'int4': jnp.int4}
+QTYPES = {'int8': jnp.int8, 'int4': jnp.int4}
 
 
 class Quantized(nnx.Variable):
@@ -90,13 +93,41 @@ def adaptable(model: nnx.Module) -> dict[str, tuple[nnx.Module, str]]:
   return out
 
 
+def pack_int4(v: jax.Array) -> jax.Array:
+  """int4 values [..., n] as int8 [..., ceil(n / 2)]: element 2i in the low
+  nibble of byte i, 2i + 1 in the high one (a shard of the bytes holds a
+  contiguous run of the values, so the last axis shards as before)."""
+  v = v.astype(jnp.int8)
+  if v.shape[-1] % 2:
+    v = jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, 1)])
+  return (v[..., 0::2] & 0xF) | (v[..., 1::2] << 4)
+
+
+def unpack_int4(p: jax.Array, n: int) -> jax.Array:
+  """The int8 values in [-8, 7] that `pack_int4` packed into `p`; n: the
+  unpacked last dim."""
+  lo = jnp.left_shift(p, 4) >> 4          # arithmetic shifts sign-extend
+  hi = p >> 4
+  return jnp.stack([lo, hi], -1).reshape(*p.shape[:-1], -1)[..., :n]
+
+
+def float_shape(qvalue, scale) -> tuple[int, ...]:
+  """The float weight's shape behind quantized values and their scales (int4
+  values are packed along the last axis, an output channel's, which the
+  scales keep whole)."""
+  return tuple(qvalue.shape[:-1]) + (scale.shape[-1],)
+
+
 def _dequantized(m: nnx.Module, name: str) -> jax.Array:
   base = getattr(m, name)
   if not isinstance(base, Quantized):
     return base[...]
-  q = qwix.QArray(qvalue=base[...], scale=getattr(m, name + '_scale')[...],
-                  qtype=_QTYPES[getattr(m, name + '_qtype')])
-  return qwix.dequantize(q)
+  scale, qtype = getattr(m, name + '_scale')[...], getattr(m, name + '_qtype')
+  v = base[...]
+  if qtype == 'int4':
+    v = unpack_int4(v, scale.shape[-1])   # the last axis is an output's
+  return qwix.dequantize(qwix.QArray(qvalue=v, scale=scale,
+                                     qtype=QTYPES[qtype]))
 
 
 def read(m: nnx.Module, name: str) -> jax.Array:
@@ -124,7 +155,7 @@ def _quantize(w: jax.Array, lead: int, n_in: int, base: str, group: int):
   if base == 'int4':
     tiles = {i: group for i in contracted if w.shape[i] % group == 0
              and w.shape[i] > group}
-  return qwix.quantize(w, _QTYPES[base], channelwise_axes=channels,
+  return qwix.quantize(w, QTYPES[base], channelwise_axes=channels,
                        tiled_axes=tiles or None)
 
 
@@ -137,7 +168,8 @@ def quantize_base(m: nnx.Module, name: str, base: str, group: int) -> None:
   q = _quantize(var[...], lead, n_in, base, group)
   scale_names = tuple(None if lead <= i < lead + n_in else n
                       for i, n in enumerate(names))
-  setattr(m, name, Quantized(q.qvalue, out_sharding=names))
+  values = pack_int4(q.qvalue) if base == 'int4' else q.qvalue
+  setattr(m, name, Quantized(values, out_sharding=names, qtype=base))
   setattr(m, name + '_scale', Quantized(q.scale, out_sharding=scale_names))
   setattr(m, name + '_qtype', base)
 
@@ -150,7 +182,8 @@ def add_adapters(m: nnx.Module, name: str, rank: int, alpha: float,
   batch, n_in = type(m).ADAPTABLE[name]
   lead = _lead(var, batch)
   names = tuple(var.get_metadata().get('out_sharding') or (None,) * var.ndim)
-  shape = tuple(var.shape)
+  shape = (float_shape(var, getattr(m, name + '_scale'))
+           if isinstance(var, Quantized) else tuple(var.shape))
   fan_in = math.prod(shape[lead:lead + n_in])
   bound = math.sqrt(6.0 / fan_in)
   a = jax.random.uniform(key, shape[:lead + n_in] + (rank,), jnp.float32,

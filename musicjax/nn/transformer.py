@@ -607,15 +607,15 @@ class FusedBlock:
   def __init__(self, block: Block, decode_attention=None):
     self.decode_attention = decode_attention
     a, m = block.attn, block.mlp
-    e, h, d = a.wq.shape
-    kv = a.wk.shape[1]
+    w = functools.partial(lora.read, a)
+    wq, wk = w('wq'), w('wk')
+    e, h, d = wq.shape
+    kv = wk.shape[1]
     self.h, self.kv, self.d = h, kv, d
     self.rotary, self.dtype = a.rotary, a.dtype
     self.attn_norm, self.mlp_norm = block.attn_norm, block.mlp_norm
     dt = a.dtype
-    w = functools.partial(lora.read, a)
-    self.wqkv = jnp.concatenate([w('wq').reshape(e, h * d),
-                                 w('wk').reshape(e, kv * d),
+    self.wqkv = jnp.concatenate([wq.reshape(e, h * d), wk.reshape(e, kv * d),
                                  w('wv').reshape(e, kv * d)], 1).astype(dt)
     self.wo = w('wo').reshape(h * d, e).astype(dt)
     self.gated = isinstance(m, MLP)

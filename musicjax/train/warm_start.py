@@ -118,6 +118,9 @@ def plan(task, abstract_state: Any | None = None) -> Plan | None:
   theirs = _weights(_abstract_state(tasks.get(source.task)(source)), subtrees)
   # A LoRA run's adapters and quantization scales are its own (fresh).
   made = adapter_runs.made_paths(abstract_state) - set(theirs)
+  for p in adapter_runs.quantized_paths(abstract_state) & set(ours):
+    ours[p] = jax.ShapeDtypeStruct(           # compared as the float weight
+        lora.float_shape(ours[p], ours[p + '_scale']), jax.numpy.float32)
   for p in sorted(set(ours) & set(theirs)):
     if tuple(ours[p].shape) != tuple(theirs[p].shape):
       raise ConfigError(
@@ -172,13 +175,15 @@ def apply(task, state: nnx.State, shardings: Any,
   target = adapter_runs.drop(target, set(p.fresh + p.made))
   # A QLoRA base is read as the floats it was saved as, then quantized.
   quantized = sorted(adapter_runs.quantized_paths(state))
+  flat_state = dict(adapter_runs.flat_variables(state))
   for path in quantized:
     node, leaf = _parent(target, path)
-    node[leaf] = jax.ShapeDtypeStruct(node[leaf].shape, jax.numpy.float32,
-                                      sharding=node[leaf].sharding)
+    node[leaf] = jax.ShapeDtypeStruct(
+        lora.float_shape(node[leaf],
+                                 flat_state[path + '_scale'].get_value()),
+        jax.numpy.float32, sharding=node[leaf].sharding)
   restored, step = ckpt_lib.restore_partial(p.workdir, p.source.checkpoint.keep,
                                             target)
-  flat_state = dict(adapter_runs.flat_variables(state))
   for path in quantized:
     node, leaf = _parent(restored, path)
     node[leaf], node[leaf + '_scale'] = adapter_runs.requantize(
