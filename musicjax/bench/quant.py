@@ -10,6 +10,8 @@ path depends on how peaked the learned distributions are.
 """
 from __future__ import annotations
 
+import time
+
 import jax
 import numpy as np
 from flax import nnx
@@ -17,7 +19,6 @@ from flax import nnx
 from musicjax import runtime
 from musicjax.bench import lm as lm_bench
 from musicjax.bench import machine
-from musicjax.bench import measure
 from musicjax.lm import generate as gen
 from musicjax.nn import lora
 from musicjax.train import runs
@@ -58,15 +59,15 @@ def run(workdir: str, repeats: int = 3, frames: int = FRAMES,
   out = {'benchmark': f'weight-only quantized inference of {workdir}: eval '
                       f'loss over {eval_batches} eval batches, greedy CFG '
                       f'decoding of {PROMPTS} random prompts x {frames} '
-                      f'frames, decode frames/s median of {repeats}',
+                      f'frames, decode frames/s median of {repeats} (weight types '
+                      'timed round-robin)',
          'compute_dtype': config.model.backbone.dtype, 'cases': {}}
-  all_codes = {}
+  all_codes, timed = {}, {}
   with base.activate():
     for weights in WEIGHTS:
       model = lora.quantize_stacks(nnx.clone(base.model), weights, group)
       case = {'model_bytes': _bytes(model),
               'eval_loss': _eval_loss(base, model, eval_batches)}
-      codes = []
       for layout in ('fused', 'stacked'):
         sampling = gen.sampling_from_config(
             config.sample, temperature=0.0, max_frames=frames,
@@ -75,16 +76,27 @@ def run(workdir: str, repeats: int = 3, frames: int = FRAMES,
             else 1.5, **gen.model_classes(config.model))
         fn = gen.make_generate_fn(model, sampling, num_cond=1)
         if layout == 'fused':
-          codes = [np.asarray(fn(p, jax.random.key(0))['codes'])
-                   for p in prompts]
-        t = measure.median_time(
-            lambda: fn(prompts[0], jax.random.key(0))['codes'], repeats)
-        case[f'frames_per_s_{layout}'] = frames / t
-      all_codes[weights] = np.stack(codes)
+          all_codes[weights] = np.stack(
+              [np.asarray(fn(p, jax.random.key(0))['codes']) for p in prompts])
+        timed[weights, layout] = (
+            lambda fn=fn: fn(prompts[0], jax.random.key(0))['codes'])
       for ref in ('float', 'bfloat16'):
         if ref in all_codes:
           case.update(_agreement(all_codes[weights], all_codes[ref], ref))
       out['cases'][weights] = case
+    # Round-robin over the weight types, so that a slow spell of this shared
+    # machine slows them all alike instead of one block of repeats.
+    spent = {key: [] for key in timed}
+    for fn in timed.values():
+      jax.block_until_ready(fn())            # warm-up (compiled above)
+    for _ in range(repeats):
+      for key, fn in timed.items():
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        spent[key].append(time.perf_counter() - t0)
+    for (weights, layout), ts in spent.items():
+      out['cases'][weights][f'frames_per_s_{layout}'] = frames / float(
+          np.median(ts))
   f = out['cases']['float']
   for weights in WEIGHTS[1:]:
     c = out['cases'][weights]
