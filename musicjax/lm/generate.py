@@ -516,6 +516,7 @@ def _generate_stream(model, prompt, *, rng, sampling, num_cond, melody,
                             ctx)
   dv = _decode_view(model, sampling, after=h)   # as in generate()
   cache = dv.loop_cache(cache)
+  ctx = dv.loop_context(ctx)
   rows = jnp.arange(b)
   state = dict(cache=cache, key_valid=key_valid, h=h[:, -1],
                rope=jnp.sum(valid, axis=1).astype(jnp.int32),

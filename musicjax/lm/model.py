@@ -571,6 +571,11 @@ class DecodeView:
     """The prefilled stacked cache in the layout backbone_step takes."""
     return cache if self.stacked else transformer.split_cache(cache)
 
+  def loop_context(self, context):
+    """The cross-attention context (`Transformer.cross_context`) in the
+    layout backbone_step takes."""
+    return context if self.stacked else transformer.split_context(context)
+
   def local_step(self, x, positions, mask, cache, index):
     return transformer.run_fused(self.local, self.model.local.norm, x,
                                     positions, mask, cache, index)

@@ -424,13 +424,35 @@ class CrossAttention(nnx.Module):
     dt = self.dtype
     w = lambda name: lora.read(self, name).astype(dt)
     q = jnp.einsum('bte,ehd->bthd', x.astype(dt), w('wq'))
+    o = self._attend(q, context, layer)
+    return jnp.einsum('bthd,hde->bte', o, w('wo'))
+
+  def _attend(self, q, context: 'Context', layer) -> jax.Array:
+    dt = self.dtype
     if context.k is None:
       k, v = self.keys_values(context.states)
+    elif isinstance(context.k, tuple):   # per layer (`split_context`)
+      k, v = context.k[layer], context.v[layer]
     else:   # computed once for a decode loop (Transformer.cross_context)
       k = jax.lax.dynamic_index_in_dim(context.k, layer, 0, keepdims=False)
       v = jax.lax.dynamic_index_in_dim(context.v, layer, 0, keepdims=False)
-    o = attend(q, k.astype(dt), v.astype(dt), context.valid[:, None, :])
-    return jnp.einsum('bthd,hde->bte', o, w('wo'))
+    return attend(q, k.astype(dt), v.astype(dt), context.valid[:, None, :])
+
+  def fused(self) -> tuple[jax.Array, jax.Array]:
+    """(wq [dim, H*D], wo [H*D, dim]) read once for a decode loop: the
+    [H, D, dim] output weight read inside the loop was transposed by XLA on
+    every step (a quantized one would be dequantized on every step too)."""
+    wq, wo = (lora.read(self, n).astype(self.dtype) for n in ('wq', 'wo'))
+    e, h, d = wq.shape
+    return wq.reshape(e, h * d), wo.reshape(h * d, e)
+
+  def call_fused(self, weights, x: jax.Array, context: 'Context', layer
+                 ) -> jax.Array:
+    """`__call__` with `fused()`'s weights."""
+    wq, wo = weights
+    b, t, _ = x.shape
+    q = (x.astype(self.dtype) @ wq).reshape(b, t, self.wq.shape[1], -1)
+    return self._attend(q, context, layer).reshape(b, t, -1) @ wo
 
 
 @dataclasses.dataclass(frozen=True)
@@ -625,6 +647,7 @@ class FusedBlock:
     self.wd = w('down').astype(m.dtype)
     self.cross = getattr(block, 'cross', None)
     self.cross_norm = getattr(block, 'cross_norm', None)
+    self.cross_w = None if self.cross is None else self.cross.fused()
     self.input_positions = 'rope'   # fuse() sets the first block's
 
   def __call__(self, x, positions, mask, cache, layer, index,
@@ -658,8 +681,8 @@ class FusedBlock:
                  mask).reshape(b, t, h * d)
     x = x + (o @ self.wo).astype(x.dtype)
     if self.cross is not None:
-      x = x + self.cross(self.cross_norm(x), _needs(context),
-                         layer).astype(x.dtype)
+      x = x + self.cross.call_fused(self.cross_w, self.cross_norm(x),
+                                    _needs(context), layer).astype(x.dtype)
     y = self.mlp_norm(x).astype(self.wgu.dtype)
     gu = y @ self.wgu
     if self.gated:
@@ -669,6 +692,17 @@ class FusedBlock:
       hid = jax.nn.gelu(gu, approximate=False)
     x = x + (hid @ self.wd).astype(x.dtype)
     return x, cache
+
+
+def split_context(context: Context | None) -> Context | None:
+  """`cross_context`'s stacked keys and values as per-layer tuples, for the
+  fused blocks (call before a decode loop: a layer's slice taken inside the
+  loop was copied out of the stack on every step)."""
+  if context is None or context.k is None:
+    return context
+  n = context.k.shape[0]
+  return dataclasses.replace(context, k=tuple(context.k[i] for i in range(n)),
+                             v=tuple(context.v[i] for i in range(n)))
 
 
 def _replaced(items: list, i: int, value) -> list:
