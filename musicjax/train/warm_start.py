@@ -178,10 +178,10 @@ def apply(task, state: nnx.State, shardings: Any,
   flat_state = dict(adapter_runs.flat_variables(state))
   for path in quantized:
     node, leaf = _parent(target, path)
-    node[leaf] = jax.ShapeDtypeStruct(
-        lora.float_shape(node[leaf],
-                                 flat_state[path + '_scale'].get_value()),
-        jax.numpy.float32, sharding=node[leaf].sharding)
+    scale = flat_state[path + '_scale'].get_value()
+    node[leaf] = jax.ShapeDtypeStruct(lora.float_shape(node[leaf], scale),
+                                      jax.numpy.float32,
+                                      sharding=node[leaf].sharding)
   restored, step = ckpt_lib.restore_partial(p.workdir, p.source.checkpoint.keep,
                                             target)
   for path in quantized:
