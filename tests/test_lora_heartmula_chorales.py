@@ -22,6 +22,7 @@ from musicjax.data import token_records
 from musicjax.lm import heartmula_prompt
 from musicjax.lm import layout
 from musicjax.lm import token_data
+from musicjax.nn import lora
 from musicjax.prepare import tokens as prepare_tokens
 from musicjax.train import adapter_runs
 from musicjax.train import checkpoint as ckpt_lib
@@ -130,8 +131,7 @@ def test_the_base_is_unchanged_and_only_adapters_are_saved(made):
   assert set(tuned) - made_ == set(base) and quantized
   for p in base:
     if p in quantized:        # attention and MLP weights: int8 of the floats
-      want = adapter_runs.requantize(base[p][...], tuned[p],
-                                     tuned[p + '_scale'])
+      want = lora.requantize(base[p][...], tuned[p], tuned[p + '_scale'])
       got = (tuned[p][...], tuned[p + '_scale'][...])
     else:                     # embeddings, norms, heads: the floats
       want, got = base[p][...], tuned[p][...]

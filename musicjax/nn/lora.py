@@ -174,6 +174,20 @@ def quantize_base(m: nnx.Module, name: str, base: str, group: int) -> None:
   setattr(m, name + '_qtype', base)
 
 
+def requantize(w: jax.Array, qvalue: nnx.Variable, scale: nnx.Variable
+               ) -> tuple[jax.Array, jax.Array]:
+  """(values, scales) of float `w` quantized as the `qvalue`/`scale`
+  variables are: the same type, channels and groups (and int4 packing)."""
+  qtype = qvalue.get_metadata()['qtype']
+  scale = scale.get_value()
+  channels = [i for i in range(w.ndim) if scale.shape[i] == w.shape[i]]
+  tiles = {i: w.shape[i] // scale.shape[i] for i in range(w.ndim)
+           if 1 < scale.shape[i] < w.shape[i]}
+  q = qwix.quantize(w, QTYPES[qtype], channelwise_axes=channels,
+                    tiled_axes=tiles or None)
+  return (pack_int4(q.qvalue) if qtype == 'int4' else q.qvalue), q.scale
+
+
 def add_adapters(m: nnx.Module, name: str, rank: int, alpha: float,
                  key: jax.Array) -> None:
   """A [lead..., in..., rank] (He-uniform) and B [lead..., rank, out...]

@@ -88,21 +88,6 @@ def drop(pure: dict, paths_: set[str]) -> dict:
   return walk(pure, '')
 
 
-def requantize(w: jax.Array, qvalue: Any, scale: Any) -> tuple[jax.Array,
-                                                                jax.Array]:
-  """(values, scales) of float `w` quantized as the `qvalue`/`scale`
-  variables are: the same type, channels and groups (and int4 packing)."""
-  qtype = qvalue.get_metadata()['qtype']
-  scale = scale.get_value()
-  channels = [i for i in range(w.ndim) if scale.shape[i] == w.shape[i]]
-  tiles = {i: w.shape[i] // scale.shape[i] for i in range(w.ndim)
-           if 1 < scale.shape[i] < w.shape[i]}
-  import qwix  # the quantizer of lora.py
-  q = qwix.quantize(w, lora.QTYPES[qtype], channelwise_axes=channels,
-                    tiled_axes=tiles or None)
-  return (lora.pack_int4(q.qvalue) if qtype == 'int4' else q.qvalue), q.scale
-
-
 def record_base(workdir: str, init_workdir: str, step: int) -> None:
   if distributed.is_primary():
     write_text(os.path.join(workdir, BASE_RECORD), json.dumps(

@@ -186,7 +186,7 @@ def apply(task, state: nnx.State, shardings: Any,
                                             target)
   for path in quantized:
     node, leaf = _parent(restored, path)
-    node[leaf], node[leaf + '_scale'] = adapter_runs.requantize(
+    node[leaf], node[leaf + '_scale'] = lora.requantize(
         node[leaf], flat_state[path], flat_state[path + '_scale'])
   task.warm_start_step = step    # a LoRA run records its base's step
   for k in subtrees:
