@@ -5,7 +5,6 @@ the test with that cell's traceback."""
 import glob
 import os
 
-import jax
 import nbformat
 import pytest
 from nbclient import NotebookClient
@@ -56,10 +55,6 @@ def runs(tmp_path_factory):
 def test_notebook_runs_with_quick_settings(path, runs, monkeypatch):
   monkeypatch.setenv('MUSICJAX_QUICK', '1')
   monkeypatch.setenv('MUSICJAX_RUNS', runs)
-  # The kernels share the suite's XLA compilation cache (tests/conftest.py):
-  # notebooks restore and run the same codec programs.
-  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', jax.config.jax_compilation_cache_dir)
-  monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
   nbk = nbformat.read(path, as_version=4)
   NotebookClient(nbk, timeout=600, kernel_name='python3',
                  resources={'metadata': {'path': NB_DIR}}).execute()
