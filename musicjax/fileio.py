@@ -13,6 +13,8 @@ import os
 import tempfile
 from typing import Callable, Iterator
 
+import numpy as np
+
 _MODE = 0o666   # what open(path, 'w') asks for; the umask takes bits away
 
 
@@ -60,6 +62,13 @@ def write_text(path: str, text: str, **path_kwargs) -> None:
   with atomic_path(path, **path_kwargs) as tmp:
     with open(tmp, 'w', encoding='utf-8') as f:
       f.write(text)
+
+
+def write_npz(path: str, **arrays) -> None:
+  """np.savez_compressed(path, **arrays), whole or not at all."""
+  with atomic_path(path) as tmp:
+    with open(tmp, 'wb') as f:   # a file object: savez would add '.npz'
+      np.savez_compressed(f, **arrays)
 
 
 def write_with(path: str, write: Callable[[str], None], **path_kwargs) -> None:

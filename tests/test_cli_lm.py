@@ -142,6 +142,25 @@ def test_generate_writes_song_tokens_and_spectrogram(lm_run, capsys):
   assert wav.frames == n * info['hop_length']
 
 
+def test_a_failed_decode_keeps_the_codes_and_writes_no_wav(lm_run,
+                                                          monkeypatch):
+  """The codes are saved first and whole; a decode that dies leaves no
+  wav, png or temporary file behind."""
+  from musicjax.codec import chunked
+  tmp, lm_wd, _ = lm_run
+  out_dir = tmp / 'failed'
+
+  def broken(*args, **kwargs):
+    raise RuntimeError('decoder died')
+
+  monkeypatch.setattr(chunked, 'decode_array', broken)
+  with pytest.raises(RuntimeError, match='decoder died'):
+    _generate(lm_wd, '--seconds', '0.5', '--min-seconds', '0.2', '--out',
+              str(out_dir / 'song.wav'))
+  assert sorted(os.listdir(out_dir)) == ['song.npz']
+  assert np.load(out_dir / 'song.npz')['codes'].ndim == 2
+
+
 def test_min_seconds_and_streaming_callback(lm_run):
   """min_seconds holds END back, so the song has exactly that length; the
   stream callback sees the codes so far, in order, and they are the song's."""

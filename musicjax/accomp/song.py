@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import soundfile as sf
 
+from musicjax import fileio
 from musicjax.accomp import data
 from musicjax.accomp import sample as sample_lib
 from musicjax.codec import chunked
@@ -275,16 +276,18 @@ def accompany_file(ctx: AccompContext, req: AccompRequest, out_path: str,
   if peak > 1.0:
     _say(f'WARNING: the mix peaks at {peak:.2f} (> full scale); it is written '
          'as float WAV, so nothing is clipped, but lower it before export')
-  for p in (out_path, stem_path):
-    os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
-  sf.write(out_path, mix, vocal_sr, subtype='FLOAT')
-  sf.write(stem_path, stem, sr, subtype='FLOAT')
+  # Each file whole or not at all (a rerun never finds half a wav).
+  fileio.write_with(out_path, lambda tmp: sf.write(
+      tmp, mix, vocal_sr, subtype='FLOAT', format='WAV'))
+  fileio.write_with(stem_path, lambda tmp: sf.write(
+      tmp, stem, sr, subtype='FLOAT', format='WAV'))
   base = os.path.splitext(stem_path)[0]
-  np.savez_compressed(base + '.npz', codes=codes.astype(np.int32),
-                      vocal_codes=np.asarray(vocal_codes, np.int32),
-                      frame_rate=ctx.frame_rate, sample_rate=sr)
-  lm_song.spectrogram_png(stem[:, 0] if len(stem) else np.zeros(16), sr,
-                          base + '.png', f'accompaniment | seed {req.seed}')
+  fileio.write_npz(base + '.npz', codes=codes.astype(np.int32),
+                   vocal_codes=np.asarray(vocal_codes, np.int32),
+                   frame_rate=ctx.frame_rate, sample_rate=sr)
+  fileio.write_with(base + '.png', lambda tmp: lm_song.spectrogram_png(
+      stem[:, 0] if len(stem) else np.zeros(16), sr, tmp,
+      f'accompaniment | seed {req.seed}'), suffix='.png')
   return {'mix': out_path, 'stem': stem_path, 'frames': int(len(codes)),
           'seconds': len(codes) / ctx.frame_rate,
           'sample_seconds': round(t_sample, 2),

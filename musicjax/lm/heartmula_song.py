@@ -132,13 +132,9 @@ def generate_song(ctx: ReleasedSong, req: song.SongRequest, out_path: str,
   t_gen = time.perf_counter() - t0
   base = os.path.splitext(out_path)[0]
 
-  def save_codes(tmp):
-    with open(tmp, 'wb') as f:   # a file object: savez would add '.npz'
-      np.savez_compressed(f, codes=codes.astype(np.int32),
-                          frame_rate=ctx.frame_rate, sample_rate=ctx.sample_rate,
-                          request=json.dumps(dataclasses.asdict(req)))
-
-  fileio.write_with(base + '.npz', save_codes)
+  fileio.write_npz(base + '.npz', codes=codes.astype(np.int32),
+                   frame_rate=ctx.frame_rate, sample_rate=ctx.sample_rate,
+                   request=json.dumps(dataclasses.asdict(req)))
   sr = ctx.sample_rate
   t0 = time.perf_counter()
   if len(codes):

@@ -222,14 +222,9 @@ def generate_song(ctx: MusicGenSong, req: song.SongRequest, text: str,
   t_gen = time.perf_counter() - t0
   base = os.path.splitext(out_path)[0]
 
-  def save_codes(tmp):
-    with open(tmp, 'wb') as f:   # a file object: savez would add '.npz'
-      np.savez_compressed(f, codes=codes.astype(np.int32),
-                          frame_rate=ctx.frame_rate, sample_rate=ctx.sample_rate,
-                          request=json.dumps(dict(dataclasses.asdict(req),
-                                                  text=text)))
-
-  fileio.write_with(base + '.npz', save_codes)
+  fileio.write_npz(base + '.npz', codes=codes.astype(np.int32),
+                   frame_rate=ctx.frame_rate, sample_rate=ctx.sample_rate,
+                   request=json.dumps(dict(dataclasses.asdict(req), text=text)))
   t0 = time.perf_counter()
   wave = chunked.decode_array(ctx.codec, codes, progress=progress)
   t_dec = time.perf_counter() - t0

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import soundfile as sf
 
+from musicjax import fileio
 from musicjax.codec import chunked
 from musicjax.data import audio
 from musicjax.data import melody as melody_lib
@@ -317,21 +318,24 @@ def spectrogram_png(wave: np.ndarray, sr: int, path: str, title: str) -> None:
 
 
 def generate_song(ctx: SongContext, req: SongRequest, out_path: str) -> dict[str, Any]:
-  """Writes OUT (wav), OUT.npz (codes) and OUT.png (spectrogram)."""
+  """Writes OUT (wav), OUT.npz (codes) and OUT.png (spectrogram); the codes
+  first, so a failed decode keeps the generation; each file whole or not at
+  all."""
   t0 = time.perf_counter()
   codes = sample_codes(ctx, req)
   t_gen = time.perf_counter() - t0
-  codec = ctx.codec()
   sr = int(ctx.info['sample_rate'])
-  wave = chunked.decode_array(codec, codes) if len(codes) else np.zeros((0, 1))
   base = os.path.splitext(out_path)[0]
-  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-  sf.write(out_path, np.clip(wave, -1, 1), sr)
-  np.savez_compressed(base + '.npz', codes=codes.astype(np.int32),
-                      frame_rate=ctx.frame_rate, sample_rate=sr,
-                      request=json.dumps(dataclasses.asdict(req)))
-  spectrogram_png(wave[:, 0] if len(wave) else np.zeros(16), sr, base + '.png',
-                  f'tags: {req.tags or "-"} | seed {req.seed}')
+  fileio.write_npz(base + '.npz', codes=codes.astype(np.int32),
+                   frame_rate=ctx.frame_rate, sample_rate=sr,
+                   request=json.dumps(dataclasses.asdict(req)))
+  codec = ctx.codec()
+  wave = chunked.decode_array(codec, codes) if len(codes) else np.zeros((0, 1))
+  fileio.write_with(out_path, lambda tmp: sf.write(
+      tmp, np.clip(wave, -1, 1), sr, format='WAV'))
+  fileio.write_with(base + '.png', lambda tmp: spectrogram_png(
+      wave[:, 0] if len(wave) else np.zeros(16), sr, tmp,
+      f'tags: {req.tags or "-"} | seed {req.seed}'), suffix='.png')
   return {'out': out_path, 'frames': int(len(codes)),
           'seconds': len(codes) / ctx.frame_rate,
           'generate_seconds': round(t_gen, 2), 'tokens': base + '.npz',
