@@ -16,6 +16,10 @@ reading a shard never runs code:
                        RVQ codes, F frames at the codec frame rate, K codebooks
   melody               int8 [F]: per-frame chroma class (0-11) of the melody
                        source (the vocal stem when known, else the mix); -1 = none
+  chroma               int8 [C]: MusicGen-Melody's chroma class (0..num_chroma-1)
+                       of the melody source, C frames at the feature
+                       extractor's rate (dataset.json 'chroma' has its
+                       settings); only with `--chroma`
   vocal_codes          [F, K] like codes; only with `--stems`
   accompaniment_codes  [F, K] like codes; only with `--stems`
   accompaniment_eq_codes
@@ -58,6 +62,7 @@ ACCOMPANIMENT_EQ_KEY = 'accompaniment_eq_codes'
 STEM_VARIANT_KEYS = (ACCOMPANIMENT_EQ_KEY,)
 # One record per chunk: random access reads exactly one record.
 WRITER_OPTIONS = 'group_size:1'
+CHROMA_KEY = 'chroma'
 _PREPARE_HINT = ('write them with `musicjax prepare --codec-workdir CODEC_RUN '
                  '--out DIR`')
 
@@ -69,7 +74,8 @@ def codes_dtype(codebook_size: int) -> type:
 
 def encode_record(codes: np.ndarray, melody: np.ndarray, meta: dict[str, Any],
                   codebook_size: int,
-                  stems: dict[str, np.ndarray] | None = None) -> bytes:
+                  stems: dict[str, np.ndarray] | None = None, *,
+                  chroma: np.ndarray | None = None) -> bytes:
   """One song as record bytes.
 
   Args:
@@ -79,6 +85,7 @@ def encode_record(codes: np.ndarray, melody: np.ndarray, meta: dict[str, Any],
     codebook_size: the codec's codebook size (picks the stored integer type).
     stems: optional {'vocal_codes': [F, K], 'accompaniment_codes': [F, K],
       'accompaniment_eq_codes': [N, F, K]}.
+    chroma: optional [C] MusicGen-Melody chroma classes.
   """
   codes = np.asarray(codes)
   melody = np.asarray(melody)
@@ -87,6 +94,8 @@ def encode_record(codes: np.ndarray, melody: np.ndarray, meta: dict[str, Any],
                      f'and {melody.shape}')
   dtype = codes_dtype(codebook_size)
   arrays = {'codes': codes.astype(dtype), 'melody': melody.astype(np.int8)}
+  if chroma is not None:
+    arrays[CHROMA_KEY] = _checked_chroma(np.asarray(chroma))
   for key, value in (stems or {}).items():
     if key not in STEM_KEYS + STEM_VARIANT_KEYS:
       raise ValueError(f'unknown stem {key!r}; expected one of '
@@ -98,6 +107,15 @@ def encode_record(codes: np.ndarray, melody: np.ndarray, meta: dict[str, Any],
   buf = io.BytesIO()
   np.savez(buf, **arrays)
   return buf.getvalue()
+
+
+def _checked_chroma(chroma: np.ndarray) -> np.ndarray:
+  if (chroma.ndim != 1 or not len(chroma) or
+      not np.issubdtype(chroma.dtype, np.integer) or chroma.min() < 0 or
+      chroma.max() > np.iinfo(np.int8).max):
+    raise ValueError(f'chroma must be non-empty [C] integer classes >= 0, got '
+                     f'{chroma.dtype} {chroma.shape}')
+  return chroma.astype(np.int8)
 
 
 def _check_stem_shape(key: str, shape: tuple[int, ...],
@@ -112,7 +130,8 @@ def _check_stem_shape(key: str, shape: tuple[int, ...],
 
 
 def decode_record(raw: bytes, name: str) -> dict[str, Any]:
-  """{'name', 'codes', 'melody', 'meta', [stems and variants]}; never raises.
+  """{'name', 'codes', 'melody', 'meta', [stems and variants, chroma]}; never
+  raises.
 
   A damaged record gives {'name', 'error'} instead, so a reader can report it
   with `audio.report_bad` and go on.
@@ -130,12 +149,15 @@ def decode_record(raw: bytes, name: str) -> dict[str, Any]:
     for key in STEM_KEYS + STEM_VARIANT_KEYS:
       if key in arrays:
         _check_stem_shape(key, arrays[key].shape, codes.shape)
+    if CHROMA_KEY in arrays:
+      _checked_chroma(arrays[CHROMA_KEY])
   except Exception as e:  # np.load/json raise many types for damaged bytes
     return {'name': name, 'error': f'damaged record ({type(e).__name__}: {e})'}
   origin = meta.get('origin')
   out = {'name': f'{name} ({origin})' if origin else name,
          'codes': codes, 'melody': melody, 'meta': meta}
-  out.update({k: arrays[k] for k in STEM_KEYS + STEM_VARIANT_KEYS if k in arrays})
+  out.update({k: arrays[k] for k in STEM_KEYS + STEM_VARIANT_KEYS + (CHROMA_KEY,)
+              if k in arrays})
   return out
 
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from musicjax.lm import layout
 from musicjax.lm import model as model_lib
+from musicjax.lm import musicgen_chroma
 from musicjax.lm import patterns
 from musicjax.lm import sequence
 from musicjax.lm import synthetic
@@ -74,6 +75,22 @@ def context(config: ml_collections.ConfigDict, ids, keep: bool
   return {'context_tokens': tokens, 'context_valid': valid}
 
 
+def has_chroma(config: ml_collections.ConfigDict) -> bool:
+  """MusicGen-Melody: the model reads a melody's chroma as its prefix."""
+  return config.model.get('conditioning', 'cross') == 'prefix'
+
+
+def chroma(config: ml_collections.ConfigDict, ids=None) -> dict[str, np.ndarray]:
+  """MusicGen-Melody's 'chroma' [model.chroma_length, model.chroma_bins]:
+  one-hots of the classes `ids` (as long as chroma_length), or of class 0
+  in every frame when None, the null melody (what transformers feeds when
+  there is none)."""
+  m = config.model
+  if ids is None:
+    ids = np.zeros((int(m.chroma_length),), np.int64)
+  return {'chroma': musicgen_chroma.one_hot(ids, int(m.chroma_bins))}
+
+
 class _SyntheticExample(grain.transforms.Map):
 
   def __init__(self, config: ml_collections.ConfigDict, split: str):
@@ -94,8 +111,10 @@ class _SyntheticExample(grain.transforms.Map):
     parts = [sequence.TextPart(self._start), audio_slots(c, codes, mel, False)]
     ex = sequence.assemble(parts, layout.seq_len(c), c.model.num_codebooks,
                            c.model.codebook_size)
-    if c.model.text_encoder:   # unconditional: no text
+    if c.model.text_encoder:   # unconditional: no text, no melody
       ex.update(context(c, [], keep=False))
+    if has_chroma(c):
+      ex.update(chroma(c))
     r = c.data.reference_frames
     if r:
       ex['ref_codes'] = np.full((r, c.model.num_codebooks), layout.EMPTY, np.int32)

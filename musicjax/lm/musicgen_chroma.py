@@ -16,7 +16,6 @@ classes are within float32 rounding of each other may pick either.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 from typing import Any
@@ -82,9 +81,12 @@ def filter_bank(s: ChromaSettings) -> np.ndarray:
                                 dtype=np.float32)
 
 
-def _framed(wave: np.ndarray, s: ChromaSettings) -> np.ndarray:
+def _framed(wave: np.ndarray, s: ChromaSettings,
+            cut: bool = True) -> tuple[np.ndarray, np.ndarray]:
   """The cut / padded recording [T'] and its frame starts."""
-  x = np.asarray(wave, np.float32)[:s.max_samples]
+  x = np.asarray(wave, np.float32)
+  if cut:
+    x = x[:s.max_samples]
   if len(x) < s.n_fft:
     pad = s.n_fft - len(x)
     x = np.pad(x, (pad // 2, pad - pad // 2))
@@ -94,22 +96,63 @@ def _framed(wave: np.ndarray, s: ChromaSettings) -> np.ndarray:
   return x, starts
 
 
-@functools.partial(jax.jit, static_argnames='n')
-def _one_hot(x: jax.Array, starts: jax.Array, bank: jax.Array,
-             n: int) -> jax.Array:
+# Frames per jitted call: one compile serves recordings of any length.
+_CHUNK_FRAMES = 128
+
+
+@jax.jit
+def _classes(frames: jax.Array, bank: jax.Array) -> jax.Array:
+  """Windowed-to-be frames [F, n_fft] -> the strongest chroma class [F]."""
+  n = frames.shape[-1]
   i = jnp.arange(n)
   window = 0.5 - 0.5 * jnp.cos(2 * jnp.pi * i / n)          # periodic Hann
-  frames = x[starts[:, None] + i[None, :]] * window          # [F, n_fft]
-  spec = jnp.fft.rfft(frames, axis=-1)
+  spec = jnp.fft.rfft(frames * window, axis=-1)
   power = (spec.real ** 2 + spec.imag ** 2) / jnp.sum(window ** 2)
   raw = power @ bank.T                                       # [F, chroma]
-  return jax.nn.one_hot(jnp.argmax(raw, axis=-1), bank.shape[0],
-                        dtype=jnp.float32)
+  return jnp.argmax(raw, axis=-1).astype(jnp.int8)
+
+
+def classes(wave: np.ndarray, s: ChromaSettings, *,
+            cut: bool = True) -> np.ndarray:
+  """Mono audio [T] at `s.sampling_rate` -> the strongest chroma class of
+  every frame, int8 [1 + T' // hop_length] (T' the padded length; with
+  `cut`, as the extractor does, T is first cut to chunk_length seconds)."""
+  x, starts = _framed(wave, s, cut)
+  bank = jnp.asarray(filter_bank(s))
+  offsets = np.arange(s.n_fft)
+  out = []
+  for a in range(0, len(starts), _CHUNK_FRAMES):
+    st = starts[a:a + _CHUNK_FRAMES]
+    padded = np.pad(st, (0, _CHUNK_FRAMES - len(st)), mode='edge')
+    got = _classes(jnp.asarray(x[padded[:, None] + offsets]), bank)
+    out.append(np.asarray(got)[:len(st)])
+  return np.concatenate(out)
 
 
 def chroma(wave: np.ndarray, s: ChromaSettings) -> np.ndarray:
   """Mono audio [T] at `s.sampling_rate` -> one-hot chroma [frames, num_chroma]
-  float32, frames = 1 + T' // hop_length (T' the cut / padded length)."""
-  x, starts = _framed(wave, s)
-  return np.asarray(_one_hot(jnp.asarray(x), jnp.asarray(starts, jnp.int32),
-                             jnp.asarray(filter_bank(s)), s.n_fft))
+  float32 (transformers' `input_features`), frames = 1 + T' // hop_length (T'
+  the cut / padded length)."""
+  return one_hot(classes(wave, s), s.num_chroma)
+
+
+def one_hot(ids: np.ndarray, num_chroma: int) -> np.ndarray:
+  return np.eye(num_chroma, dtype=np.float32)[np.asarray(ids, np.int64)]
+
+
+def window(ids: np.ndarray, start_seconds: float, seconds: float,
+           s: ChromaSettings, length: int) -> np.ndarray:
+  """The classes of a training window, from a whole song's `ids` (`classes`
+  with cut=False): the frames the extractor would give the window's audio
+  (centred from the frame nearest its start, as many as its cut / padded
+  length gives), then repeated and cut to `length`, as the model's prefix
+  does. Away from the window's edges these are the window's own frames
+  exactly; at them, the song's real neighbouring audio stands where the
+  extractor would reflect-pad."""
+  ids = np.asarray(ids)
+  samples = min(int(round(seconds * s.sampling_rate)), s.max_samples)
+  count = 1 + max(samples, s.n_fft) // s.hop_length
+  first = min(int(round(start_seconds * s.sampling_rate / s.hop_length)),
+              len(ids) - 1)
+  w = ids[first:first + count]
+  return np.tile(w, -(-length // len(w)))[:length]

@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from musicjax.codec import dataset_codec as common
+from musicjax.lm import data as lm_data
 from musicjax.lm import generate as gen
 from musicjax.lm import layout
 from musicjax.lm import patterns
@@ -162,6 +163,11 @@ class LMSummaries:
         tokens = np.concatenate([tokens, tokens])
         valid = np.concatenate([valid, np.zeros_like(valid)])
       prompt.update(context_tokens=tokens, context_valid=valid)
+    if 'chroma' in ex:         # MusicGen-Melody; the null row: no melody
+      chroma = ex['chroma'][:1]
+      if self.cfg:
+        chroma = np.concatenate([chroma, lm_data.chroma(c)['chroma'][None]])
+      prompt['chroma'] = chroma
     mel = np.full((self.frames,), layout.MELODY_NULL, np.int32)
     n = min(self.frames, len(parts['melody']))
     mel[:n] = parts['melody'][:n]

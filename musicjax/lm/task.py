@@ -300,6 +300,10 @@ class LMTask(Task):
       spec['context_tokens'] = ArraySpec((batch_size, n), np.int32,
                                          ('batch', None))
       spec['context_valid'] = ArraySpec((batch_size, n), bool, ('batch', None))
+    if data.has_chroma(self.config):
+      m = self.config.model
+      spec['chroma'] = ArraySpec((batch_size, m.chroma_length, m.chroma_bins),
+                                 np.float32, ('batch', None, None))
     return spec
 
   def _loss(self, model, batch):

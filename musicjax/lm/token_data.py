@@ -22,7 +22,10 @@ An example is a window of at most `data.max_frames` frames of one song:
   * with a text encoder (MusicGen): the tags as a description, in the text
     encoder's tokens (`data.tokenizer`: T5's tokenizer.json), as the
     cross-attention context; dropped like the tags (no valid token); the
-    sequence is the start slot and the pattern steps, no END.
+    sequence is the start slot and the pattern steps, no END;
+  * MusicGen-Melody (model.conditioning 'prefix'): the window's chroma, from
+    the song's chroma classes that `prepare --chroma` stored
+    (`musicgen_chroma.window`), dropped with the melody (the null melody).
 Songs longer than the window are not packed with others: every window starts
 a fresh sequence; the tail of the sequence is padding.
 """
@@ -45,6 +48,7 @@ from musicjax.lm import data as lm_data
 from musicjax.lm import heartmula_prompt
 from musicjax.lm import layout
 from musicjax.lm import model as model_lib
+from musicjax.lm import musicgen_chroma
 from musicjax.lm import musicgen_song
 from musicjax.lm import sequence
 from musicjax.lm.data import audio_slots, local_batch
@@ -114,7 +118,28 @@ def check_dataset(config: ml_collections.ConfigDict) -> dict:
     raise ConfigError(
         f'config.model.num_codebooks={m.num_codebooks} but the tokens in '
         f'{config.data.path} have only {info["num_codebooks"]} codebooks')
+  if lm_data.has_chroma(config) and config.cond.melody:
+    chroma_settings(config, info)
   return info
+
+
+def chroma_settings(config: ml_collections.ConfigDict,
+                    info: dict) -> musicgen_chroma.ChromaSettings:
+  """The chroma settings `prepare --chroma` stored the data with; an error
+  naming the fix if it did not, or with another number of classes."""
+  where = os.path.join(config.data.path, token_records.DATASET_INFO)
+  if not info.get('chroma'):
+    raise ConfigError(
+        f'{where}: the tokens have no melody chroma, which this MusicGen-Melody '
+        'model reads (config.model.conditioning=prefix): prepare them again '
+        'with `musicjax prepare --codec-workdir RUN/codec --chroma ...`, or '
+        'train without melodies with --config.cond.melody=False')
+  s = musicgen_chroma.ChromaSettings.from_dict(info['chroma'], where)
+  if s.num_chroma != int(config.model.chroma_bins):
+    raise ConfigError(
+        f'{where}: the chroma has {s.num_chroma} classes, but '
+        f'config.model.chroma_bins={config.model.chroma_bins}')
+  return s
 
 
 class Example:
@@ -131,6 +156,10 @@ class Example:
     else:
       self.text = condition_text(config)
     self.tag_probs = dict(config.cond.tag_probs)
+    self.chroma = None   # MusicGen-Melody with melodies: the data's settings
+    if lm_data.has_chroma(config) and config.cond.melody:
+      self.chroma = chroma_settings(config, token_records.read_dataset_info(
+          os.path.expanduser(config.data.path)))
 
   def unusable(self, record: dict) -> str | None:
     """Why `record` cannot give an example, or None."""
@@ -183,6 +212,8 @@ class Example:
                              c.model.codebook_size)
       ids = self.encoder_tokenizer.encode(tags_text or '').ids
       ex.update(lm_data.context(c, ids, keep=tags_text is not None))
+      if lm_data.has_chroma(c):
+        ex.update(lm_data.chroma(c, self._chroma(record, start, w, drop_melody)))
       return ex
     drop_lyrics = self._drop(rng, cd.drop_lyrics, drop_all)
     secs = [s for s in song_text.sections(record['meta'], self.frame_rate, total)
@@ -211,6 +242,19 @@ class Example:
       ex['ref_codes'] = ref.astype(np.int32)
       ex['ref_valid'] = np.asarray(has_ref)
     return ex
+
+
+  def _chroma(self, record: dict, start: int, frames: int,
+              dropped: bool) -> np.ndarray | None:
+    """The window's chroma classes, or None (the null melody)."""
+    if dropped or self.chroma is None:
+      return None
+    if token_records.CHROMA_KEY not in record:
+      raise song_text.BadSongMetadata(
+          'no chroma in this record, though dataset.json has chroma settings')
+    return musicgen_chroma.window(
+        record[token_records.CHROMA_KEY], start / self.frame_rate,
+        frames / self.frame_rate, self.chroma, int(self.config.model.chroma_length))
 
 
 # The LM's and the accompaniment model's examples: an Example class with

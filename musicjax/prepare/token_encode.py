@@ -7,7 +7,10 @@ at the codec's sample rate and channels; the records are described in
 within the tolerance are cut to the shortest.
 
 Melody: chroma classes of the vocal stem whenever the source has one (chorales
-always do, with or without --stems), else of the mix.
+always do, with or without --stems), else of the mix. With chroma settings
+(`prepare --chroma`, MusicGen-Melody), the same recording's chroma classes
+at the feature extractor's own rate and window (`lm.musicgen_chroma`), of the
+whole song (training windows take their frames from it).
 
 Bad items (unreadable audio, bad stems, metadata the LM cannot turn into text,
 see `song_text.BadSongMetadata`) raise `audio.BadAudio`.
@@ -26,6 +29,7 @@ from musicjax.data import melody as melody_lib
 from musicjax.data import song_text
 from musicjax.data import text
 from musicjax.data import token_records
+from musicjax.lm import musicgen_chroma
 from musicjax.prepare import token_augment
 from musicjax.prepare import token_items
 
@@ -42,8 +46,10 @@ class Encoder:
   """Audio -> codes and melody at the codec's rate."""
 
   def __init__(self, model, sample_rate: int, channels: int, chunk_seconds: float,
-               context_seconds: float, batch: int):
+               context_seconds: float, batch: int,
+               chroma: musicgen_chroma.ChromaSettings | None = None):
     self.model = model
+    self.chroma_settings = chroma
     self.sample_rate, self.channels = sample_rate, channels
     self.hop = int(model.hop_length)
     self._chunking = dict(chunk_seconds=chunk_seconds,
@@ -56,6 +62,15 @@ class Encoder:
 
   def melody(self, wave: np.ndarray) -> np.ndarray:
     return np.asarray(melody_lib.chroma_tokens(wave, self.sample_rate, self.hop))
+
+  def chroma(self, wave: np.ndarray) -> np.ndarray | None:
+    """[T, C] -> MusicGen-Melody's chroma classes of the whole song, or None
+    without chroma settings."""
+    s = self.chroma_settings
+    if s is None:
+      return None
+    mono = audio.resample(wave.mean(axis=1), self.sample_rate, s.sampling_rate)
+    return musicgen_chroma.classes(mono, s, cut=False)
 
 
 def _load_waves(item: dict[str, Any], enc: Encoder, want_stems: bool,
@@ -119,6 +134,7 @@ def encode_item(item: dict[str, Any], enc: Encoder, config: ml_collections.Confi
                        float(enc.model.frame_rate))
   codes = enc.codes(waves['mix'])
   melody = enc.melody(waves.get('vocal', waves['mix']))
+  chroma = enc.chroma(waves.get('vocal', waves['mix']))
   if melody.shape != (codes.shape[0],):
     raise RuntimeError(f'melody.chroma_tokens gave {melody.shape[0]} frames for '
                        f'{codes.shape[0]} codec frames (hop {enc.hop})')
@@ -137,4 +153,5 @@ def encode_item(item: dict[str, Any], enc: Encoder, config: ml_collections.Confi
     meta['stem_origins'] = dict(item['stems'])
   meta.update(num_frames=int(codes.shape[0]), frame_rate=float(enc.model.frame_rate),
               sample_rate=enc.sample_rate)
-  return token_records.encode_record(codes, melody, meta, codebook_size, stem_codes)
+  return token_records.encode_record(codes, melody, meta, codebook_size,
+                                     stem_codes, chroma=chroma)

@@ -21,6 +21,7 @@ At the end process 0 trains DIR/tokenizer.json on the train records' texts
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -35,6 +36,7 @@ from musicjax.data import sources
 from musicjax.data import text
 from musicjax.data import token_records
 from musicjax.errors import UserError
+from musicjax.lm import musicgen_chroma
 from musicjax.prepare import token_augment
 from musicjax.prepare import token_encode
 from musicjax.prepare import token_items
@@ -73,7 +75,8 @@ def prepare_tokens_main(
     config: ml_collections.ConfigDict | None = None, stems: bool = False,
     chunk_seconds: float = token_encode.DEFAULT_CHUNK_SECONDS,
     context_seconds: float = token_encode.DEFAULT_CONTEXT_SECONDS,
-    batch: int | None = None) -> dict[str, Any]:
+    batch: int | None = None,
+    chroma: musicgen_chroma.ChromaSettings | None = None) -> dict[str, Any]:
   """Encodes a dataset with a trained codec into token shards under `out_dir`.
 
   Args:
@@ -86,6 +89,8 @@ def prepare_tokens_main(
     chunk_seconds: encoder window length (see `codec.chunked`).
     context_seconds: context on each side of a window.
     batch: windows per encoder call (None: the local device count).
+    chroma: also store MusicGen-Melody's chroma classes of every song, at
+      these feature-extractor settings (`token_encode`); None: none.
 
   Returns:
     {'train': records, 'eval': records, 'bad_files': count, 'seconds': wall}.
@@ -97,14 +102,16 @@ def prepare_tokens_main(
   config = codec_config if config is None else config
   enc = token_encode.Encoder(
       model, int(codec_config.data.sample_rate), int(codec_config.data.channels),
-      chunk_seconds, context_seconds, batch or jax.local_device_count())
+      chunk_seconds, context_seconds, batch or jax.local_device_count(), chroma)
+  chroma_info = None if chroma is None else dataclasses.asdict(chroma)
   os.makedirs(out_dir, exist_ok=True)
   settings = {'format': token_records.FORMAT,
               'codec_workdir': os.path.abspath(codec_workdir), 'codec_step': step,
               'data': sources.describe(config), 'stems': bool(stems),
               'records_per_shard': int(config.data.records_per_shard),
               'process_count': jax.process_count(),
-              'augment': token_augment.augment_settings(config, stems)}
+              'augment': token_augment.augment_settings(config, stems),
+              'chroma': chroma_info}
   if settings['records_per_shard'] < 1:
     raise UserError('config.data.records_per_shard must be >= 1, got '
                     f'{settings["records_per_shard"]}')
@@ -134,7 +141,7 @@ def prepare_tokens_main(
             'frame_rate': float(model.frame_rate), 'hop_length': enc.hop,
             'sample_rate': enc.sample_rate, 'channels': enc.channels,
             'stems': bool(stems), 'data': settings['data'],
-            'augment': settings['augment'],
+            'augment': settings['augment'], 'chroma': chroma_info,
             'tokenizer': os.path.basename(tokenizer), **summary}
     token_shards.atomic_write_json(
         os.path.join(out_dir, token_records.DATASET_INFO), info)

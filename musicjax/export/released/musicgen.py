@@ -124,7 +124,9 @@ def config_from(d: dict[str, Any], path: str = 'config.json'
     prefix = m.chroma_length + int(c.data.max_context_tokens)
   c.data.max_frames = max(1, min(int(c.data.max_frames),
                                  m.max_seq_len - k - prefix))
-  c.cond.melody = False
+  # MusicGen-Melody trains on the chroma of each window (prepare --chroma);
+  # a melody id per frame (HeartMuLa-style table) exists in neither.
+  c.cond.melody = melody
   c.loss.local_weighting = 'mean'   # MusicGen's objective: codebooks alike
   return c
 
