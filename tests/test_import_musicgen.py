@@ -393,6 +393,11 @@ def test_generate_needs_a_codec_and_refuses_lyrics(imported, tmp_path, capsys):
   assert cli.main(['generate', '--workdir', run_dir, '--lyrics', str(lyrics),
                    '--out', out]) == 2
   assert '--text' in capsys.readouterr().err
+  # --melody on a MusicGen without one: refused from its config, before the
+  # run is opened (its missing codec would be the error otherwise).
+  assert cli.main(['generate', '--workdir', run_dir, '--text', 'calm piano',
+                   '--melody', str(lyrics), '--out', out]) == 2
+  assert 'has no melody input' in capsys.readouterr().err
   assert not os.path.exists(out)
 
 

@@ -66,7 +66,7 @@ def run(args, overrides: list[str]) -> int:
     raise UserError(f'--text is for a run made by import-musicgen; '
                     f'{args.workdir} is not one (use --tags and --lyrics)')
   if musicgen_song.is_released(args.workdir):
-    musicgen_song.check_request(req)
+    musicgen_song.check_request(req, config)   # before the model is restored
     ctx = musicgen_song.open_song(args.workdir, config, args.codec_workdir)
     if req.seconds is None:
       req = dataclasses.replace(req, seconds=float(ctx.config.sample.seconds))

@@ -151,8 +151,8 @@ class MusicGenSong:
 
 def check_request(req: song.SongRequest,
                   config: ml_collections.ConfigDict | None = None) -> None:
-  """Inputs MusicGen does not take, named by their flags; --melody once the
-  run's `config` says whether it is a MusicGen-Melody."""
+  """Inputs MusicGen does not take, named by their flags; --melody when the
+  run's `config` says it is not a MusicGen-Melody."""
   melody = config is not None and config.model.get('conditioning',
                                                     'cross') != 'prefix'
   for given, flag, why in (
