@@ -289,6 +289,36 @@ def test_sharded_training_matches_one_device(sizes, one_device_steps):
                _pure(state), want_params)
 
 
+def test_explicit_mesh_trains_and_evaluates_like_one_device(one_device_steps):
+  """config.mesh.axis_type='explicit' (data 2 x fsdp 2 x tensor 2): the same
+  three steps as one device, and the eval step (which rolls the vocals over
+  the batch) runs and agrees with an Auto mesh. Both failed to trace before
+  (the prefix projection's output duplicated the fsdp axis)."""
+  want_params, want_losses = one_device_steps
+  c = _shard_config(2, 2, 2)
+  c.mesh.axis_type = 'explicit'
+  s, state, losses = _three_steps(c, None)
+  np.testing.assert_allclose(losses, want_losses, rtol=2e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-5),
+               _pure(state), want_params)
+  evals = {}
+  for axis_type in ('explicit', 'auto'):
+    c.mesh.axis_type = axis_type
+    s = trainer.setup(c)
+    spec = s.task.batch_spec(c.data.eval_batch_size)
+    batch = next(iter(s.task.dataset('eval', 0, 1)))
+    with jax.set_mesh(s.mesh), rules_lib.use_rules(s.rules):
+      st = trainer.init_state(s)
+      m = trainer.make_eval_step(s)(st, trainer.global_batch(
+          batch, spec, s.batch_shardings), jax.random.key(0))
+    evals[axis_type] = {k: float(v) for k, v in m.items()}
+  assert set(evals['explicit']) == set(evals['auto'])
+  for k, v in evals['auto'].items():
+    np.testing.assert_allclose(evals['explicit'][k], v, rtol=2e-5, err_msg=k)
+  assert 'ce_other_vocal' in evals['auto']
+
+
 # ------------------------------------------------------------------ resume
 def test_resume_is_bit_identical(tmp_path):
   c = small_config(steps=6)

@@ -189,6 +189,22 @@ def test_synthetic_tokens_give_token_images_without_audio(tmp_path, capsys):
   assert 'summaries failed' not in capsys.readouterr().err
 
 
+def test_summaries_on_an_explicit_mesh_generate_what_an_auto_mesh_does():
+  """A run on config.mesh.axis_type='explicit' (fsdp 2): the eval-time clip
+  is generated (decoding failed there with a ShardingTypeError, and the
+  trainer logged 'summaries failed'), the same tokens as on an Auto mesh."""
+  images = {}
+  for axis_type in ('auto', 'explicit'):
+    c = lf.small_config()
+    c.data.batch_size = c.data.eval_batch_size = 8
+    c.mesh.axis_type, c.mesh.data, c.mesh.fsdp = axis_type, 4, 2
+    s, module, batch = _state_and_batch(c)
+    with jax.set_mesh(s.mesh), rules_lib.use_rules(s.rules):
+      out = s.task.summaries(module, batch, jax.random.key(3))
+    images[axis_type] = out['image/tokens']
+  np.testing.assert_array_equal(images['explicit'], images['auto'])
+
+
 @pytest.mark.slow
 def test_a_codec_that_is_gone_gives_token_images_and_says_why(token_set, tmp_path,
                                                               capsys):

@@ -156,13 +156,8 @@ def test_lm_train_step_sharded_matches_one_device(sizes, one_device_steps):
                _pure(state), want_params)
 
 
-# BUG (musicjax/nn/transformer.py RMSNorm.__call__, then Attention.__call__,
-# and the LM's local-transformer / loss code): the LM step does not trace on an
-# Explicit mesh. First error: "mul operation with inputs: f32[8@fsdp,25,32],
-# f32[1,1,32@fsdp] produces an illegally sharded result" -- the RMSNorm scale
-# (stored 'embed' over fsdp) is not gathered before it multiplies a
-# batch-over-fsdp activation. Kept failing on purpose until the model supports
-# config.mesh.axis_type='explicit' (the codec does).
+# config.mesh.axis_type='explicit': shardings are part of the types, and the
+# model reshards weights itself (rules.shard_activation); same numbers.
 def test_lm_train_step_on_explicit_mesh_matches_one_device(one_device_steps):
   want_params, want_losses = one_device_steps
   _, state, losses, _ = _three_steps(_shard_config(1, 4, 2, 'explicit'), None)

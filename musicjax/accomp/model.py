@@ -71,6 +71,11 @@ def _lookup(table, ids):
   return rows * (ids >= 0)[..., None].astype(rows.dtype)
 
 
+def _whole(param) -> jax.Array:
+  """A small weight, unsharded where it is used."""
+  return rules.shard_activation(param[...], (None,) * param[...].ndim)
+
+
 class AccompModel(nnx.Module):
   ADAPTABLE = {'heads': (1, 1)}   # one head per codebook (nn/lora.py)
 
@@ -119,9 +124,11 @@ class AccompModel(nnx.Module):
     remb = self.track_embedding(self.accomp_embed[...], ref_codes)
     rpool = jnp.sum(remb * rmask[..., None], 1) / jnp.maximum(
         jnp.sum(rmask, 1, keepdims=True), 1.0)
-    text = tpool @ self.text_proj[...]
-    ref = rpool @ self.ref_proj[...]
-    null = self.null_prefix[...]
+    # Weights gathered before use (rules.shard_activation): on an Explicit
+    # mesh their 'embed' dim may not stay split over the batch's fsdp axis.
+    text = tpool @ _whole(self.text_proj)
+    ref = rpool @ _whole(self.ref_proj)
+    null = _whole(self.null_prefix)
     text = jnp.where((use_text & text_valid)[:, None], text, null[0])
     ref = jnp.where((use_ref & ref_valid)[:, None], ref, null[1])
     return jnp.stack([text, ref], axis=1)
@@ -135,7 +142,9 @@ class AccompModel(nnx.Module):
       x = x + self._local_mix(x * valid[..., None].astype(x.dtype))
     x = jnp.concatenate([prefix.astype(x.dtype), x], axis=1)
     b, n = x.shape[:2]
-    full_valid = jnp.concatenate([jnp.ones((b, prefix.shape[1]), bool), valid], 1)
+    # ones_like: the prefix's flags laid out like `valid` (Explicit meshes).
+    full_valid = jnp.concatenate([jnp.broadcast_to(
+        jnp.ones_like(valid[:, :1], bool), (b, prefix.shape[1])), valid], 1)
     positions = jnp.broadcast_to(jnp.arange(n), (b, n))
     h, _ = self.backbone(x, positions,
                          transformer.causal_mask(full_valid, causal=self.causal))
@@ -145,7 +154,7 @@ class AccompModel(nnx.Module):
     """Depthwise convolution over frames, 'same' padding; causal (only past
     and current frames) for the 'ar' model."""
     k = self.conv_kernel
-    w = self.conv[...]
+    w = _whole(self.conv)
     t = x.shape[1]
     if self.causal:
       xp = jnp.pad(x, ((0, 0), (k - 1, 0), (0, 0)))
@@ -156,9 +165,11 @@ class AccompModel(nnx.Module):
 
   def logits(self, h: jax.Array) -> jax.Array:
     """[B, T, D] -> accompaniment logits [B, T, K, V]."""
-    w = lora.read(self, 'heads')
-    return jnp.einsum('btd,kdv->btkv', h, w).astype(jnp.float32)
+    w = rules.shard_activation(lora.read(self, 'heads'), (None, None, 'vocab'))
+    out = jnp.einsum('btd,kdv->btkv', h, w).astype(jnp.float32)
+    # Whole vocabularies: the losses gather each target's logit.
+    return rules.shard_activation(out, ('batch', None, None, None))
 
   def rtd_logits(self, h: jax.Array) -> jax.Array:
     """[B, T, D] -> replaced-token-detection logits [B, T, K]."""
-    return (h @ self.rtd_head[...]).astype(jnp.float32)
+    return (h @ _whole(self.rtd_head)).astype(jnp.float32)

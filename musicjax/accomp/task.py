@@ -42,6 +42,7 @@ from musicjax.config import ConfigError
 from musicjax.lm import task as lm_task
 from musicjax.nn import lora
 from musicjax.nn import transformer
+from musicjax.parallel import rules
 from musicjax.train import accumulate
 from musicjax.train.task import ArraySpec, Task
 
@@ -431,7 +432,11 @@ class AccompTask(Task):
     # Does the model listen to the vocal? The same windows, masks and prefix
     # with each row given another row's vocal: the loss rises by `vocal_gain`
     # nats when it does (0 for a model that ignores the vocal, or batch 1).
-    other = dict(batch, vocal=jnp.roll(batch['vocal'], 1, axis=0))
+    # (The roll runs on the gathered batch: an Explicit mesh refuses to roll
+    # a sharded axis.)
+    whole = rules.shard_activation(batch['vocal'], (None,) * batch['vocal'].ndim)
+    other = dict(batch, vocal=rules.shard_activation(
+        jnp.roll(whole, 1, axis=0), ('batch',) + (None,) * (whole.ndim - 1)))
     _, swapped = self._loss(state.model, other, jnp.int32(0), rng, keep, keep)
     key = 'ce_masked' if 'ce_masked' in metrics else 'loss'
     metrics['ce_other_vocal'] = swapped[key]

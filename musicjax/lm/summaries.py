@@ -34,6 +34,7 @@ from musicjax.lm import layout
 from musicjax.lm import patterns
 from musicjax.lm import sequence
 from musicjax.lm import token_data
+from musicjax.parallel import rules
 
 SLOT_KEYS = ('text', 'audio', 'melody', 'positions', 'valid')
 # `self.text` of a model whose text is a text encoder's context (MusicGen).
@@ -139,6 +140,7 @@ class LMSummaries:
       sampling, num_cond = self.sampling, 1
 
       @jax.jit
+      @rules.auto_axes_inside      # the training mesh may be Explicit
       def run(params, prompt, rng, melody, ref_codes, ref_valid):
         return gen.generate(nnx.merge(graphdef, params), prompt, rng=rng,
                             sampling=sampling, num_cond=num_cond,

@@ -173,6 +173,19 @@ def shard_activation(x: jax.Array, logical_axes: Sequence[str | None],
   return jax.lax.with_sharding_constraint(x, spec)
 
 
+def auto_axes_inside(f):
+  """`f` with an Explicit mesh's axes made Auto inside it, outputs
+  replicated: decoding's many small steps (sampling, caches, gathers) do not
+  spell out their reshards, and XLA's partitioner places them as it does on
+  an Auto mesh. Unchanged on an Auto mesh or none. Call it inside jit."""
+  def run(*args, **kwargs):
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or not mesh.explicit_axes:
+      return f(*args, **kwargs)
+    return jax.sharding.auto_axes(f, out_sharding=P())(*args, **kwargs)
+  return run
+
+
 def _active(rules: Rules | None):
   rules = rules if rules is not None else _current.rules
   mesh = jax.sharding.get_abstract_mesh()
