@@ -159,6 +159,12 @@ def test_training_windows_read_the_chroma_and_the_model_sees_it(prepared):
   np.testing.assert_array_equal(dropped['chroma'], lm_data.chroma(c)['chroma'])
 
   c.cond.drop_melody = 0.0
+  # A damaged record's class is named; the pipeline reports it and goes on.
+  from musicjax.data import song_text
+  bad = dict(rec, chroma=np.full_like(rec[token_records.CHROMA_KEY], 40))
+  with pytest.raises(song_text.BadSongMetadata, match='chroma class 40'):
+    token_data.Example(c, float(MM.SR / CODEC_HOP), train=False)(
+        bad, np.random.default_rng(0))
   task = task_lib.LMTask(c)
   batch = next(iter(task.dataset('eval', 0, 1)))
   assert batch['chroma'].shape == (2, MM.CHROMA_LENGTH, 12)

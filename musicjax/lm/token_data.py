@@ -243,18 +243,20 @@ class Example:
       ex['ref_valid'] = np.asarray(has_ref)
     return ex
 
-
   def _chroma(self, record: dict, start: int, frames: int,
               dropped: bool) -> np.ndarray | None:
     """The window's chroma classes, or None (the null melody)."""
     if dropped or self.chroma is None:
       return None
-    if token_records.CHROMA_KEY not in record:
+    ids = record.get(token_records.CHROMA_KEY)
+    if ids is None or ids.max() >= self.chroma.num_chroma:
       raise song_text.BadSongMetadata(
-          'no chroma in this record, though dataset.json has chroma settings')
+          'no chroma in this record, though dataset.json has chroma settings'
+          if ids is None else f'chroma class {int(ids.max())} is not below '
+          f'num_chroma {self.chroma.num_chroma}')
     return musicgen_chroma.window(
-        record[token_records.CHROMA_KEY], start / self.frame_rate,
-        frames / self.frame_rate, self.chroma, int(self.config.model.chroma_length))
+        ids, start / self.frame_rate, frames / self.frame_rate, self.chroma,
+        int(self.config.model.chroma_length))
 
 
 # The LM's and the accompaniment model's examples: an Example class with
