@@ -133,8 +133,9 @@ def encode_item(item: dict[str, Any], enc: Encoder, config: ml_collections.Confi
   _check_text_metadata(item, math.ceil(waves['mix'].shape[0] / enc.hop),
                        float(enc.model.frame_rate))
   codes = enc.codes(waves['mix'])
-  melody = enc.melody(waves.get('vocal', waves['mix']))
-  chroma = enc.chroma(waves.get('vocal', waves['mix']))
+  melody_source = waves.get('vocal', waves['mix'])
+  melody = enc.melody(melody_source)
+  chroma = enc.chroma(melody_source)
   if melody.shape != (codes.shape[0],):
     raise RuntimeError(f'melody.chroma_tokens gave {melody.shape[0]} frames for '
                        f'{codes.shape[0]} codec frames (hop {enc.hop})')
