@@ -66,11 +66,6 @@ def _normal(rngs, shape, std, names):
                    out_sharding=names)
 
 
-def _lookup(table, ids):
-  rows = rules.take_rows(table, jnp.maximum(ids, 0))
-  return rows * (ids >= 0)[..., None].astype(rows.dtype)
-
-
 def _whole(param) -> jax.Array:
   """A small weight, unsharded where it is used."""
   return rules.shard_activation(param[...], (None,) * param[...].ndim)
@@ -110,14 +105,14 @@ class AccompModel(nnx.Module):
   def track_embedding(self, table: jax.Array, codes: jax.Array) -> jax.Array:
     out = 0.0
     for i in range(self.num_codebooks):
-      out = out + _lookup(table[i], codes[..., i])
+      out = out + rules.take_rows_or_zero(table[i], codes[..., i])
     return out
 
   def prefix(self, text_ids, text_valid, ref_codes, ref_valid, use_text, use_ref):
     """The two prefix tokens [B, 2, D]: pooled text tags and pooled reference
     frames, each projected, or its learned null when not used."""
     tmask = (text_ids >= 0).astype(jnp.float32)
-    temb = _lookup(self.text_embed[...], text_ids)
+    temb = rules.take_rows_or_zero(self.text_embed[...], text_ids)
     tpool = jnp.sum(temb * tmask[..., None], 1) / jnp.maximum(
         jnp.sum(tmask, 1, keepdims=True), 1.0)
     rmask = (ref_codes[..., 0] >= 0).astype(jnp.float32)

@@ -186,12 +186,6 @@ def _normal(rngs: nnx.Rngs, shape, std: float, names) -> nnx.Param:
                    out_sharding=names)
 
 
-def _lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
-  """table[ids] with EMPTY ids giving zero vectors."""
-  rows = rules.take_rows(table, jnp.maximum(ids, 0))
-  return rows * (ids >= 0)[..., None].astype(rows.dtype)
-
-
 class AudioLM(nnx.Module):
   """Both variants; `config.variant` picks the heads and the local transformer."""
   # Weights that take LoRA adapters besides the stacks' (nn/lora.py): the
@@ -268,7 +262,7 @@ class AudioLM(nnx.Module):
     table = self.audio_embed[...]
     out = 0.0
     for i in range(self.num_codebooks):
-      out = out + _lookup(table[i], codes[..., i])
+      out = out + rules.take_rows_or_zero(table[i], codes[..., i])
     return out
 
   def reference_embedding(self, ref: jax.Array) -> jax.Array:
@@ -293,7 +287,7 @@ class AudioLM(nnx.Module):
     x = self.frame_embedding(audio)
     if self.text_embed is None:
       return rules.shard_activation(x, ('batch', 'time', 'embed'))
-    t = _lookup(self.text_embed[...], text)
+    t = rules.take_rows_or_zero(self.text_embed[...], text)
     if self.uncond_embed is not None and uncond is not None:
       # Every slot with a text column (the reference slot too) reads the
       # unconditional row instead.
@@ -301,7 +295,7 @@ class AudioLM(nnx.Module):
       t = jnp.where(null[..., None], self.uncond_embed[...].astype(t.dtype), t)
     x = x + t
     if self.melody:
-      x = x + _lookup(self.melody_embed[...], melody)
+      x = x + rules.take_rows_or_zero(self.melody_embed[...], melody)
     if ref is not None:
       use = (text == self.ref_id) & ref_valid[:, None]
       if self.reference == 'linear':
@@ -319,7 +313,7 @@ class AudioLM(nnx.Module):
     h = self.text_encoder(tokens, valid)
     if hasattr(self, 'context_proj'):
       w = rules.shard_activation(self.context_proj[...], (None, None))
-      h = h @ w + self.context_bias[...]
+      h = h @ w + rules.shard_activation(self.context_bias[...], (None,))
     return h * valid[..., None].astype(h.dtype)
 
   def context(self, tokens: jax.Array, valid: jax.Array
@@ -353,7 +347,7 @@ class AudioLM(nnx.Module):
     x = chroma.astype(jnp.float32)
     if hasattr(self, 'chroma_proj'):
       w = rules.shard_activation(self.chroma_proj[...], (None, None))
-      x = x @ w + self.chroma_bias[...]
+      x = x @ w + rules.shard_activation(self.chroma_bias[...], (None,))
     reps = -(-self.chroma_length // x.shape[1])
     x = jnp.tile(x, (1, reps, 1))[:, :self.chroma_length]
     text = self.text_states(tokens, valid)
@@ -376,7 +370,8 @@ class AudioLM(nnx.Module):
     table = self.audio_embed[...]
     parts = [h[..., None, :]]
     for i in range(self.num_codebooks - 1):
-      parts.append(_lookup(table[i], next_codes[..., i])[..., None, :])
+      rows = rules.take_rows_or_zero(table[i], next_codes[..., i])
+      parts.append(rows[..., None, :])
     x = jnp.concatenate(parts, axis=-2)
     w = rules.shard_activation(lora.read(self, 'local_proj'), (None, None))
     return x @ w.astype(x.dtype)
@@ -387,7 +382,7 @@ class AudioLM(nnx.Module):
 
   def local_in_code(self, i: int, code: jax.Array) -> jax.Array:
     """Local position i + 1: codebook i's embedding, at the local width."""
-    e = _lookup(self.audio_embed[...][i], code)
+    e = rules.take_rows_or_zero(self.audio_embed[...][i], code)
     return e @ lora.read(self, 'local_proj').astype(e.dtype)
 
   def local_logits_kmajor(self, out: jax.Array) -> jax.Array:
@@ -469,11 +464,13 @@ def join_prefix(prefix: jax.Array, x: jax.Array, positions: jax.Array,
   """The prefix [B, P, E] before slots x [B, S, E]: (inputs [B, P+S, E],
   positions (the prefix's 0..P-1, the slots' shifted by P), valid (the
   prefix's all true))."""
-  b, n = prefix.shape[:2]
-  pos = jnp.broadcast_to(jnp.arange(n, dtype=positions.dtype), (b, n))
+  n = prefix.shape[1]
+  # Built from the slots' own arrays, so they share their batch sharding
+  # (an Explicit mesh refuses to join a replicated array to a split one).
+  pos = jnp.zeros_like(positions[:, :1]) + jnp.arange(n, dtype=positions.dtype)
   return (jnp.concatenate([prefix.astype(x.dtype), x], axis=1),
           jnp.concatenate([pos, positions + n], axis=1),
-          jnp.concatenate([jnp.ones((b, n), bool), valid.astype(bool)], axis=1))
+          jnp.concatenate([pos >= 0, valid.astype(bool)], axis=1))
 
 
 def frame_slots(nxt: jax.Array, codebook_size: int, count: int) -> jax.Array:
@@ -547,9 +544,10 @@ class DecodeView:
       self.heads = [heads[i] for i in range(k)]
 
   def embed(self, text, audio, melody) -> jax.Array:
-    x = 0.0 if self.text_table is None else _lookup(self.text_table, text)
+    x = (0.0 if self.text_table is None
+         else rules.take_rows_or_zero(self.text_table, text))
     if self.melody_table is not None:
-      x = x + _lookup(self.melody_table, melody)
+      x = x + rules.take_rows_or_zero(self.melody_table, melody)
     for i in range(audio.shape[-1]):
       x = x + self._code_embed(i, audio[..., i])
     return x
@@ -559,7 +557,7 @@ class DecodeView:
     rows as a lookup in its own table would be."""
     rows = self.audio_rows
     flat = jnp.where(code >= 0, i * rows + jnp.minimum(code, rows - 1), code)
-    return _lookup(self.audio_table, flat)
+    return rules.take_rows_or_zero(self.audio_table, flat)
 
   def backbone_step(self, x, positions, mask, cache, index, context=None):
     if self.stacked:

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from musicjax.config import ConfigError
+from musicjax.parallel import rules
 
 MLPS = ('relu', 'gated-gelu')
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -128,7 +129,11 @@ class T5Encoder(nnx.Module):
     t = ids.shape[1]
     buckets = relative_buckets(t, t, int(c.relative_buckets),
                                int(c.relative_max_distance))
-    bias = jnp.transpose(self.position_bias[...][buckets], (2, 0, 1))  # [H,T,T]
+    # The encoder runs once per batch on a short text: its weights are
+    # gathered whole (FSDP's gather, for every layer at once) and only the
+    # batch is split, which every mesh, Explicit ones included, accepts.
+    table = rules.gather(self.position_bias[...])
+    bias = jnp.transpose(table[buckets], (2, 0, 1))                    # [H,T,T]
     # Padded keys: the dtype's lowest value, as T5's reference adds.
     keep = mask.astype(bool)[:, None, None, :]
     gated = c.mlp == 'gated-gelu'
@@ -154,7 +159,7 @@ class T5Encoder(nnx.Module):
 
     names = ('attn_norm', 'mlp_norm', 'wq', 'wk', 'wv', 'wo', 'mlp_in',
              'mlp_out') + (('mlp_gate',) if gated else ())
-    stacked = {name: getattr(self, name)[...] for name in names}
-    x = self.embed[...][ids].astype(jnp.float32)
+    stacked = rules.gather({name: getattr(self, name)[...] for name in names})
+    x = rules.take_rows(rules.gather(self.embed[...]), ids).astype(jnp.float32)
     x, _ = jax.lax.scan(layer, x, stacked)
-    return _norm(x, self.final_norm[...], eps).astype(jnp.float32)
+    return _norm(x, rules.gather(self.final_norm[...]), eps).astype(jnp.float32)

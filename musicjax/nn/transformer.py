@@ -299,6 +299,12 @@ def _add_projections(module: nnx.Module, c: ml_collections.ConfigDict,
 _ATTN_WEIGHTS = {'wq': (0, 1), 'wk': (0, 1), 'wv': (0, 1), 'wo': (0, 2)}
 
 
+def _weight(m: nnx.Module, name: str, names) -> jax.Array:
+  """An attention weight laid out by logical `names`: FSDP's 'embed' dim
+  lives sharded between steps and is gathered here."""
+  return rules.shard_activation(lora.read(m, name).astype(m.dtype), names)
+
+
 class Attention(nnx.Module):
   ADAPTABLE = _ATTN_WEIGHTS   # lora.py: (batch dims, contracted dims)
 
@@ -309,17 +315,13 @@ class Attention(nnx.Module):
     self.dtype = _DTYPES[c.dtype]
     self.chunk = int(c.get('attention_chunk', 0))
 
-  def _w(self, name: str, names) -> jax.Array:
-    # FSDP: the 'embed' dim lives sharded between steps; gather it here.
-    return rules.shard_activation(lora.read(self, name).astype(self.dtype),
-                                  names)
-
   def __call__(self, x, positions, mask, cache=None, layer=None, index=None):
     dt = self.dtype
     x = x.astype(dt)
-    q = jnp.einsum('bte,ehd->bthd', x, self._w('wq', (None, 'heads', None)))
-    k = jnp.einsum('bte,ehd->bhtd', x, self._w('wk', (None, 'kv_heads', None)))
-    v = jnp.einsum('bte,ehd->bhtd', x, self._w('wv', (None, 'kv_heads', None)))
+    heads, kv = (None, 'heads', None), (None, 'kv_heads', None)
+    q = jnp.einsum('bte,ehd->bthd', x, _weight(self, 'wq', heads))
+    k = jnp.einsum('bte,ehd->bhtd', x, _weight(self, 'wk', kv))
+    v = jnp.einsum('bte,ehd->bhtd', x, _weight(self, 'wv', kv))
     if self.rotary is not None:
       q = rope(q, positions, self.rotary)
       k = jnp.swapaxes(rope(jnp.swapaxes(k, 1, 2), positions, self.rotary), 1, 2)
@@ -335,7 +337,8 @@ class Attention(nnx.Module):
       k = jax.lax.dynamic_index_in_dim(cache['k'], layer, 0, keepdims=False)
       v = jax.lax.dynamic_index_in_dim(cache['v'], layer, 0, keepdims=False)
     o = attend(q, k.astype(dt), v.astype(dt), mask, self.chunk)
-    out = rules.einsum('bthd,hde->bte', o, self._w('wo', ('heads', None, None)),
+    out = rules.einsum('bthd,hde->bte', o,
+                       _weight(self, 'wo', ('heads', None, None)),
                        ('batch', 'time', 'embed'))
     return out, cache
 
@@ -413,19 +416,19 @@ class CrossAttention(nnx.Module):
 
   def keys_values(self, states: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Context states [B, S, dim] -> k, v [B, KV, S, D]."""
-    dt = self.dtype
-    states = states.astype(dt)
-    return (jnp.einsum('bse,ehd->bhsd', states,
-                       lora.read(self, 'wk').astype(dt)),
-            jnp.einsum('bse,ehd->bhsd', states,
-                       lora.read(self, 'wv').astype(dt)))
+    states = states.astype(self.dtype)
+    kv = (None, 'kv_heads', None)
+    return (jnp.einsum('bse,ehd->bhsd', states, _weight(self, 'wk', kv)),
+            jnp.einsum('bse,ehd->bhsd', states, _weight(self, 'wv', kv)))
 
   def __call__(self, x: jax.Array, context: 'Context', layer=None) -> jax.Array:
-    dt = self.dtype
-    w = lambda name: lora.read(self, name).astype(dt)
-    q = jnp.einsum('bte,ehd->bthd', x.astype(dt), w('wq'))
+    q = jnp.einsum('bte,ehd->bthd', x.astype(self.dtype),
+                   _weight(self, 'wq', (None, 'heads', None)))
+    q = rules.shard_activation(q, ('batch', 'time', 'heads', None))
     o = self._attend(q, context, layer)
-    return jnp.einsum('bthd,hde->bte', o, w('wo'))
+    return rules.einsum('bthd,hde->bte', o,
+                        _weight(self, 'wo', ('heads', None, None)),
+                        ('batch', 'time', 'embed'))
 
   def _attend(self, q, context: 'Context', layer) -> jax.Array:
     dt = self.dtype

@@ -284,6 +284,12 @@ def take_rows(table: jax.Array, idx: jax.Array) -> jax.Array:
   return table.at[idx].get(out_sharding=out)
 
 
+def take_rows_or_zero(table: jax.Array, idx: jax.Array) -> jax.Array:
+  """`take_rows`, with a zero vector for every negative id (EMPTY slots)."""
+  rows = take_rows(table, jnp.maximum(idx, 0))
+  return rows * (idx >= 0)[..., None].astype(rows.dtype)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
