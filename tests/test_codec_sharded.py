@@ -57,3 +57,20 @@ def test_codec_step_sharded_matches_one_device(sizes, axis_type, one_device):
   for g, w in zip(got, one_device):
     for k in ('loss/total', 'loss/mel', 'loss/adv_d', 'loss/adv_g', 'loss/feat'):
       np.testing.assert_allclose(g[k], w[k], rtol=2e-4, atol=1e-5, err_msg=k)
+
+
+# EnCodec's structure: an LSTM ends the encoder and starts the decoder. On an
+# Explicit mesh its scan's zero state must carry the batch's sharding.
+@pytest.mark.slow
+def test_lstm_codec_step_on_an_explicit_mesh_matches_one_device():
+  def config(*mesh):
+    c = _config(*mesh)
+    c.model.lstm_layers = 1
+    c.loss.adv_start_step = 10**6     # the generator's path is the new part
+    return c
+
+  _, want = _run(config(1, 1, 1, 'auto'), jax.devices()[:1])
+  _, got = _run(config(2, 4, 1, 'explicit'), None)
+  for g, w in zip(got, want):
+    for k in ('loss/total', 'loss/mel'):
+      np.testing.assert_allclose(g[k], w[k], rtol=2e-4, atol=1e-5, err_msg=k)

@@ -49,7 +49,8 @@ class LSTM(nnx.Module):
       h = jax.nn.sigmoid(o) * jnp.tanh(c)
       return (h, c), h
 
-    zeros = jnp.zeros((x.shape[0], self.dim), x.dtype)
+    # Laid out like the input's batch (an Explicit mesh types the carry).
+    zeros = jnp.zeros_like(x[:, 0, :self.dim])
     _, hs = jax.lax.scan(step, (zeros, zeros), jnp.moveaxis(gx, 1, 0))
     return jnp.moveaxis(hs, 0, 1)
 
