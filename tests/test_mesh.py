@@ -157,3 +157,30 @@ def test_shard_activation(axis_type):
   np.testing.assert_array_equal(np.asarray(y), 2 * np.ones((8, 4)))
   # Outside any rules context it's the identity.
   np.testing.assert_array_equal(rules_lib.shard_activation(jnp.ones(3), ('batch',)), 1)
+
+
+def test_reshape_keeps_the_batch_split_through_channel_folds():
+  """rules.reshape on an Explicit mesh: batch x channels folded into rows and
+  unfolded again stay split over the batch's axes (no gather), and the
+  values are plain reshapes."""
+  mesh = mesh_lib.make_mesh(mesh_cfg(2, 4, 1, 'explicit'))
+  x = np.arange(8 * 2 * 6 * 3, dtype=np.float32).reshape(8, 2, 6, 3)
+
+  @jax.jit
+  def f(x):
+    rows = rules_lib.reshape(x, (16, 6, 3))          # merge batch x channels
+    back = rules_lib.reshape(rows, (8, 2, 18))       # split, merge the rest
+    odd = rules_lib.reshape(rows, (2, 8, 18))        # 2 rows can't split 8 ways
+    return rows, back, odd
+
+  with jax.set_mesh(mesh):
+    xs = jax.device_put(x, P(('data', 'fsdp')))
+    rows, back, odd = f(xs)
+  batch = P(('data', 'fsdp'))
+  for y in (rows, back):
+    assert y.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, batch),
+                                       y.ndim), y.sharding
+  assert odd.sharding.is_fully_replicated, odd.sharding
+  np.testing.assert_array_equal(rows, x.reshape(16, 6, 3))
+  np.testing.assert_array_equal(back, x.reshape(8, 2, 18))
+  np.testing.assert_array_equal(odd, x.reshape(2, 8, 18))

@@ -24,6 +24,7 @@ contracts a tensor-parallel dim needs its output layout: `matmul(h, w2,
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from typing import Any, Iterator, Sequence
 
@@ -255,7 +256,12 @@ def gather(tree: Any, rules: Rules | None = None) -> Any:
 
 def reshape(x: jax.Array, shape: Sequence[int]) -> jax.Array:
   """`x.reshape(shape)` keeping the sharding of the leading dims it leaves alone
-  (e.g. the batch); on Explicit meshes JAX asks for that to be spelled out."""
+  (e.g. the batch); on Explicit meshes JAX asks for that to be spelled out.
+
+  The first dim it changes keeps its sharding too when it is two dims merged
+  (batch x channels -> rows, the minor one unsplit) or split (rows -> batch x
+  channels, the major part divisible): audio channels folded into the batch
+  stay split like the batch instead of being gathered whole."""
   mesh = jax.sharding.get_abstract_mesh()
   shape = tuple(shape)
   if mesh is None or mesh.empty or not all(
@@ -265,8 +271,18 @@ def reshape(x: jax.Array, shape: Sequence[int]) -> jax.Array:
   keep = 0
   while keep < min(x.ndim, len(shape)) and x.shape[keep] == shape[keep]:
     keep += 1
-  out = jax.sharding.PartitionSpec(*spec[:keep], *([None] * (len(shape) - keep)))
-  return jax.lax.reshape(x, shape, out_sharding=out)
+  out = list(spec[:keep]) + [None] * (len(shape) - keep)
+  axes = spec[keep] if keep < x.ndim else None
+  if axes is not None and keep < len(shape):
+    names = axes if isinstance(axes, tuple) else (axes,)
+    parts = math.prod(mesh.shape[n] for n in names)
+    merged = (keep + 1 < x.ndim and spec[keep + 1] is None
+              and x.shape[keep] * x.shape[keep + 1] == shape[keep])
+    split = (keep + 1 < len(shape) and shape[keep] % parts == 0
+             and shape[keep] * shape[keep + 1] == x.shape[keep])
+    if merged or split:
+      out[keep] = axes
+  return jax.lax.reshape(x, shape, out_sharding=jax.sharding.PartitionSpec(*out))
 
 
 def take_rows(table: jax.Array, idx: jax.Array) -> jax.Array:

@@ -25,6 +25,7 @@ from musicjax.codec.heartcodec import flow_matching, windows
 from musicjax.codec.heartcodec.code_embedding import CodeEmbedding
 from musicjax.codec.heartcodec.estimator import FlowEstimator
 from musicjax.codec.heartcodec.scalar_decoder import ScalarDecoder
+from musicjax.parallel import rules
 
 
 class HeartCodecDecoder(nnx.Module):
@@ -58,9 +59,9 @@ class HeartCodecDecoder(nnx.Module):
     decodes its own slice of the latent channels."""
     b, t, c = latent.shape
     ch = int(self.config.scalar.channels)
-    z = latent.reshape(b, t, ch, c // ch).transpose(0, 2, 1, 3)
-    y = self.scalar(z.reshape(b * ch, t, c // ch))     # [B * ch, samples, 1]
-    return y.reshape(b, ch, -1).transpose(0, 2, 1)
+    z = rules.reshape(latent, (b, t, ch, c // ch)).transpose(0, 2, 1, 3)
+    y = self.scalar(rules.reshape(z, (b * ch, t, c // ch)))     # [B * ch, samples, 1]
+    return rules.reshape(y, (b, ch, y.shape[1])).transpose(0, 2, 1)
 
   def window_count(self, num_codes: int) -> int:
     return len(self._plan(num_codes).starts)

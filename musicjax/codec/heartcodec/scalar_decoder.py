@@ -20,6 +20,7 @@ import ml_collections
 from flax import nnx
 
 from musicjax.nn.conv import WNConv1d
+from musicjax.parallel import rules
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
@@ -75,7 +76,7 @@ class CausalConvTranspose1d(nnx.Module):
     y = jax.lax.conv_general_dilated(
         x, kernel, window_strides=(1,), padding=((1, 0),),
         dimension_numbers=('NWC', 'WIO', 'NWC'))
-    return y.reshape(b, t * s, self.out_channels) + self.bias[...].astype(x.dtype)
+    return rules.reshape(y, (b, t * s, self.out_channels)) + self.bias[...].astype(x.dtype)
 
 
 class ResidualUnit(nnx.Module):

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from musicjax.parallel import rules
 
 
 def timestep_features(t: jax.Array, dim: int, max_period: float,
@@ -62,4 +63,4 @@ class TimestepConditioner(nnx.Module):
     f = timestep_features(t, self.feature_dim, self.max_period, self.scale)
     emb = self.embed_out(jax.nn.silu(self.embed_in(f)))
     mod = self.modulation(jax.nn.silu(emb))
-    return mod.reshape(mod.shape[0], 6, -1), emb
+    return rules.reshape(mod, (mod.shape[0], 6, mod.shape[-1] // 6)), emb

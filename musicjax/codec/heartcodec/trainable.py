@@ -32,6 +32,7 @@ from musicjax.codec.heartcodec.scalar_decoder import (PReLU, ResidualUnit,
                                                       round_to_levels)
 from musicjax.codec.rvq import ResidualVQ
 from musicjax.nn.conv import WNConv1d
+from musicjax.parallel import rules
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -151,10 +152,11 @@ class TrainableHeartCodec(nnx.Module):
     target; each audio channel encodes to its own slice of the C channels, as
     HeartCodecDecoder.waveform splits them."""
     b, n, ch = audio.shape
-    x = audio.transpose(0, 2, 1).reshape(b * ch, n, 1)
+    x = rules.reshape(audio.transpose(0, 2, 1), (b * ch, n, 1))
     z = round_to_levels(self.encoder(x), self.levels)  # [B * ch, T, D]
     t, d = z.shape[1], z.shape[2]
-    return z.reshape(b, ch, t, d).transpose(0, 2, 1, 3).reshape(b, t, ch * d)
+    return rules.reshape(rules.reshape(z, (b, ch, t, d)).transpose(0, 2, 1, 3),
+                         (b, t, ch * d))
 
   def quantize(self, latent: jax.Array, rng: jax.Array, train: bool
                ) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
