@@ -282,7 +282,8 @@ def reshape(x: jax.Array, shape: Sequence[int]) -> jax.Array:
              and shape[keep] * shape[keep + 1] == x.shape[keep])
     if merged or split:
       out[keep] = axes
-  return jax.lax.reshape(x, shape, out_sharding=jax.sharding.PartitionSpec(*out))
+  return jax.lax.reshape(x, shape,
+                         out_sharding=jax.sharding.PartitionSpec(*out))
 
 
 def take_rows(table: jax.Array, idx: jax.Array) -> jax.Array:

@@ -60,7 +60,7 @@ class HeartCodecDecoder(nnx.Module):
     b, t, c = latent.shape
     ch = int(self.config.scalar.channels)
     z = rules.reshape(latent, (b, t, ch, c // ch)).transpose(0, 2, 1, 3)
-    y = self.scalar(rules.reshape(z, (b * ch, t, c // ch)))     # [B * ch, samples, 1]
+    y = self.scalar(rules.reshape(z, (b * ch, t, c // ch))) # [B*ch, samples, 1]
     return rules.reshape(y, (b, ch, y.shape[1])).transpose(0, 2, 1)
 
   def window_count(self, num_codes: int) -> int:

@@ -76,7 +76,8 @@ class CausalConvTranspose1d(nnx.Module):
     y = jax.lax.conv_general_dilated(
         x, kernel, window_strides=(1,), padding=((1, 0),),
         dimension_numbers=('NWC', 'WIO', 'NWC'))
-    return rules.reshape(y, (b, t * s, self.out_channels)) + self.bias[...].astype(x.dtype)
+    y = rules.reshape(y, (b, t * s, self.out_channels))
+    return y + self.bias[...].astype(x.dtype)
 
 
 class ResidualUnit(nnx.Module):
